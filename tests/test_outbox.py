@@ -186,7 +186,10 @@ def test_full_outbox_blocks_put_until_kafka_drains_it(tmp_path, caplog):
     try:
         with caplog.at_level(logging.WARNING, logger="klong.outbox"):
             putter.start()
-            time.sleep(1.5)
+            deadline = time.monotonic() + 60  # the putter blocks once the spool is full, and says so
+            while "outbox full" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # a put that were not blocked would go on past the bound below meanwhile
             assert putter.is_alive() and 15 <= len(done) < 25  # ~20 kB of 1 kB records, then blocked
             assert "outbox full" in caplog.text and "klong sink run" in caplog.text
             broker = BrokerProcess.start(port, tmp_path / "broker.log")
