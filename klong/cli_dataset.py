@@ -158,6 +158,22 @@ def cmd_diff(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from klong.cli import _progress
+    from trainer.export import export_dataset
+
+    bar = _progress("exporting", unit="samples", quiet=args.quiet)
+    try:
+        r = export_dataset(_settings(args).home, args.ref, args.format, args.output,
+                           progress=lambda n: bar.update(n - bar.n))
+    finally:
+        bar.close()
+    print(f"exported {r.ref} ({r.content_hash[:19]}...) as {r.format}: {r.samples} samples, {r.tokens} tokens "
+          f"({r.loss_tokens} loss tokens), {len(r.files)} file(s), {r.bytes / 1e6:.1f} MB in {r.directory}")
+    print(f"load it: datasets.load_dataset(\"parquet\", data_files=\"{r.directory}/data/*.parquet\", split=\"train\")")
+    return 0
+
+
 def cmd_replay(args) -> int:
     from store.replay import replay
 
@@ -177,7 +193,7 @@ def cmd_replay(args) -> int:
 
 def register(sub, common) -> None:
     """Adds the dataset and replay commands to the `klong` parser."""
-    d = sub.add_parser("dataset", help="versioned datasets: build, list, show, diff")
+    d = sub.add_parser("dataset", help="versioned datasets: build, list, show, diff, export")
     dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=IntermixedParser)
 
     b = dsub.add_parser("build", parents=[common], help="materialize a dataset version from the archive; prints NAME@N")
@@ -202,6 +218,20 @@ def register(sub, common) -> None:
     df.add_argument("a", help="NAME@A")
     df.add_argument("b", help="NAME@B")
     df.set_defaults(func=cmd_diff)
+
+    ex = dsub.add_parser("export", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+                         help="write a version as pre-tokenized Parquet for TRL, Hugging Face or verl",
+                         description="Writes every sample of a dataset version (tokens and the exact loss mask "
+                         "`klong train` uses;\nrl: behaviour logprobs and advantages) as Parquet that "
+                         "datasets.load_dataset(\"parquet\", ...) loads.\nColumns per format: README "
+                         "\"Exporting a dataset version\" and trainer/export.py.")
+    ex.add_argument("ref", help="NAME@N (NAME alone: the latest)")
+    ex.add_argument("--format", required=True, choices=["hf", "trl", "verl"],
+                    help="trl: input_ids + assistant_masks/completion_mask; hf: input_ids, attention_mask, labels "
+                         "(-100 off the loss); verl: input_ids, attention_mask, position_ids, response_mask "
+                         "(+ old_log_probs, advantages for rl)")
+    ex.add_argument("-o", "--output", required=True, metavar="DIR", help="new (or empty) output directory")
+    ex.set_defaults(func=cmd_export)
 
     r = sub.add_parser("replay", parents=[common], help="rebuild a dataset version and compare content hashes")
     r.add_argument("ref", help="NAME@N")

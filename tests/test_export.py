@@ -1,0 +1,116 @@
+"""`klong dataset export`: exact pre-tokenized exports (tokens and loss masks equal the trainer's reader for
+every sample), loaded by one `datasets.load_dataset("parquet", ...)` call, and TRL's SFTTrainer trains on
+one without conversion code. Datasets: the trainer tests' `train_home` (real broker, sink, archive, build)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from schemas.errors import ConfigError
+from tests.test_trainer_data import train_home  # noqa: F401  (the session fixture)
+from trainer.data import DatasetReader
+from trainer.export import FORMATS, MANIFEST, export_dataset
+
+MASK = {"trl": "assistant_masks", "hf": "loss_mask", "verl": "response_mask"}
+LOGPROBS = {"trl": "old_per_token_logps", "hf": "logprobs", "verl": "old_log_probs"}
+
+
+def _load(directory):
+    import datasets
+
+    return datasets.load_dataset("parquet", data_files=str(directory / "data" / "*.parquet"), split="train",
+                                 cache_dir=str(directory.parent / "hf-cache"))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("ref", ["sft@1", "rl@1"])
+def test_export_round_trips_every_sample(train_home, tmp_path, fmt, ref):  # noqa: F811
+    # Small chunks and shards, so gathering across chunk and file boundaries is exercised too.
+    report = export_dataset(train_home.home, ref, fmt, tmp_path / "out", shard_tokens=3000, chunk_tokens=700)
+    assert len(report.files) > 1
+    rows = _load(tmp_path / "out")
+    reader = DatasetReader(train_home.home, ref)
+    assert len(rows) == len(reader) == report.samples > 20
+    rl = reader.kind == "rl"
+    lost = 0
+    for j in range(len(reader)):
+        row = rows[j]
+        mb = reader.batch(np.array([j]))
+        n = int(mb.lengths[0])
+        assert (row["rollout_id"], row["window_idx"]) == (reader.rollout_id[j].as_py(), int(reader.window_idx[j]))
+        assert row["input_ids"] == mb.input_ids[0, :n].tolist()
+        assert row[MASK[fmt]] == mb.loss_mask[0, :n].tolist()
+        if fmt == "trl":
+            assert row["completion_mask"] == row["assistant_masks"]
+        if fmt == "hf":
+            assert row["labels"] == [t if m else -100 for t, m in zip(row["input_ids"], row["loss_mask"])]
+        if fmt == "verl":
+            assert row["position_ids"] == list(range(n)) and row["uid"] == row["group_id"]
+        if rl:
+            assert np.allclose(np.array(row[LOGPROBS[fmt]])[mb.loss_mask[0, :n] == 1],
+                               mb.logprobs[0, :n][mb.loss_mask[0, :n] == 1])
+            want_adv = mb.advantage[0, :n]
+            got = np.array(row["advantages"]) if fmt == "verl" else np.array(row["advantages"]) * mb.loss_mask[0, :n]
+            assert np.allclose(got, want_adv, atol=1e-6)
+        lost += int(reader.n_no_logprob[j])
+    assert report.loss_tokens == int(reader.trainable.sum())
+    if rl:
+        assert lost > 0  # the text-only action of r05 is left out of the loss, as the trainer does
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["content_hash"] == reader.content_hash and manifest["format"] == fmt
+
+
+def test_export_refuses_bad_requests(train_home, tmp_path):  # noqa: F811
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    with pytest.raises(ConfigError, match="not an empty directory"):
+        export_dataset(train_home.home, "sft@1", "trl", tmp_path / "full")
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="choose one of"):
+        export_dataset(train_home.home, "sft@1", "parquet", tmp_path / "new")
+    cli = subprocess.run([sys.executable, "-m", "klong.cli", "dataset", "export", "nope@1", "--format", "trl",
+                          "-o", str(tmp_path / "o"), "--home", str(train_home.home)], capture_output=True, text=True)
+    assert cli.returncode == 2 and "no dataset named 'nope'" in cli.stderr
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+
+
+def test_trl_sft_trainer_trains_on_an_export(train_home, tmp_path):  # noqa: F811
+    """The CLI writes the export; TRL's SFTTrainer takes it as loaded, with the tiny model, for 2 steps; the
+    labels TRL builds mark exactly the trainer's loss tokens."""
+    import torch
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    from trainer.config import ModelConfig
+    from trainer.model import load_model
+
+    out = tmp_path / "trl"
+    cli = subprocess.run([sys.executable, "-m", "klong.cli", "dataset", "export", "sft@1", "--format", "trl",
+                          "-o", str(out), "--home", str(train_home.home), "-q"], capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert "exported sft@1" in cli.stdout
+    rows = _load(out)
+    model, _ = load_model(ModelConfig(name="tiny", vocab_size=512, hidden_size=64, intermediate_size=128, layers=2,
+                                      heads=4, kv_heads=2), max_positions=512)
+    from tokenizers import Tokenizer, models
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
+                                  pad_token="<pad>")  # the ids are already there: TRL only needs a pad token
+    args = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                     learning_rate=1e-3, logging_steps=1, save_strategy="no", use_cpu=True, dataset_num_proc=None,
+                     max_length=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok)
+    prepared = trainer.train_dataset
+    reader = DatasetReader(train_home.home, "sft@1")
+    for j in range(len(reader)):
+        mb = reader.batch(np.array([j]))
+        labels = np.array(prepared[j]["labels"])
+        assert ((labels != -100).astype(np.uint8) == mb.loss_mask[0, :int(mb.lengths[0])]).all()
+    result = trainer.train()
+    assert result.global_step == 2 and np.isfinite(result.training_loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
