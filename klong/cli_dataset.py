@@ -164,12 +164,16 @@ def cmd_export(args) -> int:
 
     bar = _progress("exporting", unit="samples", quiet=args.quiet)
     try:
-        r = export_dataset(_settings(args).home, args.ref, args.format, args.output,
+        s = _settings(args)
+        r = export_dataset(s.home, args.ref, args.format, args.output, settings=s if args.messages else None,
                            progress=lambda n: bar.update(n - bar.n))
     finally:
         bar.close()
     print(f"exported {r.ref} ({r.content_hash[:19]}...) as {r.format}: {r.samples} samples, {r.tokens} tokens "
           f"({r.loss_tokens} loss tokens), {len(r.files)} file(s), {r.bytes / 1e6:.1f} MB in {r.directory}")
+    if r.messages_left_out is not None:
+        print(f"messages: {r.samples - r.messages_left_out} samples as chat; {r.messages_left_out} left null (their "
+              "window starts with a tool result whose call lies in an earlier window)")
     print(f"load it: datasets.load_dataset(\"parquet\", data_files=\"{r.directory}/data/*.parquet\", split=\"train\")")
     return 0
 
@@ -231,6 +235,9 @@ def register(sub, common) -> None:
                          "(-100 off the loss); verl: input_ids, attention_mask, position_ids, response_mask "
                          "(+ old_log_probs, advantages for rl)")
     ex.add_argument("-o", "--output", required=True, metavar="DIR", help="new (or empty) output directory")
+    ex.add_argument("--messages", action="store_true",
+                    help="also a `messages` column: each window as chat messages read from the archive (null where "
+                         "the window would not be valid chat)")
     ex.set_defaults(func=cmd_export)
 
     r = sub.add_parser("replay", parents=[common], help="rebuild a dataset version and compare content hashes")

@@ -91,7 +91,7 @@ def test_trl_sft_trainer_trains_on_an_export(train_home, tmp_path):  # noqa: F81
 
     out = tmp_path / "trl"
     cli = subprocess.run([sys.executable, "-m", "klong.cli", "dataset", "export", "sft@1", "--format", "trl",
-                          "-o", str(out), "--home", str(train_home.home), "-q"], capture_output=True, text=True)
+                          "-o", str(out), "--home", str(train_home.home), "-q", "--messages"], capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
     assert "exported sft@1" in cli.stdout
     rows = _load(out)
@@ -114,3 +114,68 @@ def test_trl_sft_trainer_trains_on_an_export(train_home, tmp_path):  # noqa: F81
     result = trainer.train()
     assert result.global_step == 2 and np.isfinite(result.training_loss)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _agent_rollout(rid: str, plan: list[str]) -> list:
+    """A rollout with tool calls: pinned system + user, then per letter of `plan` a turn: 't' = tool result of
+    the previous call then an action that calls a tool, 'u' = a user message then such an action."""
+    from schemas.arrow import encode_array
+    from schemas.events import (RolloutEnded, RolloutEndedPayload, RolloutStarted, RolloutStartedPayload, Step,
+                                StepPayload, ToolCall, new_event)
+
+    evs = [new_event(RolloutStarted, rollout_id=rid, payload=RolloutStartedPayload(
+        task_id="task-a", group_id="g", timeout_s=60.0))]
+    steps = [dict(role="system", content="sys"), dict(role="user", content="task")]
+    for k, kind in enumerate(plan):
+        if kind == "t" and k:
+            steps.append(dict(role="tool", content=f"out {k - 1}", tool_call_id=f"c{k - 1}"))
+        else:
+            steps.append(dict(role="user", content=f"note {k}"))
+        steps.append(dict(role="assistant", content=f"act {k}", tool_call=ToolCall(name="bash", arguments="{}",
+                                                                                  id=f"c{k}")))
+    for i, st in enumerate(steps):
+        evs.append(new_event(Step, rollout_id=rid, payload=StepPayload(
+            step_idx=i, pinned=i < 2, token_ids=encode_array(np.arange(10, 40, dtype=np.int32), "int32"), **st)))
+    evs.append(new_event(RolloutEnded, rollout_id=rid, payload=RolloutEndedPayload(status="finished",
+                                                                                   n_steps=len(steps))))
+    return evs
+
+
+def test_messages_export_is_valid_chat_or_null(broker, tmp_path):
+    import uuid
+
+    from consumers.materialize import build_version
+    from consumers.sink import Sink
+    from klong.broker import ensure_topics
+    from klong.settings import Settings, Topics
+    from tests.helpers import produce
+    from tests.test_materialize import task
+
+    settings = Settings(home=tmp_path / "home", bootstrap_servers=broker.bootstrap,
+                        topics=Topics(f"t{uuid.uuid4().hex[:10]}"), partitions=1)
+    settings.home.mkdir()
+    ensure_topics(settings)
+    plan = "ttututt"
+    produce(settings, [task("task-a")] + _agent_rollout("ra", list(plan)))
+    Sink(settings).run(until_idle=True, idle_s=0.3)
+    build_version(settings.home, "agent", "sft", {"max_tokens": 200, "overlap_turns": 0})  # 60 prefix + 2 turns
+    report = export_dataset(settings.home, "agent@1", "trl", tmp_path / "out", settings=settings)
+    rows = _load(tmp_path / "out")
+    assert len(rows) >= 3
+    kept = 0
+    for row in rows:
+        msgs = row["messages"]
+        body_first = row["first_step"]
+        if msgs is None:  # the window starts with a tool result whose call is in the window before
+            continue
+        kept += 1
+        assert [m["role"] for m in msgs[:2]] == ["system", "user"] and msgs[2]["step_idx"] == body_first
+        assert msgs[2]["role"] == "user" or row["window_idx"] == 0
+        calls = {m["tool_calls"][0]["id"] for m in msgs if m["tool_calls"]}
+        assert all(m["tool_call_id"] in calls for m in msgs if m["role"] == "tool")
+        assert [m["step_idx"] for m in msgs] == [0, 1] + list(range(body_first, row["last_step"] + 1))
+        assert all(m["loss"] == (m["role"] == "assistant" and m["step_idx"] >= 2) for m in msgs)
+        assert msgs[3]["content"] == f"act {(body_first - 2) // 2}"
+    turn = [(r["first_step"] - 2) // 2 for r in rows]  # each turn is 2 steps after the 2 prefix steps
+    starts_with_tool = sum(1 for k in turn if k > 0 and plan[k] == "t")
+    assert report.messages_left_out == len(rows) - kept == starts_with_tool > 0 and kept >= 2

@@ -12,7 +12,8 @@ the speed of writing its Parquet. The loss mask is the trainer's: 1 on assistant
 RL datasets, 0 on action tokens without a behaviour logprob (text-only imports). Column names per format
 (`FORMATS`): TRL's `assistant_masks` / `completion_mask`, HF's `labels` (-100 off the loss), verl's
 `response_mask`, `old_log_probs`, per-token `advantages` and `uid` (the GRPO group). Every format also
-carries the sample's identity and numbers (rollout_id, window_idx, group_id, q, advantage, ...).
+carries the sample's identity and numbers (rollout_id, window_idx, group_id, q, advantage, ...), and with
+`--messages` the window as chat messages where that is lossless (`trainer.export_messages`).
 
 Files: `DIR/data/train-NNNNN-of-MMMMM.parquet` (the Hugging Face Hub layout; shards of ~`shard_tokens`
 tokens) and `DIR/klong_export.json` (source ref and content hash, format, columns, counts). The export is
@@ -56,6 +57,7 @@ class ExportReport:
     tokens: int
     loss_tokens: int
     bytes: int
+    messages_left_out: Optional[int] = None  # samples whose messages are null (None: no messages column)
 
 
 @dataclass(frozen=True)
@@ -141,9 +143,10 @@ def _plan(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
 
 
 def export_dataset(home: Path | str, ref: str, fmt: str, directory: Path | str, *, shard_tokens: int = SHARD_TOKENS,
-                   chunk_tokens: int = CHUNK_TOKENS, compression: str = "zstd",
+                   chunk_tokens: int = CHUNK_TOKENS, compression: str = "zstd", settings=None,
                    progress: Callable[[int], None] = lambda n: None) -> ExportReport:
-    """Writes the export of dataset version `ref` into `directory` (created; must not hold files)."""
+    """Writes the export of dataset version `ref` into `directory` (created; must not hold files). With
+    `settings` (whose archive holds the dataset's events), also a `messages` column (`trainer.export_messages`)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     out = Path(directory)
@@ -155,6 +158,12 @@ def export_dataset(home: Path | str, ref: str, fmt: str, directory: Path | str, 
     if fmt == "verl":
         meta = meta.append_column("uid", meta.column("group_id")).append_column(
             "data_source", pa.array([f"klong:{reader.ref}"] * meta.num_rows, pa.string()))
+    messages_left_out = None
+    if settings is not None:
+        from trainer.export_messages import messages_column
+
+        msgs, messages_left_out = messages_column(settings, reader.path)
+        meta = meta.append_column("messages", msgs)
     shards = _plan(reader.lengths, shard_tokens) or [(0, 0)]
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     (tmp / "data").mkdir(parents=True)
@@ -179,6 +188,7 @@ def export_dataset(home: Path | str, ref: str, fmt: str, directory: Path | str, 
             files.append(path)
         manifest = {"source": reader.ref, "content_hash": reader.content_hash, "kind": reader.kind, "format": fmt,
                     "samples": len(reader), "tokens": int(reader.lengths.sum()), "loss_tokens": loss_tokens,
+                    "messages_left_out": messages_left_out,
                     "columns": {f.name: str(f.type) for f in pq.read_schema(files[0])},
                     "files": [str(p.relative_to(tmp)) for p in files]}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -190,4 +200,4 @@ def export_dataset(home: Path | str, ref: str, fmt: str, directory: Path | str, 
         raise
     final = [out / p.relative_to(tmp) for p in files]
     return ExportReport(reader.ref, reader.content_hash, fmt, out, final, len(reader), int(reader.lengths.sum()),
-                        loss_tokens, sum(p.stat().st_size for p in final))
+                        loss_tokens, sum(p.stat().st_size for p in final), messages_left_out)
