@@ -17,7 +17,7 @@ import sys
 from schemas.errors import KlongError
 
 ENV_HELP = "(env KLONG_HOME; default ./klong-data)"
-EXTENSIONS = ["klong.cli_dataset", "klong.cli_tasks", "klong.cli_train", "klong.cli_rl", "klong.cli_rollout", "klong.cli_import",
+EXTENSIONS = ["klong.cli_dataset", "klong.cli_tasks", "klong.cli_train", "klong.cli_rl", "klong.cli_rollout", "klong.cli_import", "klong.cli_serve",
               "klong.cli_model"]
 
 

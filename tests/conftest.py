@@ -59,3 +59,16 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory):
     home = tmp_path_factory.mktemp("models-home")
     assert main(["model", "import", str(smollm2_gguf), "--name", "smollm2", "--home", str(home)]) == 0
     return home / "models" / "smollm2"
+
+
+@pytest.fixture(scope="session")
+def policy_server(smollm2_dir, tmp_path_factory):
+    """One real vLLM server (klong.serve) per test session, serving SmolLM2 float32 eager on CPU. Every
+    real-model test shares it; a test that reloads other weights reloads `policy_server.state.model` back
+    (policy_version 0) before it ends, so the next test sees the base model."""
+    from klong import serve
+
+    home = tmp_path_factory.mktemp("policy-server")
+    server = serve.start(Settings(home=home), serve.ServeConfig(model=str(smollm2_dir), max_model_len=4096))
+    yield server
+    server.stop()
