@@ -7,9 +7,10 @@ on a registered task, against any OpenAI-compatible policy endpoint, recorded as
 
 The policy URL and model fall back to `KLONG_POLICY_BASE_URL` / `KLONG_POLICY_MODEL`; the API key is
 read from `OPENAI_API_KEY` (none needed for vLLM) and never printed. Tool calls run in a sandbox:
-`subprocess` (default: HOME/rollouts/<rollout_id>/{paper,submission}, rlimits, per-call wall time)
-or `k8s` (one Pod per rollout, commands by the exec API; NOT tested against a real cluster here:
-only `--dry-run`, which prints the manifest, is). Events go through an outbox under HOME/outbox/agent-N
+`local` (default: the rollout in its own Linux namespaces, see README "What the sandbox isolates";
+paper and submission kept in HOME/rollouts/<rollout_id>/), `unsafe-local` (plain rlimited
+subprocesses, NOT isolated) or `k8s` (one Pod per rollout, commands by the exec API; NOT tested
+against a real cluster here: only `--dry-run`, which prints the manifests, is). Events go through an outbox under HOME/outbox/agent-N
 (the first free slot); run `klong sink run` to archive them.
 """
 
@@ -37,7 +38,7 @@ def _config(args):
     try:
         limits = SandboxLimits(tool_timeout_s=args.tool_timeout, cpu_s=args.cpu_s, memory_mb=args.memory_mb,
                                file_size_mb=args.file_size_mb, max_procs=args.max_procs,
-                               max_output_bytes=args.max_output_bytes)
+                               max_output_bytes=args.max_output_bytes, disk_mb=args.disk_mb, tmp_mb=args.tmp_mb)
         return AgentConfig(min_time_fraction=args.min_time_fraction, reminder_every_turns=args.reminder_every,
                            sandbox=args.sandbox, limits=limits, workdir=args.workdir,
                            request_token_ids=not args.no_token_ids, k8s_image=args.k8s_image,
@@ -67,15 +68,17 @@ def cmd_run(args) -> int:
     import yaml
 
     from producers.agent import PolicyEndpoint, RolloutControl, run_agent
-    from producers.sandbox import render_pod_manifest
-    from schemas.events import uuid7
+    from producers.sandbox_k8s import render_manifests
+    from schemas.events import path_safe_id, uuid7
 
     config = _config(args)
+    if args.rollout_id is not None:
+        path_safe_id(args.rollout_id, "--rollout-id")
     if args.dry_run:
         if args.sandbox != "k8s":
             raise ConfigError("--dry-run prints the Pod manifest of --sandbox k8s")
-        print(yaml.safe_dump(render_pod_manifest(args.rollout_id or uuid7(), config.limits, image=args.k8s_image,
-                                                 namespace=args.k8s_namespace), sort_keys=False), end="")
+        print(yaml.safe_dump_all(render_manifests(args.rollout_id or uuid7(), config.limits, image=args.k8s_image,
+                                                  namespace=args.k8s_namespace), sort_keys=False), end="")
         return 0
     if args.timeout is None and os.environ.get("KLONG_ROLLOUT_TIMEOUT"):
         try:
@@ -149,16 +152,22 @@ def register(sub, common) -> None:
     run.add_argument("--no-token-ids", action="store_true", help="do not ask for vLLM's token-id extras "
                      "(needed for endpoints that reject unknown parameters; steps are then text-only)")
     run.add_argument("--no-judge", action="store_true", help="snapshot the submission but request no judgment")
-    run.add_argument("--sandbox", choices=["subprocess", "k8s"], default=env("KLONG_SANDBOX", "subprocess"),
-                     help="where tool calls run (env KLONG_SANDBOX; default subprocess). k8s: one Pod per "
+    run.add_argument("--sandbox", choices=["local", "unsafe-local", "k8s"], default=env("KLONG_SANDBOX", "local"),
+                     help="where tool calls run (env KLONG_SANDBOX; default local: the rollout in its own Linux "
+                          "namespaces, no network, no host files but /usr and /etc; refused where the machine "
+                          "cannot isolate). unsafe-local: plain subprocesses, NOT isolated. k8s: one Pod per "
                           "rollout via the Kubernetes exec API, untested against a real cluster here")
-    run.add_argument("--dry-run", action="store_true", help="with --sandbox k8s: print the Pod manifest, run nothing")
+    run.add_argument("--dry-run", action="store_true",
+                     help="with --sandbox k8s: print the ConfigMap, NetworkPolicy and Pod manifests, run nothing")
     run.add_argument("--workdir", help="parent of the per-rollout sandbox dirs (default HOME/rollouts)")
     run.add_argument("--tool-timeout", type=float, default=600.0, help="wall seconds per tool call (default 600)")
     run.add_argument("--cpu-s", type=int, default=3600, help="CPU seconds per process (RLIMIT_CPU; default 3600)")
     run.add_argument("--memory-mb", type=int, default=8192, help="address space per process (default 8192 MB)")
     run.add_argument("--file-size-mb", type=int, default=1024, help="largest file a command may write (default 1024)")
-    run.add_argument("--max-procs", type=int, default=512, help="RLIMIT_NPROC (per user; root is exempt; default 512)")
+    run.add_argument("--max-procs", type=int, default=512,
+                     help="RLIMIT_NPROC (local: per rollout; unsafe-local: per user, root exempt; default 512)")
+    run.add_argument("--disk-mb", type=int, default=2048, help="local/k8s: size of submission/ (quota; default 2048)")
+    run.add_argument("--tmp-mb", type=int, default=512, help="local/k8s: size of the private /tmp (default 512)")
     run.add_argument("--max-output-bytes", type=int, default=16384,
                      help="tool output shown to the model; longer outputs keep head and tail (default 16384)")
     run.add_argument("--k8s-image", default="python:3.11-slim", help="sandbox image for --sandbox k8s")

@@ -39,7 +39,7 @@ from producers.agent_tools import TOOLS, ReadingTracker, ToolOutput, execute, pa
 from producers.judge_requests import store_snapshot
 from producers.outbox import Outbox
 from producers.recorder import RolloutRecorder
-from producers.sandbox import K8sSandbox, SandboxLimits, SubprocessSandbox
+from producers.sandbox import SANDBOX_KINDS, SandboxLimits, make_sandbox
 from schemas.errors import ConfigError, KlongError, TerminalError, TransientError
 from schemas.events import TaskPayload
 
@@ -54,7 +54,7 @@ class AgentConfig:
     reminder_every_turns: int = 5  # a time reminder every N turns after the reading (0: never)
     prune_ratio: float = 0.3  # share of the non-prefix context dropped on a context-length error
     mandatory_reading: bool = True  # paper.md (+ addendum.md) read in full before other tools
-    sandbox: Literal["subprocess", "k8s"] = "subprocess"
+    sandbox: Literal["local", "unsafe-local", "k8s"] = "local"  # producers.sandbox: local = isolated namespaces
     limits: SandboxLimits = field(default_factory=SandboxLimits)
     workdir: Optional[str] = None  # parent of the per-rollout sandbox dirs (default HOME/rollouts)
     python: str = "python3"  # interpreter of the python tool inside the sandbox
@@ -71,8 +71,8 @@ class AgentConfig:
             raise ConfigError(f"min_time_fraction must be in [0, 1], got {self.min_time_fraction}")
         if not 0.0 < self.prune_ratio < 1.0:
             raise ConfigError(f"prune_ratio must be in (0, 1), got {self.prune_ratio}")
-        if self.sandbox not in ("subprocess", "k8s"):
-            raise ConfigError(f"sandbox must be 'subprocess' or 'k8s', got {self.sandbox!r}")
+        if self.sandbox not in SANDBOX_KINDS:
+            raise ConfigError(f"sandbox must be one of {', '.join(SANDBOX_KINDS)}, got {self.sandbox!r}")
 
 
 class RolloutControl:
@@ -281,10 +281,9 @@ def snapshot(rec: RolloutRecorder, sandbox) -> str:
 
 
 def _make_sandbox(config: AgentConfig, settings: Settings, rollout_id: str):
-    if config.sandbox == "k8s":
-        return K8sSandbox(rollout_id, config.limits, image=config.k8s_image, namespace=config.k8s_namespace)
-    root = Path(config.workdir) if config.workdir else settings.home / "rollouts"
-    return SubprocessSandbox(root / rollout_id, config.limits, python=config.python)
+    return make_sandbox(config.sandbox, Path(config.workdir) if config.workdir else settings.home / "rollouts",
+                        config.limits, rollout_id=rollout_id, python=config.python, k8s_image=config.k8s_image,
+                        k8s_namespace=config.k8s_namespace)
 
 
 def run_agent(outbox: Outbox, settings: Settings, task_id: str, policy: PolicyEndpoint, *, timeout_s: float,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import secrets
 import time
 from typing import Annotated, Any, Literal, Optional, Union
@@ -304,6 +305,18 @@ def uuid7() -> str:
     value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | rand & ((1 << 62) - 1)
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_PATH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+@=-]{0,199}")
+
+
+def path_safe_id(value: str, what: str = "id") -> str:
+    """`value` when it can name a directory (letters, digits, `._:+@=-`, no `..`, at most 200
+    characters), else a ValidationError: an id from a user or an event never leaves its parent dir."""
+    if not isinstance(value, str) or not _PATH_ID.fullmatch(value) or ".." in value:
+        raise ValidationError(f"{what} {value!r} cannot name a directory: use letters, digits and ._:+@=- "
+                              "(no '/', no '..', at most 200 characters)")
+    return value
 
 
 PRODUCER_ID = f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(3)}"

@@ -147,13 +147,13 @@ def test_k8s_pod_manifest_renders_a_valid_pod(settings, capsys):
     c = pod.spec.containers[0]
     assert pod.metadata.name == "klong-sandbox-0192-abc-def" and pod.metadata.namespace == "rl"
     assert c.image == "img:1" and c.command == ["sleep", "infinity"] and c.resources.limits["memory"] == "2048Mi"
-    assert {v.mount_path for v in c.volume_mounts} == {"/home/paper", "/home/submission"}
+    assert {v.mount_path for v in c.volume_mounts} == {"/home/paper", "/home/submission", "/tmp"}
     assert pod.spec.restart_policy == "Never" and pod.spec.automount_service_account_token is False
     assert main(klong(settings, "rollout", "run", "--task", "x", "--sandbox", "k8s", "--dry-run",
                       "--rollout-id", "r-1", "--memory-mb", "1024")) == 0
     import yaml
 
-    printed = yaml.safe_load(capsys.readouterr().out)
+    printed = list(yaml.safe_load_all(capsys.readouterr().out))[-1]  # ConfigMap, NetworkPolicy, Pod
     assert printed["kind"] == "Pod" and printed["spec"]["containers"][0]["resources"]["limits"]["memory"] == "1024Mi"
 
 

@@ -1,0 +1,315 @@
+"""The isolated local sandbox (the default): each rollout in its own Linux namespaces, by bubblewrap.
+
+    sb = NamespaceSandbox(home / "rollouts" / rollout_id, SandboxLimits(disk_mb=1024))
+    sb.setup({"paper.md": paper})                  # starts the rollout's holder namespace
+    sb.run("ls /home/paper", timeout_s=30)         # ExecResult; a fresh PID namespace per call
+    sb.close()                                     # kills everything, copies submission/ out to the host
+    run_in_sandbox("/tmp/sub", "pytest -q", timeout_s=60)   # one command over a directory (graders)
+
+How: per rollout one *holder* (`bwrap ... sleep infinity`, run as an unprivileged uid via `setpriv`
+when we are root) owns new user, mount, network, IPC, UTS and cgroup namespaces. Inside it: uid 0
+(mapped to the unprivileged uid outside: root inside, nobody outside, so /etc/shadow and other
+root-only files stay closed), a read-only /usr and /etc, `/home/paper` (the task's files, read-only),
+`/home/submission` (a tmpfs of `disk_mb`: the disk quota, writes past it fail with ENOSPC), a
+private `/tmp` (tmpfs of `tmp_mb`), no data home, no other rollout, no host path at all beyond
+/usr and /etc, and only a loopback network. Each tool call enters those namespaces (`nsenter`) and
+starts in its own new PID namespace with its own /proc (`unshare --pid --mount-proc --kill-child`):
+it sees only its own processes, cannot signal the runner, and when the call ends (or times out)
+the kernel kills every process it left behind (`setsid sleep &` included). The environment is
+empty but for PATH, HOME, TMPDIR, LANG and PAPER_DIR/SUBMISSION_DIR (plus `env`), rlimits as in
+`SandboxLimits` (RLIMIT_NPROC binds here: root inside a user namespace is not exempt).
+
+The submission lives in the holder's tmpfs (memory, swappable) while the rollout runs; `close()`
+and `local_submission()` copy it out with tar (symlinks and special files that would leave the
+target are dropped). Not isolated: CPU time and memory share the machine (rlimits per process, no
+cgroup), the kernel is shared (a kernel exploit escapes), /usr and /etc are readable.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from producers.sandbox import ExecResult, SandboxLimits, _read_capped, ulimit_flags
+from schemas.errors import ConfigError, TransientError
+
+PAPER_DIR, SUBMISSION_DIR = "/home/paper", "/home/submission"
+SANDBOX_UID = 65534  # the host uid the sandbox's root maps to when the runner is root (nobody)
+_TOOLS = ("bwrap", "nsenter", "unshare", "setpriv")
+_SYSTEM = [("--ro-bind", "/usr", "/usr"), ("--ro-bind", "/etc", "/etc")]
+_LINKS = [("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("usr/lib64", "/lib64")]
+READ_TEXT_CAP = 32 * 1024 * 1024  # read_file_chunk / search_file read at most this much of a file
+
+
+def _drop_privileges() -> list[str]:
+    """Run the holder as an unprivileged uid when we are root (its user namespace maps root to it)."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups", "--inh-caps=-all"]
+
+
+def _bwrap_base() -> list[str]:
+    cmd = ["bwrap", "--die-with-parent", "--new-session", "--unshare-all", "--uid", "0", "--gid", "0",
+           "--hostname", "sandbox"]
+    for flag, src, dest in _SYSTEM:
+        cmd += [flag, src, dest]
+    for target, link in _LINKS:
+        if os.path.exists("/" + target):
+            cmd += ["--symlink", target, link]
+    return cmd + ["--proc", "/proc", "--dev", "/dev"]
+
+
+@functools.lru_cache(maxsize=1)
+def isolation_problem() -> Optional[str]:
+    """None when this machine can build the sandbox, else why not (checked once per process)."""
+    missing = [t for t in _TOOLS if shutil.which(t) is None and not (t == "setpriv" and os.geteuid() != 0)]
+    if missing:
+        return f"{', '.join(missing)} not found (Debian: apt-get install bubblewrap util-linux)"
+    try:
+        r = subprocess.run(_drop_privileges() + _bwrap_base() + ["--", "true"], capture_output=True, text=True,
+                           timeout=60, env={"PATH": "/usr/bin:/bin"})
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"bwrap did not run ({e})"
+    if r.returncode != 0:
+        return (f"bwrap cannot create namespaces here ({r.stderr.strip()[:300] or r.returncode}); "
+                "unprivileged user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone, "
+                "user.max_user_namespaces) or a container forbids them")
+    return None
+
+
+def require_isolation() -> None:
+    problem = isolation_problem()
+    if problem:
+        raise ConfigError(f"the local sandbox cannot isolate tool calls on this machine: {problem}. "
+                          "Fix that, use --sandbox k8s, or accept running tools unisolated as root with "
+                          "--sandbox unsafe-local")
+
+
+def _safe_member(member: tarfile.TarInfo, path: str) -> Optional[tarfile.TarInfo]:
+    """tarfile's 'data' filter, dropping (not failing on) members that would leave the target."""
+    try:
+        return tarfile.data_filter(member, path)
+    except tarfile.FilterError:
+        return None
+
+
+class NamespaceSandbox:
+    """One rollout's namespaces (see the module docstring). `root` on the host keeps `paper/` and,
+    after close(), `submission/`; nothing of it is visible inside except through copies."""
+
+    def __init__(self, root: str | os.PathLike, limits: SandboxLimits = SandboxLimits(), *, python: str = "python3",
+                 env: Optional[dict[str, str]] = None, copy_out: bool = True):
+        require_isolation()  # before anything is recorded: refuse, saying why
+        self.root = Path(root).resolve()
+        self.limits, self.python, self.copy_out = limits, python, copy_out
+        self.paper_dir, self.submission_dir = PAPER_DIR, SUBMISSION_DIR
+        self._extra_env = dict(env or {})
+        self._scratch = self.root / ".sandbox"
+        self._holder: Optional[subprocess.Popen] = None
+        self._pid: Optional[int] = None  # the holder's process inside the namespaces (nsenter target)
+        self._lock = threading.Lock()
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+
+    def setup(self, paper_files: dict[str, str], submission_from: Optional[str | os.PathLike] = None) -> None:
+        """Starts the holder with the paper files (read-only) and copies `submission_from` (default: a
+        `submission/` the host root already has, e.g. a resumed rollout) into the submission tmpfs."""
+        paper = self.root / "paper"
+        for d in (paper, self._scratch):
+            d.mkdir(parents=True, exist_ok=True)
+        for name, text in paper_files.items():
+            (paper / name).write_text(text, encoding="utf-8")
+        fds = [os.open(p, os.O_RDONLY) for p in sorted(paper.iterdir()) if p.is_file()]
+        info_r, info_w = os.pipe()
+        try:
+            cmd = _drop_privileges() + _bwrap_base() + ["--tmpfs", "/home", "--dir", PAPER_DIR]
+            for fd, p in zip(fds, sorted(p for p in paper.iterdir() if p.is_file())):
+                cmd += ["--ro-bind-data", str(fd), f"{PAPER_DIR}/{p.name}"]
+            cmd += ["--size", str(self.limits.disk_mb << 20), "--tmpfs", SUBMISSION_DIR,
+                    "--size", str(self.limits.tmp_mb << 20), "--tmpfs", "/tmp", "--remount-ro", "/home",
+                    "--chdir", SUBMISSION_DIR, "--info-fd", str(info_w), "--",
+                    "sh", "-c", "echo ready && exec sleep infinity"]
+            self._holder = subprocess.Popen(cmd, pass_fds=fds + [info_w], stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
+        finally:
+            for fd in fds + [info_w]:
+                os.close(fd)
+        with os.fdopen(info_r, "rb") as f:
+            info = f.read()  # bwrap closes the fd once the namespaces stand (EOF), or dies
+        try:
+            self._pid = json.loads(info)["child-pid"]
+            # The namespaces exist when the info arrives; the mounts once the holder's command runs.
+            if self._holder.stdout.readline() != b"ready\n":
+                raise ValueError("the holder exited during setup")
+        except (ValueError, KeyError):
+            err = self._holder.stderr.read().decode(errors="replace").strip() if self._holder.poll() is not None else ""
+            self.close()
+            raise TransientError(f"sandbox for {self.root.name} did not start: {err or 'no namespace info'}")
+        src = Path(submission_from) if submission_from is not None else self.root / "submission"
+        if src.is_dir():
+            self._copy_in(src)
+
+    def close(self) -> None:
+        """Copies the submission out to `root/submission` (the rollout's record), then kills the holder
+        and with it every process of the sandbox."""
+        with self._lock:
+            holder, self._holder = self._holder, None
+        if holder is None:
+            return
+        try:
+            if self.copy_out and self._pid is not None and holder.poll() is None:
+                dest = self.root / "submission"
+                tmp = self.root / ".submission.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                self._copy_out(tmp)
+                shutil.rmtree(dest, ignore_errors=True)
+                tmp.rename(dest)
+        finally:
+            _kill_group(holder)
+            self._pid = None
+
+    def __enter__(self) -> "NamespaceSandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- running ---------------------------------------------------------------------------------------
+
+    def _env(self) -> dict[str, str]:
+        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8",
+                "PYTHONUNBUFFERED": "1", "PAPER_DIR": PAPER_DIR, "SUBMISSION_DIR": SUBMISSION_DIR,
+                **self._extra_env}
+
+    def _enter(self, argv: list[str]) -> list[str]:
+        """argv run inside the rollout's namespaces, in a new PID namespace of its own."""
+        if self._pid is None:
+            raise TransientError("the sandbox is not running (setup() first, or it was closed)")
+        return (["nsenter", "-t", str(self._pid), "--user", "--mount", "--net", "--ipc", "--uts", "--cgroup", "--",
+                 "unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "--"] + argv)
+
+    def run(self, command: str, *, timeout_s: float, stdin: Optional[str] = None) -> ExecResult:
+        out_path, code, timed_out = self._run_to_file(command, timeout_s, stdin)
+        try:
+            text, size = _read_capped(out_path, 4 * self.limits.max_output_bytes)
+        finally:
+            out_path.unlink(missing_ok=True)
+        return ExecResult(text, code, timed_out, size)
+
+    def _run_to_file(self, command: str, timeout_s: float, stdin: Optional[str]) -> tuple[Path, Optional[int], bool]:
+        """(output file on the host, exit code or None when killed by the timeout, timed out)."""
+        self._scratch.mkdir(parents=True, exist_ok=True)
+        out_path = self._scratch / f"out-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+        timeout_s = max(0.05, min(timeout_s, self.limits.tool_timeout_s))
+        launcher = f"ulimit {ulimit_flags(self.limits)} || exit 126; cd {SUBMISSION_DIR} || exit 126; exec bash -c \"$1\""
+        with open(out_path, "wb") as out:
+            proc = subprocess.Popen(self._enter(["bash", "-c", launcher, "klong-sandbox", command]), env=self._env(),
+                                    stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            timed_out = False
+            try:
+                proc.communicate(stdin.encode() if stdin is not None else None, timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(proc)
+        return out_path, None if timed_out else proc.returncode, timed_out
+
+    def read_text(self, path: str) -> str:
+        """A file as the sandbox sees it (read inside it: a symlink cannot point the runner elsewhere)."""
+        quoted = "'" + path.replace("'", "'\\''") + "'"
+        out_path, code, timed_out = self._run_to_file(f"cat -- {quoted}", 60, None)
+        try:
+            with open(out_path, "rb") as f:
+                data = f.read(READ_TEXT_CAP)
+        finally:
+            out_path.unlink(missing_ok=True)
+        if code != 0 or timed_out:
+            message = data.decode("utf-8", errors="replace").strip()
+            raise (IsADirectoryError if "Is a directory" in message else FileNotFoundError)(path)
+        return data.decode("utf-8", errors="replace")
+
+    # ---- the submission across the namespace boundary ----------------------------------------------------
+
+    def _copy_in(self, src: Path) -> None:
+        proc = subprocess.Popen(self._enter(["tar", "-x", "-C", SUBMISSION_DIR, "--no-same-owner", "-f", "-"]),
+                                env=self._env(), stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
+                for p in sorted(src.iterdir()):
+                    tar.add(p, arcname=p.name)
+        finally:
+            proc.stdin.close()
+        if proc.wait() != 0:
+            raise TransientError(f"copying {src} into the sandbox failed: {proc.stderr.read().decode()[:300]}")
+
+    def _copy_out(self, dest: Path) -> Path:
+        dest.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(self._enter(["tar", "-c", "-C", SUBMISSION_DIR, "-f", "-", "."]), env=self._env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            tar.extractall(dest, filter=_safe_member)
+        proc.wait()
+        return dest
+
+    def local_submission(self, scratch: Path) -> Path:
+        """A copy of the submission on the host (for the snapshot)."""
+        return self._copy_out(scratch)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie (a PID namespace's init turns zombie only after the
+    kernel has killed and reaped every other process of its namespace)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def _kill_group(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGKILL the process group (nsenter/unshare or bwrap) and wait until the PID namespace's init
+    (their child) is gone: then the kernel has killed every process left in that namespace."""
+    inits = _children(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in inits:
+        try:
+            os.kill(pid, signal.SIGKILL)  # it may have left the group (setsid)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.monotonic() + timeout_s
+    while not all(_gone(pid) for pid in inits) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def run_in_sandbox(directory: str | os.PathLike, command: str, *, timeout_s: float,
+                   limits: SandboxLimits = SandboxLimits(), paper_files: Optional[dict[str, str]] = None,
+                   env: Optional[dict[str, str]] = None) -> ExecResult:
+    """Runs one command in a fresh sandbox over a copy of `directory` (at /home/submission, the working
+    directory; writes stay inside and are thrown away). For graders running a command on a submission."""
+    with tempfile.TemporaryDirectory(prefix="klong-sandbox-") as tmp:
+        with NamespaceSandbox(tmp, limits, env=env, copy_out=False) as sb:
+            sb.setup(paper_files or {}, submission_from=directory)
+            return sb.run(command, timeout_s=timeout_s)

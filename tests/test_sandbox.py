@@ -1,0 +1,198 @@
+"""The default local sandbox contains a tool call: real bubblewrap namespaces, probes run as the
+agent would run them (shell commands through the same tools the agent loop uses)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from klong.cli import main
+from producers import sandbox_local
+from producers.agent import AgentConfig
+from producers.agent_tools import execute
+from producers.sandbox import SandboxLimits, make_sandbox
+from producers.sandbox_k8s import render_manifests
+from schemas.errors import ConfigError, ValidationError
+
+SECRET = "s3cret-sandbox-probe-7f1c"
+
+
+@pytest.fixture
+def sandboxes(tmp_path):
+    """Opens rollouts' sandboxes the way the agent runner does (the default kind) and closes them."""
+    opened = []
+
+    def make(rollout_id: str = "r-1", **limits):
+        sb = make_sandbox(AgentConfig().sandbox, tmp_path / "home" / "rollouts", SandboxLimits(**limits),
+                          rollout_id=rollout_id)
+        sb.setup({"paper.md": "line 1\nline 2\n"})
+        opened.append(sb)
+        return sb
+
+    yield make
+    for sb in opened:
+        sb.close()
+
+
+def bash(sb, cmd: str, timeout_s: float = 60) -> str:
+    return execute(sb, "bash", __import__("json").dumps({"cmd": cmd}), timeout_s=timeout_s).text
+
+
+def test_default_kind_is_the_isolated_sandbox():
+    assert AgentConfig().sandbox == "local"
+
+
+def test_sees_only_its_own_processes_and_cannot_signal_the_runner(sandboxes):
+    sb = sandboxes()
+    pids = [p for p in bash(sb, "ls /proc").split() if p.isdigit()]
+    assert len(pids) <= 4, pids  # bash, ls (and nsenter's helpers): nothing of the host
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        out = bash(sb, f"kill -9 {runner.pid} {os.getpid()}; echo kill-rc=$?; pkill -9 -f python; pkill -9 -f pytest; "
+                       "echo done")
+        assert "kill-rc=1" in out and "done" in out
+        assert runner.poll() is None  # the paper's `pkill -f python` (Listing 2) reaches nothing outside
+    finally:
+        runner.kill()
+        runner.wait()
+
+
+def test_cannot_read_runner_env_data_home_other_rollouts_or_shadow(sandboxes, tmp_path, monkeypatch):
+    monkeypatch.setenv("KLONG_KAFKA_SASL_PASSWORD", SECRET)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    archive = tmp_path / "home" / "archive"
+    archive.mkdir(parents=True)
+    (archive / "judge.parquet").write_text(SECRET)
+    a, b = sandboxes("r-a"), sandboxes("r-b")
+    bash(a, f"echo {SECRET} > answer.txt")
+    probes = (f"env; cat /proc/[0-9]*/environ | tr '\\0' '\\n'; cat /proc/{os.getppid()}/environ; "
+              f"cat /proc/{os.getpid()}/environ; cat {archive}/judge.parquet; ls {tmp_path}; "
+              f"cat {tmp_path}/home/rollouts/r-a/submission/answer.txt; ls /home; cat /home/*/answer.txt; "
+              "grep -rs s3cret /home /tmp /root /work /etc; cat /etc/shadow; echo probes-ran")
+    out = bash(b, probes)
+    assert "probes-ran" in out and SECRET not in out
+    assert "Permission denied" in bash(b, "cat /etc/shadow")
+    assert "paper" in bash(b, "ls /home") and "Read-only file system" in bash(b, "touch /home/paper/x /usr/x")
+    assert SECRET in bash(a, "cat answer.txt")  # its own submission works
+
+
+def test_no_network_to_host_ports(sandboxes):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        out = bash(sandboxes(), f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), 5); "
+                                "print('CONNECTED')\" 2>&1; echo x > /dev/tcp/127.0.0.1/" + str(port) + " && echo TCP-OK")
+        assert "CONNECTED" not in out and "TCP-OK" not in out and "refused" in out.lower()
+    finally:
+        server.close()
+
+
+def _host_processes(marker: str) -> list[int]:
+    found = []
+    for p in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(p))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def test_leaves_no_process_behind(sandboxes):
+    sb = sandboxes()
+    out = bash(sb, "setsid sleep 987651 > /dev/null 2>&1 < /dev/null & disown; (nohup sleep 987651 &) ; echo bg")
+    assert "bg" in out
+    assert _host_processes("987651") == []  # gone when the call ended
+    res = sb.run("setsid sleep 987652 & sleep 987652", timeout_s=1)
+    assert res.timed_out and _host_processes("987652") == []  # and when it was killed at its timeout
+
+
+def test_close_kills_the_whole_sandbox(sandboxes):
+    sb = sandboxes()
+    holder = sb._holder.pid
+    sb.close()
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{holder}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{holder}")
+
+
+def test_disk_quota_counts_every_file_and_processes_are_limited(sandboxes):
+    sb = sandboxes(disk_mb=8, file_size_mb=6, max_procs=40)
+    res = sb.run("for i in 1 2 3 4; do head -c 5000000 /dev/zero > f$i; done; echo; du -sb . | cut -f1", timeout_s=60)
+    assert "No space left on device" in res.output and int(res.output.split()[-1]) <= 8 << 20
+    out = bash(sb, "for i in $(seq 100); do sleep 30 & done 2>&1 | tail -1; echo forks-done", timeout_s=60)
+    assert "Resource temporarily unavailable" in out or "fork" in out
+
+
+def test_submission_is_kept_and_escaping_links_dropped(sandboxes, tmp_path):
+    sb = sandboxes()
+    bash(sb, "mkdir -p src && echo 'print(1)' > src/main.py && ln -s /etc/shadow leak && ln -s src/main.py ok")
+    sb.close()
+    sub = tmp_path / "home" / "rollouts" / "r-1" / "submission"
+    assert (sub / "src" / "main.py").read_text() == "print(1)\n"
+    assert not (sub / "leak").exists() and not (sub / "leak").is_symlink()
+    # a new sandbox over the same rollout (a resumed run) starts from the kept submission
+    sb2 = sandboxes()
+    assert "print(1)" in bash(sb2, "cat src/main.py")
+
+
+def test_read_tools_read_inside_the_sandbox(sandboxes, tmp_path):
+    sb = sandboxes()
+    (tmp_path / "host-secret.txt").write_text(SECRET)
+    bash(sb, f"ln -s {tmp_path}/host-secret.txt link.txt")
+    out = execute(sb, "read_file_chunk", '{"file": "link.txt"}', timeout_s=30).text
+    assert SECRET not in out and "not found" in out
+    assert "line 2" in execute(sb, "read_file_chunk", '{"file": "/home/paper/paper.md"}', timeout_s=30).text
+
+
+def test_run_in_sandbox_over_a_directory(tmp_path):
+    d = tmp_path / "submission"
+    d.mkdir()
+    (d / "answer.txt").write_text("42\n")
+    res = sandbox_local.run_in_sandbox(d, "cat answer.txt && echo changed > answer.txt && ls /proc | wc -l",
+                                       timeout_s=60)
+    assert res.exit_code == 0 and res.output.startswith("42")
+    assert (d / "answer.txt").read_text() == "42\n"  # the grader's command changed a copy
+
+
+def test_refuses_without_isolation_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap to be found
+    sandbox_local.isolation_problem.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="cannot isolate.*bwrap.*unsafe-local"):
+            make_sandbox("local", tmp_path, rollout_id="r-1")
+    finally:
+        sandbox_local.isolation_problem.cache_clear()
+
+
+@pytest.mark.parametrize("bad", ["../../x", "a/b", "..", "", "x" * 300])
+def test_rollout_ids_that_would_escape_are_refused(tmp_path, bad, capsys):
+    with pytest.raises(ValidationError, match="cannot name a directory"):
+        make_sandbox("unsafe-local", tmp_path, rollout_id=bad)
+    rc = main(["rollout", "run", "--home", str(tmp_path), "--task", "t", "--rollout-id", bad, "--timeout", "5",
+               "--base-url", "http://127.0.0.1:9/v1", "--model", "m"])
+    assert rc == 2 and "cannot name a directory" in capsys.readouterr().err
+    assert not (tmp_path.parent / "x").exists()
+
+
+def test_k8s_manifests_carry_the_same_rules():
+    config_map, policy, pod = render_manifests("r-1", SandboxLimits(disk_mb=100), paper_files={"paper.md": "p"})
+    spec, sc = pod["spec"], pod["spec"]["containers"][0]["securityContext"]
+    assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
+    assert sc["readOnlyRootFilesystem"] and sc["runAsNonRoot"] and sc["capabilities"] == {"drop": ["ALL"]}
+    assert not sc["allowPrivilegeEscalation"]
+    mounts = {m["mountPath"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["/home/paper"]["readOnly"] is True
+    assert {"name": "submission", "emptyDir": {"sizeLimit": "100Mi"}} in spec["volumes"]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and policy["spec"]["egress"] == []
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert config_map["data"] == {"paper.md": "p"}
