@@ -4,7 +4,7 @@
     klong train --dataset web-sft@2 --mode sft --config sft_tiny --launcher deepspeed --nproc 2
     klong train --dataset web-rl@3 --mode rl --config rl_tiny --launcher k8s --dry-run k8s.gpus=8 ...
     klong train --resume HOME/runs/<run_id> [train.max_steps=60]      # its own config.yaml, latest checkpoint
-    klong lineage HOME/runs/<run_id>/checkpoints/step-000030
+    klong lineage HOME/runs/<run_id>/checkpoints/step-30
 
 `--config` takes a YAML file or the name of a shipped one (trainer/configs/NAME.yaml); `key=value`
 overrides use dotted keys (`engine.zero_stage=2`). The config is checked before anything starts; every

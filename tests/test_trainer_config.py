@@ -40,8 +40,10 @@ def test_bad_config_names_every_key_at_fault():
         load_config(None, ["mode=sft", "loss.beta=0.1"])
     with pytest.raises(ConfigError, match="--mode rl conflicts with mode: sft"):
         load_config(None, ["mode=sft"], mode="rl")
-    with pytest.raises(ConfigError, match="model.name"):
-        load_config(None, ["model.name=/no/such/model"])
+    with pytest.raises(ConfigError, match="loss.tis_cap=2.0 .* loss.old_logprobs is behaviour"):
+        load_config(None, ["mode=rl", "loss.old_logprobs=behaviour", "loss.tis_cap=2"])
+    with pytest.raises(ConfigError, match=r"loss.dual_clip: must be > 1"):
+        load_config(None, ["mode=rl", "loss.dual_clip=0.5"])
 
 
 def test_cli_fails_before_training(train_home, capsys):
@@ -56,6 +58,8 @@ def test_cli_fails_before_training(train_home, capsys):
         (["--config", "sft_tiny"], "dataset is required"),
         (["--dataset", "sft@1", "--config", "sft_tiny", "--launcher", "local", "--nproc", "2"], "--launcher deepspeed"),
         (["--dataset", "sft@1", "--config", "no_such.yaml"], "no_such.yaml"),
+        (["--dataset", "sft@1", "--config", "sft_tiny", "model.name=no-such-model", "model.fold_token_ids=false"],
+         "model.name: 'no-such-model' is neither 'tiny', a local directory, nor an imported model"),
     ]
     for argv, expected in cases:
         assert main(klong(s, "train", *argv)) == 2, argv

@@ -1,5 +1,6 @@
 """trainer.losses against values computed by hand (eq. 6-8): clipping on both sides, masked tokens,
-the three reductions, both KL estimators."""
+the three reductions, both KL estimators; clamps and the dual clip on extreme inputs; chunked log-probs,
+entropies, gradients and full KL equal the full-logits ones."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import math
 import pytest
 import torch
 
-from trainer.losses import Norm, kl_full, kl_k3, reduce, rl_loss, sft_loss, token_logprobs
+from trainer.losses import (KL_CLAMP, LOG_RATIO_CLAMP, Norm, head_kl_full, head_logprobs, kl_full, kl_k3, reduce,
+                            rl_loss, sft_loss, token_entropy, token_logprobs, truncated_is_weight)
 
 L = math.log
 
@@ -92,3 +94,68 @@ def test_full_kl_over_the_vocabulary():
 def test_reduce_with_an_empty_step_is_zero_not_nan():
     z = reduce(torch.ones(1, 2), torch.zeros(1, 2), Norm("token", 0, 0))
     assert z.item() == 0
+
+
+def test_extreme_old_logprobs_stay_finite_and_the_dual_clip_bounds_negative_advantages():
+    # an old logprob of -100 (a token the sampler almost never picks) against logp -1: log r = 99
+    logp = t([[-1.0, -1.0, -1.0, -0.5]]).requires_grad_(True)
+    old = t([[-100.0, -100.0, float("-inf"), -0.5]])
+    adv = t([[1.0, -1.0, -2.0, 0.5]])
+    mask = t([[1, 1, 1, 1]])
+    kl = kl_k3(logp, t([[-100.0, 0.0, -1.0, -0.5]]))
+    loss, st = rl_loss(logp, old, adv, mask, Norm("token", 4, 1), clip_eps=0.2, dual_clip=3.0, beta=0.1, kl=kl)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and torch.isfinite(kl).all()
+    assert st["ratio_max"].item() == pytest.approx(math.exp(LOG_RATIO_CLAMP), rel=1e-4)  # clamped, not exp(99)
+    assert kl.max().item() <= KL_CLAMP
+    # A>0, r huge: clipped at 1.2; A<0, r huge: bounded by the dual clip at 3 A; r = 1 on the last token
+    surrogate = [1.2, -3.0, -6.0, 0.5]
+    pg = -sum(surrogate) / 4
+    assert loss.item() == pytest.approx(pg + 0.1 * kl.sum().item() / 4, rel=1e-5)
+    assert st["clipped"].item() == 3
+    # without the dual clip the same step is a loss of ~1e9
+    loss2, _ = rl_loss(logp.detach(), old, adv, mask, Norm("token", 4, 1), clip_eps=0.2)
+    assert loss2.item() > 1e8 and torch.isfinite(loss2)
+
+
+def test_dual_clip_only_acts_below_c_times_a():
+    old = t([[L(0.5)] * 3])
+    logp = (old.exp() * t([[0.5, 2.0, 5.0]])).log()  # ratios 0.5, 2, 5; A = -1 everywhere
+    adv = t([[-1.0, -1.0, -1.0]])
+    # r=0.5: max(-0.5, -0.8) = -0.5 ... min picks -0.8 (clipped at 0.8), above -3: kept; r=2: -2 (unclipped branch,
+    # above -3: kept); r=5: -5 < -3: dual-clipped to -3 (and its gradient is cut)
+    loss, st = rl_loss(logp, old, adv, t([[1, 1, 1]]), Norm("token", 3, 1), clip_eps=0.2, dual_clip=3.0)
+    assert loss.item() == pytest.approx((0.8 + 2.0 + 3.0) / 3, rel=1e-5)
+    logp = logp.clone().requires_grad_(True)
+    rl_loss(logp, old, adv, t([[1, 1, 1]]), Norm("token", 3, 1), clip_eps=0.2, dual_clip=3.0)[0].backward()
+    assert logp.grad[0, 0].item() == 0 and logp.grad[0, 2].item() == 0
+    assert logp.grad[0, 1].item() == pytest.approx(2.0 / 3, rel=1e-5)
+
+
+def test_truncated_importance_weight_caps_and_skips_tokens_without_a_behaviour_logprob():
+    old, beh = t([[-1.0, -1.0, -1.0]]), t([[-1.5, -0.5, 0.0]])
+    w = truncated_is_weight(old, beh, t([[1, 1, 0]]), cap=1.5)
+    assert w[0].tolist() == pytest.approx([1.5, math.exp(-0.5), 1.0], rel=1e-5)  # e^0.5 = 1.65 capped at 1.5
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_logprobs_and_gradients_equal_the_full_logits(chunk):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 13, 16, requires_grad=True)
+    ids = torch.randint(0, 50, (2, 13))
+    logits = head(hidden)
+    want_lp, want_ent = token_logprobs(logits, ids), token_entropy(logits)
+    (want_lp * torch.linspace(0, 1, 12)).sum().backward()
+    want_gh, want_gw = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    lp, ent = head_logprobs(hidden, head, ids, chunk=chunk, entropy=True)
+    (lp * torch.linspace(0, 1, 12)).sum().backward()
+    torch.testing.assert_close(lp, want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, want_ent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, want_gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad, want_gw, rtol=1e-5, atol=1e-6)
+    ref_head = torch.nn.Linear(16, 50, bias=False)
+    ref_hidden = torch.randn(2, 13, 16)
+    torch.testing.assert_close(head_kl_full(hidden, head, ref_hidden, ref_head, chunk=chunk),
+                               kl_full(head(hidden), ref_head(ref_hidden)), rtol=1e-5, atol=1e-6)

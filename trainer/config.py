@@ -31,7 +31,9 @@ Reduction = Literal["token", "sample", "sample_sum"]
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "tiny"  # "tiny" (random init, built in code) or a local directory transformers can load
+    # "tiny" (random init, built in code), a local directory transformers can load (a klong checkpoint is
+    # one), or NAME of a model imported with `klong model import ... --name NAME` (HOME/models/NAME)
+    name: str = "tiny"
     # tiny only: Llama-style shape (max_position_embeddings = the dataset's max_tokens)
     vocab_size: int = 512
     hidden_size: int = 64
@@ -39,8 +41,8 @@ class ModelConfig:
     layers: int = 2
     heads: int = 4
     kv_heads: int = 2
-    # stand-in models: map token ids with `id % vocab_size` (simulated datasets use a 150k vocabulary; the
-    # tiny model and checkpoints trained from it do not need one). Off: ids >= the vocabulary are an error.
+    # the tiny stand-in only: map token ids with `id % vocab_size` (simulated datasets use a 150k vocabulary).
+    # Off (and always for a real model): a token id >= the model's vocabulary is an error.
     fold_token_ids: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
     policy_version: Optional[int] = None  # of the input model; default: its klong checkpoint's, else 0
@@ -81,6 +83,13 @@ class LossConfig:
     clip_eps: float = 0.2  # rl: PPO clip epsilon (eq. 7)
     beta: float = 0.0  # rl: weight of KL(pi_theta || pi_ref); 0 = no reference model is loaded
     kl_estimator: Literal["k3", "full"] = "k3"  # k3: on sampled tokens; full: exact over the vocabulary
+    # rl: the denominator of the ratio (eq. 8). recompute: the frozen input policy's logprobs on each window's
+    # own input (a no-grad pass), so r = 1 at theta = theta_old whatever context the runner had; behaviour:
+    # the logprobs stored at generation time (loss tokens without one are then left out)
+    old_logprobs: Literal["recompute", "behaviour"] = "recompute"
+    dual_clip: Optional[float] = 3.0  # rl: for A < 0 the surrogate is at least c * A (dual-clip PPO); null: off
+    tis_cap: Optional[float] = None  # rl, recompute: weight tokens by min(pi_old / pi_behaviour, cap); null: off
+    logit_chunk_tokens: int = 1024  # positions per log-prob/entropy chunk (no [b, T, V] tensor); 0: all at once
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,8 @@ RANGES = {
     "engine.gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
     "engine.cpu_threads": (lambda v: v >= 0, ">= 0"),
     "loss.clip_eps": (lambda v: 0 < v < 1, "in (0, 1)"), "loss.beta": (lambda v: v >= 0, ">= 0"),
+    "loss.dual_clip": (lambda v: v > 1, "> 1 (or null: off)"), "loss.tis_cap": (lambda v: v > 0, "> 0 (or null: off)"),
+    "loss.logit_chunk_tokens": (lambda v: v >= 0, ">= 0"),
     "train.epochs": (lambda v: v >= 1, ">= 1"), "train.max_steps": (lambda v: v is None or v >= 1, ">= 1"),
     "train.save_every": (lambda v: v >= 0, ">= 0"), "train.log_every": (lambda v: v >= 1, ">= 1"),
     "k8s.gpus": (lambda v: v >= 0, ">= 0"), "k8s.backoff_limit": (lambda v: v >= 0, ">= 0"),
@@ -289,21 +300,35 @@ def check_conflicts(cfg: RunConfig) -> list[str]:
     errors = []
     m, loss = cfg.model, cfg.loss
     tiny = m.name == "tiny"
-    if not tiny and not Path(m.name).is_dir():
-        errors.append(f"model.name: {m.name!r} is neither 'tiny' nor a local directory (no downloads: point it at a "
-                      "directory with config.json and weights)")
     if tiny and m.heads % m.kv_heads:
         errors.append(f"model.heads ({m.heads}) must be a multiple of model.kv_heads ({m.kv_heads})")
     if tiny and m.hidden_size % m.heads:
         errors.append(f"model.hidden_size ({m.hidden_size}) must be a multiple of model.heads ({m.heads})")
     if cfg.mode == "sft" and loss.beta > 0:
         errors.append(f"loss.beta={loss.beta} is the RL KL weight, but mode is sft (set loss.beta=0 or mode=rl)")
-    if cfg.engine.zero_stage == 3 and loss.beta > 0:
-        errors.append("engine.zero_stage=3 with loss.beta>0: the frozen reference model is not partitioned; "
-                      "use zero_stage <= 2 or loss.beta=0")
+    if cfg.engine.zero_stage == 3 and cfg.mode == "rl" and (loss.beta > 0 or loss.old_logprobs == "recompute"):
+        errors.append("engine.zero_stage=3 with loss.beta>0 or loss.old_logprobs=recompute: the frozen input policy "
+                      "is not partitioned; use zero_stage <= 2, or loss.beta=0 and loss.old_logprobs=behaviour")
+    if loss.tis_cap is not None and loss.old_logprobs != "recompute":
+        errors.append(f"loss.tis_cap={loss.tis_cap} weights recomputed old logprobs against the behaviour ones, but "
+                      "loss.old_logprobs is behaviour (set loss.old_logprobs=recompute or loss.tis_cap=null)")
     if cfg.train.max_steps is not None and cfg.optim.warmup_steps > cfg.train.max_steps:
         errors.append(f"optim.warmup_steps ({cfg.optim.warmup_steps}) > train.max_steps ({cfg.train.max_steps})")
     return errors
+
+
+def model_path(name: str, home: Path | str) -> Optional[Path]:
+    """model.name -> the directory to load: None for tiny; a local directory as given; else HOME/models/NAME
+    (where `klong model import` puts a converted model). Anything else is a ConfigError."""
+    if name == "tiny":
+        return None
+    if Path(name).is_dir():
+        return Path(name)
+    imported = Path(home) / "models" / name
+    if imported.is_dir():
+        return imported
+    raise ConfigError(f"model.name: {name!r} is neither 'tiny', a local directory, nor an imported model ({imported} "
+                      "does not exist: `klong model import FILE.gguf --name NAME`); nothing is downloaded")
 
 
 def shipped_configs() -> list[Path]:

@@ -23,8 +23,10 @@ no rank needs to ask the others. The position (epoch, next global micro-batch) i
 needs to continue with the same order.
 
 Token alignment: loss is on input positions; the logit at t - 1 predicts token t, so a loss token at
-position 0 cannot be trained and is not counted. RL: a loss token without a behaviour logprob (a
-text-only import) is left out of the loss and counted (`n_no_logprob`).
+position 0 cannot be trained and is not counted. RL: loss tokens without a behaviour logprob (a text-only
+import, the end-of-turn tokens a chat template adds after a completion) are counted (`n_no_logprob`);
+they are trained when the trainer recomputes the old logprobs (`need_behaviour=False`, the default
+`loss.old_logprobs: recompute`) and left out of the loss when the ratio divides by the behaviour logprob.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class MicroBatch:
     advantage: Optional[np.ndarray]  # float32 [b, T] (rl): the sample's advantage on loss tokens, 0 elsewhere
     logprobs: Optional[np.ndarray]  # float32 [b, T] (rl): behaviour logprob of each token, 0 where none (read it
     #                                 where loss_mask is 1: elsewhere it may hold an untrained action's logprob)
+    has_logprob: Optional[np.ndarray]  # uint8 [b, T] (rl): 1 where a behaviour logprob was recorded
     samples: np.ndarray  # int64 [b]: sample numbers (rows of samples.parquet)
     lengths: np.ndarray  # int64 [b]: unpadded lengths
 
@@ -116,7 +119,8 @@ class DatasetReader:
     """A dataset version in memory as flat arrays, each sample as copy ranges + mask runs."""
 
     def __init__(self, home: Path | str, ref: str, *, verify: bool = True, vocab_size: Optional[int] = None,
-                 fold_token_ids: bool = False):
+                 fold_token_ids: bool = False, need_behaviour: bool = True):
+        self.need_behaviour = need_behaviour  # rl: a loss token without a behaviour logprob is left out
         version = ds.open_version(home, ref, verify=verify)  # DatasetError if files != manifest hash
         self.ref, self.manifest, self.path = version.ref, version.manifest, version.path
         self.kind: str = self.manifest["kind"]
@@ -157,7 +161,8 @@ class DatasetReader:
                 np.remainder(self.tokens, vocab_size, out=self.tokens)
             elif int(self.tokens.max()) >= vocab_size:
                 raise ConfigError(f"{self.ref} holds token id {int(self.tokens.max())}, beyond the model's vocabulary "
-                                  f"({vocab_size}): use the model the dataset was tokenized for (model.name), or "
+                                  f"({vocab_size}): its tokenizer ({self.manifest['config'].get('tokenizer')}) is not "
+                                  "the model's; train the model the dataset was tokenized for (model.name), or "
                                   "model.fold_token_ids=true with the tiny model")
         self.step_abs = np.concatenate(step_abs) if step_abs else np.zeros(0, np.int64)  # int64 [all steps]
         self.step_len = np.concatenate(step_len) if step_len else np.zeros(0, np.int64)
@@ -237,6 +242,9 @@ class DatasetReader:
         at0 = (self.run_flag[self.run_off[:-1]] == 1) if n else np.zeros(0, bool)
         self.n_no_logprob = np.zeros(n, np.int64)
         self._lp_nan = None
+        self.has_logprob = None  # uint8 [unique tokens] (rl): 1 where a behaviour logprob was recorded
+        if self.logprobs is not None:
+            self.has_logprob = (~np.isnan(self.logprobs)).view(np.uint8)
         if self.logprobs is not None and len(self.logprobs):
             nan_cs = np.zeros(len(self.logprobs) + 1, np.int64)
             np.cumsum(np.isnan(self.logprobs), out=nan_cs[1:])
@@ -248,7 +256,7 @@ class DatasetReader:
             # Batches read logprobs with NaN as 0; the few samples with loss tokens lacking one use the flags.
             self._lp_nan = np.isnan(self.logprobs) if self.n_no_logprob.any() else None
             np.nan_to_num(self.logprobs, copy=False, nan=0.0)
-        self.trainable = n_loss - at0 - self.n_no_logprob  # int64 [n]
+        self.trainable = n_loss - at0 - (self.n_no_logprob if self.need_behaviour else 0)  # int64 [n]
 
     # ---- access ---------------------------------------------------------------------------------
 
@@ -272,6 +280,7 @@ class DatasetReader:
         rl = self.logprobs is not None
         ids = np.empty((b, width), np.int32)
         lp = np.empty((b, width), np.float32) if rl else None
+        has = np.empty((b, width), np.uint8) if rl else None
         run_len, run_val = [], []
         for i, j in enumerate(samples.tolist()):
             d, c0, c1 = 0, self.copy_off[j], self.copy_off[j + 1]
@@ -279,12 +288,14 @@ class DatasetReader:
                 ids[i, d:d + n] = self.tokens[src:src + n]
                 if rl:
                     lp[i, d:d + n] = self.logprobs[src:src + n]
+                    has[i, d:d + n] = self.has_logprob[src:src + n]
                 d += n
             pad = width - d
             if pad:
                 ids[i, d:] = 0
                 if rl:
                     lp[i, d:] = 0
+                    has[i, d:] = 0
             r0, r1 = self.run_off[j], self.run_off[j + 1]
             run_len += [self.run_len[r0:r1], [pad]]
             run_val += [self.run_flag[r0:r1], [0]]
@@ -295,10 +306,11 @@ class DatasetReader:
             mask[:, 0] = 0  # nothing predicts position 0
         adv = None
         if rl:
-            for i in np.flatnonzero(self.n_no_logprob[samples]).tolist():  # rare: text-only imported actions
-                mask[i, :lengths[i]][self._flags(self._lp_nan, int(samples[i]))] = 0  # no ratio: no loss
+            if self.need_behaviour:
+                for i in np.flatnonzero(self.n_no_logprob[samples]).tolist():  # text-only imported actions
+                    mask[i, :lengths[i]][self._flags(self._lp_nan, int(samples[i]))] = 0  # no ratio: no loss
             adv = np.multiply(mask, self.advantage[samples][:, None], dtype=np.float32)
-        return MicroBatch(ids, mask, adv, lp, samples, lengths)
+        return MicroBatch(ids, mask, adv, lp, has, samples, lengths)
 
     def _flags(self, flat: np.ndarray, j: int) -> np.ndarray:
         c0, c1 = self.copy_off[j], self.copy_off[j + 1]
@@ -309,7 +321,7 @@ def empty_batch(rl: bool) -> MicroBatch:
     """A stand-in micro-batch (2 pad tokens, no loss): keeps ranks in lockstep at an epoch's end."""
     z = np.zeros((1, 2), np.float32)
     return MicroBatch(np.zeros((1, 2), np.int32), np.zeros((1, 2), np.uint8), z if rl else None, z.copy() if rl else None,
-                      np.zeros(0, np.int64), np.zeros(0, np.int64))
+                      np.zeros((1, 2), np.uint8) if rl else None, np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
 class BatchPlan:

@@ -2,7 +2,8 @@
 
     dist = init_distributed(cfg)                        # rank/world from the launcher's env (local: 0 of 1)
     engine = Engine(model, cfg, dist, total_steps)
-    loss = ...; engine.backward(loss); engine.step()     # once per micro-batch; the optimizer steps at the boundary
+    loss = objective(engine.module, mb, norm)[0]         # trainer.objective: forward through the module's parts
+    engine.backward(loss); engine.step()                 # once per micro-batch; the optimizer steps at the boundary
 
 Every launcher runs the same DeepSpeed engine: `local` is DeepSpeed in one process (world size 1, gloo),
 `deepspeed` is N processes started by the DeepSpeed launcher, `k8s` is that launcher inside a pod.
@@ -111,10 +112,6 @@ class Engine:
     @property
     def module(self) -> torch.nn.Module:
         return self.ds.module
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[b, T] token ids -> logits [b, T, V] (right padding needs no attention mask: attention is causal)."""
-        return self.ds(input_ids=input_ids).logits
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss * self.dist.world_size, scale_wrt_gas=False)

@@ -7,14 +7,15 @@
 length vs the micro-batch budget) so a bad run fails before a process is launched. Each process then:
 
 setup     process group (trainer.engine), dataset version (trainer.data: verified content hash), model
-          (trainer.model; for RL with beta > 0 a frozen copy as the reference policy), DeepSpeed engine,
-          the resume position, and (rank 0) the lineage events (trainer.lineage).
-train     per optimizer step: this rank's micro-batches, loss (trainer.losses) normalized by the step's
-          global totals, backward, DeepSpeed step; metrics summed over ranks; a line per `log_every` on
-          stdout, a `metrics` event and a line in RUN_DIR/steps.jsonl (with the step's sample keys).
-save      RUN_DIR/checkpoints/step-<N>/: model.safetensors + config.json (loadable by transformers, the
-          next run's `model.name`), klong_state.json (run, step, policy_version, dataset + hash, data
-          position), engine/ (optimizer/ZeRO state for resume). Written to a temp name, renamed when whole.
+          (trainer.model; for RL with recomputed old logprobs or beta > 0 a frozen copy: the input policy),
+          DeepSpeed engine, the resume position, and (rank 0) the lineage events (trainer.lineage).
+train     per optimizer step: this rank's micro-batches, loss (trainer.objective, trainer.losses) normalized
+          by the step's global totals, backward, DeepSpeed step; metrics summed over ranks; a line per
+          `log_every` on stdout, a `metrics` event and a line in RUN_DIR/steps.jsonl (with the sample keys).
+save      RUN_DIR/checkpoints/step-<N>/ (step-30, no zero padding): a transformers directory vLLM serves
+          (model.safetensors, config.json, tokenizer files and chat template of the input model; the next
+          run's `model.name`), klong_state.json (run, step, policy_version, dataset + hash, data position),
+          engine/ (optimizer/ZeRO state for resume). Written to a temp name, renamed when whole.
 cleanup   `ended` event, outbox flushed, process group left as is (the local launcher may run again).
 
 Each checkpoint is a new policy: policy_version = the input model's + 1 per checkpoint of the lineage.
@@ -55,6 +56,9 @@ def preflight(settings: Settings, cfg: RunConfig) -> dict:
     if cfg.mode == "rl" and manifest["kind"] != "rl":
         raise ConfigError(f"mode=rl needs an rl dataset (advantages, behaviour logprobs), but dataset "
                           f"{manifest['ref']} is kind {manifest['kind']}: build one with --kind rl or use mode=sft")
+    from trainer.config import model_path
+
+    model_path(cfg.model.name, settings.home)  # ConfigError naming model.name when it is nowhere
     longest = ds_longest(settings, manifest)
     if longest > cfg.data.micro_batch_tokens:
         raise ConfigError(f"data.micro_batch_tokens={cfg.data.micro_batch_tokens} is below the longest sample of "
@@ -83,7 +87,7 @@ def latest_checkpoint(path: Path) -> Path:
 
     if (path / STATE_FILE).is_file():
         return path
-    done = sorted(p for p in (path / CHECKPOINTS).glob("step-*") if (p / STATE_FILE).is_file())
+    done = sorted((p for p in (path / CHECKPOINTS).glob("step-*") if (p / STATE_FILE).is_file()), key=read_step)
     if not done:
         raise ConfigError(f"--resume {path}: neither a checkpoint nor a run directory with one")
     return done[-1]
@@ -106,21 +110,26 @@ class TrainRecipe:
         from trainer.data import BatchPlan, DatasetReader, Position
         from trainer.engine import Engine, init_distributed
         from trainer.model import load_model, read_state
+        from trainer.objective import Objective
 
         _quiet_libraries()
         cfg = self.cfg
         manifest = preflight(self.settings, cfg)
         self.dist = init_distributed(cfg)
         torch.manual_seed(cfg.seed)
-        model, self.model_info = load_model(cfg.model, manifest["config"]["max_tokens"], seed=cfg.seed)
-        self.reader = DatasetReader(self.settings.home, cfg.dataset, verify=cfg.data.verify and self.dist.main,
-                                    vocab_size=self.model_info.vocab_size, fold_token_ids=cfg.model.fold_token_ids)
+        model, self.model_info = load_model(cfg.model, manifest["config"]["max_tokens"], seed=cfg.seed,
+                                            home=self.settings.home)
         self.rl = cfg.mode == "rl"
+        recompute = self.rl and cfg.loss.old_logprobs == "recompute"
+        self.reader = DatasetReader(self.settings.home, cfg.dataset, verify=cfg.data.verify and self.dist.main,
+                                    vocab_size=self.model_info.vocab_size, fold_token_ids=cfg.model.fold_token_ids,
+                                    need_behaviour=not recompute)
         self.ref = None
-        if self.rl and cfg.loss.beta > 0:  # the frozen reference: the input policy (eq. 7's pi_ref)
+        if self.rl and (cfg.loss.beta > 0 or recompute):  # frozen: the input policy (eq. 7's pi_ref, theta_old)
             import copy
 
             self.ref = copy.deepcopy(model).to(self.dist.device).eval().requires_grad_(False)
+        self.objective = Objective(cfg, self.rl, self.ref)
         accumulation = cfg.engine.gradient_accumulation_steps
         self.plan = BatchPlan(self.reader, cfg.data.micro_batch_tokens, seed=cfg.seed, shuffle=cfg.data.shuffle,
                               rank=self.dist.rank, world_size=self.dist.world_size, accumulation=accumulation)
@@ -155,29 +164,6 @@ class TrainRecipe:
 
     # ---- train ----------------------------------------------------------------------------------
 
-    def _micro_batch(self, mb, norm):
-        """Forward + loss of one micro-batch -> (loss, [nll or pg sum, kl sum, clipped tokens, ratio sum])."""
-        import torch
-
-        from trainer.losses import kl_full, kl_k3, rl_loss, sft_loss, token_logprobs
-
-        dev, loss_cfg = self.dist.device, self.cfg.loss
-        ids = torch.from_numpy(mb.input_ids).to(dev).long()
-        mask = torch.from_numpy(mb.loss_mask[:, 1:]).to(dev).float()  # aligned to the predicted token
-        logits = self.engine.forward(ids)
-        logp = token_logprobs(logits, ids)
-        if not self.rl:
-            loss, st = sft_loss(logp, mask, norm)
-            return loss, [float(st["nll_sum"]), 0.0, 0.0, 0.0]
-        kl = None
-        if self.ref is not None:
-            with torch.no_grad():
-                ref_logits = self.ref(input_ids=ids).logits
-            kl = kl_full(logits, ref_logits) if loss_cfg.kl_estimator == "full" else kl_k3(logp, token_logprobs(ref_logits, ids))
-        loss, st = rl_loss(logp, torch.from_numpy(mb.logprobs[:, 1:]).to(dev), torch.from_numpy(mb.advantage[:, 1:]).to(dev),
-                           mask, norm, clip_eps=loss_cfg.clip_eps, beta=loss_cfg.beta, kl=kl)
-        return loss, [float(st["pg_sum"]), float(st.get("kl_sum", 0.0)), float(st["clipped"]), float(st["ratio_sum"])]
-
     def train(self) -> dict:
         import torch
 
@@ -194,30 +180,30 @@ class TrainRecipe:
             t_read = time.perf_counter() - t0
             lr = self.engine.lr()  # the rate this step uses (the scheduler moves on after it)
             norm = Norm(cfg.loss.reduction, step.totals.loss_tokens, step.totals.samples)
-            sums = torch.zeros(5, dtype=torch.float64)  # loss, nll or pg, kl, clipped tokens, ratio
+            keys = ("loss", *self.objective.sum_keys)
+            sums, maxes = torch.zeros(len(keys), dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
             for mb in step.micro_batches:
-                loss, stats = self._micro_batch(mb, norm)
-                sums += torch.tensor([float(loss.detach()), *stats], dtype=torch.float64)
+                loss, stats, mx = self.objective(self.engine.module, mb, norm)
+                sums += torch.tensor([float(loss.detach())] + [stats[k] for k in keys[1:]], dtype=torch.float64)
+                maxes = torch.maximum(maxes, torch.tensor([mx.get("ratio_max", 0.0)], dtype=torch.float64))
                 self.engine.backward(loss)
                 self.engine.step()
             if self.dist.world_size > 1:
                 torch.distributed.all_reduce(sums)
+                torch.distributed.all_reduce(maxes, op=torch.distributed.ReduceOp.MAX)
+            sums = dict(zip(keys, sums.tolist()))
             self.step += 1
             self.position = step.position
             dt = time.perf_counter() - t0
-            n_tok = max(step.totals.loss_tokens, 1)
-            m = {"loss": sums[0].item(), "lr": lr, "grad_norm": self.engine.grad_norm(),
+            m = {"loss": sums["loss"], "lr": lr, "grad_norm": self.engine.grad_norm(),
                  "epoch": float(step.epoch), "samples": float(step.totals.samples),
                  "tokens": float(step.totals.tokens), "loss_tokens": float(step.totals.loss_tokens),
                  "step_s": dt, "reader_s": t_read, "reader_share": t_read / dt,
                  "tokens_per_s": step.totals.tokens / dt,
                  "no_logprob_tokens": float(self.reader.n_no_logprob[step.samples].sum())}
+            m.update(self.objective.metrics(sums, {"ratio_max": maxes.item()}, step.totals.loss_tokens))
             if self.rl:
-                m.update(pg_loss=sums[1].item() / n_tok, kl=sums[2].item() / n_tok, clip_frac=sums[3].item() / n_tok,
-                         ratio_mean=sums[4].item() / n_tok,
-                         adv_mean=float(self.reader.advantage[step.samples].mean()))
-            else:
-                m["nll"] = sums[1].item() / n_tok
+                m["adv_mean"] = float(self.reader.advantage[step.samples].mean())
             last = m
             if self.dist.main:
                 self._log_step(step, m)
@@ -232,7 +218,9 @@ class TrainRecipe:
         with open(self.run_dir / "steps.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, **m, "sample_keys": keys}) + "\n")
         if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
-            extra = (f" pg {m['pg_loss']:.4f} kl {m['kl']:.4f} clip {m['clip_frac']:.3f}" if self.rl
+            extra = (f" pg {m['pg_loss']:.4f} kl {m.get('kl', 0.0):.4f} clip {m['clip_frac']:.3f} ratio "
+                     f"{m['ratio_mean']:.4f} (max {m['ratio_max']:.3f}) entropy {m['entropy']:.3f}" +
+                     (f" mismatch {m['mismatch']:.2e}" if "mismatch" in m else "") if self.rl
                      else f" nll {m['nll']:.4f}")
             self._say(f"step {self.step}/{self.total_steps} loss {m['loss']:.4f}{extra} lr {m['lr']:.2e} "
                       f"grad {m['grad_norm']:.3f} {m['tokens_per_s']:.0f} tok/s reader {100 * m['reader_share']:.2f}%")
@@ -244,7 +232,7 @@ class TrainRecipe:
     def save_checkpoint(self) -> Path:
         from trainer.model import save_weights, write_state
 
-        final = self.run_dir / CHECKPOINTS / f"step-{self.step:06d}"
+        final = self.run_dir / CHECKPOINTS / f"step-{self.step}"
         tmp = final.with_name(final.name + ".tmp")
         if self.dist.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -259,6 +247,7 @@ class TrainRecipe:
                               "policy_version_in": self.policy_version_in, "dataset": self.reader.ref,
                               "dataset_hash": self.reader.content_hash, "mode": self.cfg.mode,
                               "position": self.position.to_dict(), "world_size": self.dist.world_size,
+                              "stand_in": self.model_info.stand_in,
                               "config": self.cfg.to_dict()})
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
