@@ -366,7 +366,12 @@ def _as_binary(v) -> Optional[int]:
 
 def grade_leaf(client: ChatClient, system: str, sub: Submission, leaf: dict) -> LeafGrade:
     """One leaf: a valid 0/1, or invalid (malformed answer, refused prompt, endpoint gave up).
-    EndpointConfigError propagates: it concerns every leaf."""
+    EndpointConfigError propagates: it concerns every leaf. A leaf with a `check` command is graded by
+    running it on the submission instead (consumers.checks), never by the model."""
+    from consumers.checks import grade_check, has_check
+
+    if has_check(leaf):
+        return grade_check(sub, leaf)
     messages = [{"role": "system", "content": system}, {"role": "user", "content": leaf_prompt(sub, leaf, client.cfg)}]
     try:
         c = client.complete(messages)

@@ -39,7 +39,9 @@ FINEGRAINED_CATEGORIES = (
     "Logging, Analysis & Presentation",
 )
 REQUIRED_KEYS = ("id", "requirements", "weight", "sub_tasks")
-KNOWN_KEYS = frozenset(REQUIRED_KEYS + ("task_category", "finegrained_task_category"))
+# `check` (ours, optional, leaves only): a shell command run on the submission; exit 0 scores the leaf 1
+# (consumers.checks), no judge model asked. Leaves without it go to the judge model.
+KNOWN_KEYS = frozenset(REQUIRED_KEYS + ("task_category", "finegrained_task_category", "check"))
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,10 @@ def _check_node(path: str, node: dict, errors: list[Violation], warnings: list[V
         if fine is not None and fine not in FINEGRAINED_CATEGORIES:
             errors.append(Violation(f"{path}.finegrained_task_category",
                                     f"must be one of {list(FINEGRAINED_CATEGORIES)} or null, got {fine!r}"))
+    check = node.get("check")
+    if check is not None and (subs or not isinstance(check, str) or not check.strip()):
+        errors.append(Violation(f"{path}.check", "a parent node has no check" if subs else
+                                f"must be a non-empty shell command string, got {check!r}"))
     extra = sorted(set(node) - KNOWN_KEYS)
     if extra:
         warnings.append(Violation(path, f"unknown keys {extra} (kept, ignored)"))
