@@ -6,8 +6,15 @@
 Views: `tasks`, `rollouts`, `steps`, `step_tokens`, `snapshots`, `judge_requests`, `judge_results`,
 `rollout_resumes`, `training_runs`, `dead_letters`, and `<event_type>_events` for every raw event
 table. The catalog is built fresh on each connection (a handful of view definitions over the
-archived files), so what the sink renamed into the archive a moment ago is visible. Queries are read-only:
-any statement that is not a SELECT (or EXPLAIN) is refused.
+archived files), so what the sink renamed into the archive a moment ago is visible.
+
+Queries can only read the data. Every connection is locked down once its views stand: DuckDB reads
+files only under the archive and the datasets directory (`allowed_directories`,
+`enable_external_access=false`: no `read_text('/etc/passwd')`, `glob`, `/proc/self/environ`, no
+extension downloads), and `lock_configuration=true` refuses any later `SET`. A statement that is not a
+SELECT is refused, and so is `EXPLAIN ANALYZE` (it executes the explained statement: a `COPY ... TO`
+an archive file would pass the type check and overwrite it); a plain EXPLAIN must explain a SELECT.
+`Catalog.sql`, `arrow` and `scalar` (the Python API) go through the same checks.
 """
 
 from __future__ import annotations
@@ -114,9 +121,48 @@ def register_array_functions(con: duckdb.DuckDBPyConnection) -> None:
     con.create_function("float32s", float32s, ["BLOB"], "FLOAT[]", type="arrow")
 
 
+_EXPLAIN = re.compile(r"^\s*explain\s*(\((?P<options>[^)]*)\))?", re.I)
+_ANALYZE = re.compile(r"analy[sz]e", re.I)
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, statements: list) -> None:
+    """QueryError unless every statement only reads: SELECT, or EXPLAIN (not ANALYZE) of a SELECT."""
+    for st in statements:
+        if st.type not in READ_ONLY:
+            raise QueryError(f"refused: queries are read-only, and this is a {st.type.name} statement "
+                             "(the archive changes only through events; use SELECT)")
+        if st.type == duckdb.StatementType.EXPLAIN:
+            m = _EXPLAIN.match(st.query)
+            rest = st.query[m.end():] if m else ""
+            if _ANALYZE.search(st.query[:m.end()] if m else st.query) or re.match(r"\s*analy[sz]e\b", rest, re.I):
+                raise QueryError("refused: EXPLAIN ANALYZE executes the statement it explains; use EXPLAIN or SELECT")
+            try:
+                inner = con.extract_statements(rest) if m else []
+            except duckdb.Error as e:
+                raise QueryError(f"refused: cannot check what this EXPLAIN explains ({e})") from e
+            if len(inner) != 1 or inner[0].type != duckdb.StatementType.SELECT:
+                raise QueryError("refused: EXPLAIN only of a SELECT (queries are read-only)")
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path]) -> None:
+    """From now on the connection reads files only under `readable`, loads no extension it does not
+    have, and refuses every SET (DuckDB's own lock-down)."""
+    dirs = ", ".join(sql_str(str(Path(d).resolve()).rstrip("/") + "/") for d in readable)
+    con.execute(f"SET allowed_directories = [{dirs}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET lock_configuration = true")
+
+
 class Catalog:
     def __init__(self, settings: Settings):
         self.settings = settings
+
+    def readable_dirs(self) -> list[Path]:
+        """What SQL may read: the archive and the dataset versions (nothing else of the data home)."""
+        from store.datasets import datasets_dir
+
+        return [self.settings.archive_dir, datasets_dir(self.settings.home)]
 
     def connect(self, query: str | None = None) -> duckdb.DuckDBPyConnection:
         """A connection with every view; with `query`, the extension views (VIEW_EXTENSIONS) it does not
@@ -151,6 +197,7 @@ class Catalog:
             module = importlib.import_module(ext)
             if words is None or words & set(module.VIEW_NAMES):
                 module.register_views(con, self.settings)
+        lock_down(con, self.readable_dirs())
         return con
 
     def _relation(self, query: str) -> duckdb.DuckDBPyRelation:
@@ -161,10 +208,7 @@ class Catalog:
             raise QueryError(f"SQL does not parse: {e}") from e
         if not statements:
             raise QueryError("empty query")
-        for st in statements:
-            if st.type not in READ_ONLY:
-                raise QueryError(f"refused: queries are read-only, and this is a {st.type.name} statement "
-                                 "(the archive changes only through events; use SELECT)")
+        check_read_only(con, statements)
         try:
             for st in statements[:-1]:
                 con.execute(st)
