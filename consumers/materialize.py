@@ -33,6 +33,14 @@ Which events enter (each exclusion counted in the manifest's `drops`, by reason,
   than that many versions behind the trainer (`trainer_policy_version`, default: the newest
   policy_version in the dataset) are left out (`stale`);
 - `drop_constant_groups`: groups whose windows all have the same Q (`constant_group`).
+Group baselines (rl): a group also holds the rewarded windows of its rollouts that ended in an *earlier*
+iteration than `iteration` selects. A rollout carried over into iteration i ends there, while its siblings
+(same group_id) ended in i - 1: the `iteration=[i]` build reads the siblings' steps and judge results from
+the same input set and puts their Q in the group's mean (baseline only: not trained, not stored); rollouts
+of later iterations never join, so rebuilding iteration i - 1 gives the advantages its first build gave. The Q comes from the
+log (judge results), not from the earlier dataset version, so a version stays a pure function of its input
+set (replay gives the same hash). The manifest counts `groups`, `single_member_groups` (all windows from
+one rollout: A = 0 under reward_mode=final), `single_member_windows` and `baseline_windows`.
 Steps without token_ids (text-only imports) are tokenized with `tokenizer` (default "bytes").
 """
 
@@ -42,7 +50,7 @@ import datetime as dt
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, get_args
 
@@ -351,7 +359,8 @@ def plan(con: duckdb.DuckDBPyConnection, kind: str, config: DatasetConfig, token
         con, "SELECT rollout_id, step_idx, role, content, tool_call.arguments AS tool_arguments FROM raw_step",
         "SELECT rollout_id, arg_min(task_id, produced_at) AS task_id FROM rollout_started GROUP BY rollout_id",
         "task_registered")
-    pending, rollouts, wins = [], [], []
+    pending, rollouts, wins, sib_rollouts, sib_wins = [], [], [], [], []
+    any_iteration = replace(config, iteration=None)
     for info in rinfo:
         counted_elsewhere = _excluded(info, splits, config)  # eval/unknown task or a filter: _split_one counts it
         if info["rollout_id"] in blacklisted and not counted_elsewhere:
@@ -360,7 +369,11 @@ def plan(con: duckdb.DuckDBPyConnection, kind: str, config: DatasetConfig, token
             pending.append(info["rollout_id"])
         else:
             _split_one(info, bounds, steps, judges, splits, kind, config, drops, rollouts, wins)
-    keep, adv, stale = _choose(wins, rollouts, kind, config, drops)
+            if (kind == "rl" and counted_elsewhere == "iteration_filter" and not info["pending"]
+                    and info["iteration"] < max(config.iteration)
+                    and info["rollout_id"] not in blacklisted):  # a sibling from an earlier iteration: baseline only
+                _split_one(info, bounds, steps, judges, splits, kind, any_iteration, Counter(), sib_rollouts, sib_wins)
+    keep, adv, stale, group_counts = _choose(wins, rollouts, kind, config, drops, sib_wins, sib_rollouts)
 
     for i in np.flatnonzero(keep):
         rollouts[wins[i].rollout].windows.append(i)
@@ -380,7 +393,7 @@ def plan(con: duckdb.DuckDBPyConnection, kind: str, config: DatasetConfig, token
                if len(order) else np.zeros(0, np.int64), "staleness": stale[order]}
     newest = max((w.newest for w in wins), default=None)
     counts = {"steps_read": int(n), "rollouts_seen": len(rinfo), "windows_split": len(wins),
-              "newest_policy_version": newest}
+              "newest_policy_version": newest, **group_counts}
     return Plan(steps, stored, samples, +drops, sorted(pending), counts)
 
 
@@ -424,9 +437,11 @@ def _split_one(info: dict, bounds: dict, steps: dict, judges: dict, splits: dict
     rollouts.append(_Rollout(info, lo, hi, res.prefix_len))
 
 
-def _choose(wins: list, rollouts: list, kind: str, config: DatasetConfig,
-            drops: Counter) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which windows stay (rewarded, fresh enough, in a group with signal) -> (keep, advantage, staleness)."""
+def _choose(wins: list, rollouts: list, kind: str, config: DatasetConfig, drops: Counter, sib_wins: list = (),
+            sib_rollouts: list = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Which windows stay (rewarded, fresh enough, in a group with signal) -> (keep, advantage, staleness, group
+    counts). `sib_wins`: rewarded windows of rollouts the iteration filter leaves out (siblings of a carried-over
+    rollout that ended in another iteration): in their group's baseline, never trained."""
     keep = np.array([kind == "sft" or not np.isnan(w.q) for w in wins], bool)
     newest = config.trainer_policy_version
     if newest is None:
@@ -436,17 +451,19 @@ def _choose(wins: list, rollouts: list, kind: str, config: DatasetConfig,
         too_old = keep & (stale > config.max_staleness)
         drops["stale"] += int(too_old.sum())
         keep &= ~too_old
-    adv = np.full(len(wins), np.nan)
+    adv, counts = np.full(len(wins), np.nan), {}
     if kind == "rl" and keep.any():
         k = np.flatnonzero(keep)
-        info = [rollouts[wins[i].rollout].info for i in k]
+        info = [rollouts[wins[i].rollout].info for i in k] + [sib_rollouts[w.rollout].info for w in sib_wins]
         a = group_advantages([x["group_id"] for x in info], [x["stage"] for x in info],
-                             np.array([wins[i].q for i in k]), std_normalize=config.std_normalize,
-                             drop_constant_groups=config.drop_constant_groups)
-        adv[k] = a.advantage
-        keep[k] = a.keep
+                             np.array([wins[i].q for i in k] + [w.q for w in sib_wins]),
+                             std_normalize=config.std_normalize, drop_constant_groups=config.drop_constant_groups,
+                             baseline_only=np.arange(len(info)) >= len(k), members=[x["rollout_id"] for x in info])
+        adv[k] = a.advantage[:len(k)]
+        keep[k] = a.keep[:len(k)]
         drops.update(a.drops)
-    return keep, adv, stale
+        counts = a.counts
+    return keep, adv, stale, counts
 
 
 def _excluded(info: dict, splits: dict[str, bool], config: DatasetConfig) -> Optional[str]:

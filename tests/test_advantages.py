@@ -62,3 +62,21 @@ def test_advantages_sum_to_zero_and_match_a_naive_groupby(rows, std_normalize):
         np.testing.assert_allclose(r.advantage[idx], expect, atol=1e-9)
         assert abs(r.advantage[idx].sum()) < 1e-6 * max(1, len(idx))
     assert r.keep.tolist() == [not np.isnan(x) for x in q]
+
+
+def test_baseline_only_windows_join_the_mean_and_single_member_groups_are_counted():
+    # group a: r1 (two windows, trained), r2 and r3 baseline-only (an earlier iteration); group b: r4 alone
+    r = group_advantages(["a", "a", "a", "a", "b"], [1] * 5, [0.2, 0.2, 1.0, 0.0, 0.7],
+                         baseline_only=np.array([False, False, True, True, False]),
+                         members=["r1", "r1", "r2", "r3", "r4"])
+    mean_a = (0.2 + 0.2 + 1.0 + 0.0) / 4  # 0.35
+    np.testing.assert_allclose(r.advantage, [0.2 - mean_a, 0.2 - mean_a, nan, nan, 0.0])
+    assert r.keep.tolist() == [True, True, False, False, True]
+    assert r.counts == {"groups": 2, "single_member_groups": 1, "single_member_windows": 1, "baseline_windows": 2}
+    # drop_constant_groups looks at the whole group, baseline included, and counts trained windows only
+    r = group_advantages(["a", "a", "a"], [1] * 3, [0.5, 0.5, 0.9], drop_constant_groups=True,
+                         baseline_only=np.array([False, False, True]))
+    assert r.keep.tolist() == [True, True, False] and not r.drops
+    r = group_advantages(["a", "a", "a"], [1] * 3, [0.5, 0.5, 0.5], drop_constant_groups=True,
+                         baseline_only=np.array([False, False, True]))
+    assert r.drops == Counter({"constant_group": 2})

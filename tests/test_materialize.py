@@ -23,8 +23,8 @@ from consumers.split import SplitConfig, materialize, split_rollout
 from klong.settings import Settings, Topics
 from schemas.arrow import encode_array, to_table
 from schemas.errors import ConfigError
-from schemas.events import (JudgeResult, JudgeResultPayload, RolloutEnded, RolloutEndedPayload, RolloutStarted,
-                            RolloutStartedPayload, Step, StepPayload, TaskPayload, TaskRegistered, decode, encode,
+from schemas.events import (JudgeResult, JudgeResultPayload, RolloutEnded, RolloutEndedPayload, RolloutResumed,
+                            RolloutResumedPayload, RolloutStarted, RolloutStartedPayload, Step, StepPayload, TaskPayload, TaskRegistered, decode, encode,
                             event_type, key_of, new_event)
 from store.archive import write_flush
 from store.datasets import open_version
@@ -233,3 +233,32 @@ def test_dataset_windows_equal_direct_split(traj, seed):
                     adv[x.group_id] += x.advantage
                     assert x.logprobs is not None and len(x.logprobs) == len(x.input_ids)
                 assert all(abs(a) < 1e-9 for a in adv.values())  # group-relative: sums to 0 per group
+
+
+def test_a_carried_over_rollout_is_baselined_against_its_siblings_from_the_earlier_iteration(tmp_path):
+    """Group g: a (Q 1.0) and b (Q 0.0) ended in iteration 0; c was carried into iteration 1 (a rollout_resumed)
+    and ended there with Q 0.2. Its iteration-1 build trains c alone, against the mean of all three:
+    A(c) = 0.2 - (1.0 + 0.0 + 0.2) / 3 = -0.2 (it used to be 0: a group of one). Lone group h: A = 0, counted."""
+    shape = dict(roles=ROLES, n_tok=[30, 20] + [15, 10] * 6, pinned=(0, 1))
+    a, _ = rollout("a", **shape, group="g", score=1.0)
+    b, _ = rollout("b", **shape, group="g", score=0.0, seed=1)
+    c, _ = rollout("c", **shape, group="g", score=0.2, seed=2)
+    lone, _ = rollout("h1", **shape, group="h", score=0.7, seed=3)
+    resumed = new_event(RolloutResumed, rollout_id="c", produced_at=T0 + dt.timedelta(minutes=30),
+                        payload=RolloutResumedPayload(iteration=1, policy_version=0, next_step_idx=7))
+    resumed_h = new_event(RolloutResumed, rollout_id="h1", produced_at=T0 + dt.timedelta(minutes=30),
+                          payload=RolloutResumedPayload(iteration=1, policy_version=0, next_step_idx=7))
+    m, v = build(tmp_path, [task("task-a")] + a + b + c + [resumed] + lone + [resumed_h], iteration=1,
+                 max_tokens=1000)
+    rows = v.samples().to_pylist()
+    assert {(r["rollout_id"], r["window_idx"]) for r in rows} == {("c", 0), ("h1", 0)}  # K = 1 each
+    adv = {r["rollout_id"]: r["advantage"] for r in rows}
+    assert adv["c"] == pytest.approx(0.2 - 1.2 / 3) and adv["h1"] == 0.0
+    assert m["drops"]["iteration_filter"]["count"] == 2  # a and b: in the baseline, not in the dataset
+    counts = m["counts"]
+    assert (counts["groups"], counts["single_member_groups"], counts["single_member_windows"],
+            counts["baseline_windows"]) == (2, 1, 1, 2)
+    # iteration 0 alone: a and b against each other; c ended in a later iteration and never joins (a rebuild of
+    # iteration 0 gives what its first build gave, when c was still running)
+    m0, v0 = build(tmp_path / "i0", [task("task-a")] + a + b + c + [resumed], iteration=0, max_tokens=1000)
+    assert {r["rollout_id"]: r["advantage"] for r in v0.samples().to_pylist()} == {"a": 0.5, "b": -0.5}
