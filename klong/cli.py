@@ -18,7 +18,7 @@ from schemas.errors import KlongError
 
 ENV_HELP = "(env KLONG_HOME; default ./klong-data)"
 EXTENSIONS = ["klong.cli_dataset", "klong.cli_tasks", "klong.cli_train", "klong.cli_rl", "klong.cli_rollout", "klong.cli_import", "klong.cli_serve",
-              "klong.cli_model"]
+              "klong.cli_model", "klong.cli_ui"]
 
 
 def _settings(args):

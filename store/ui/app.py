@@ -1,0 +1,187 @@
+"""The `klong ui` web app: read-only pages over the catalog (FastAPI, Jinja2 templates, static JS/CSS).
+
+    klong ui [--port 8765]                      # http://127.0.0.1:8765/
+    app = create_app(settings); serve(app, port=8765)      # the same from Python (blocks)
+    with ServerThread(create_app(settings)) as url: ...    # in a thread on a free port (tests, bench)
+
+Pages: `/` rollouts (filter by task, stage, iteration, status, score; sort by any column),
+`/rollouts/<rollout_id>` one rollout as a conversation (judge results as rubric trees, blacklist hits, a
+dataset version's windows overlaid), `/sql` a SQL box over the same read-only views (`/sql.csv`
+downloads the result), `/plots` the report's figures (`/plots/<name>.png`), `/blacklist` every hit.
+JSON for the page's script: `/api/rollouts/<id>/steps/<idx>` (a step's whole content) and
+`/api/rollouts/<id>/overlay?ref=NAME@N`. Every query goes through store.catalog.Catalog; user SQL through
+its read-only path (anything but SELECT is refused).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import polars as pl
+import pyarrow as pa
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from klong.settings import Settings
+from schemas.errors import TerminalError
+from store.catalog import Catalog
+from store.overlay import overlay
+from store.report import FIGURES, render
+from store.viewer import ROLLOUT_COLUMNS, STATUSES, NotFound, RolloutFilter, Viewer, as_jsonable
+
+HERE = Path(__file__).parent
+SQL_ROWS_SHOWN = 1000  # the page shows this many rows; the CSV download has them all
+
+
+def _opt(value: Optional[str], cast=str):
+    """A query parameter from a GET form: empty means not given."""
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return cast(value.strip())
+    except ValueError:
+        raise TerminalError(f"bad filter value {value!r}: expected a {cast.__name__}") from None
+
+
+def create_app(settings: Settings) -> FastAPI:
+    catalog = Catalog(settings)
+    viewer = Viewer(catalog)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    app = FastAPI(title="klong ui", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    def page(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, {"home": str(settings.home), **context},
+                                          status_code=status_code)
+
+    @app.exception_handler(NotFound)
+    def not_found(request: Request, e: NotFound):
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": str(e)}, status_code=404)
+        return page(request, "error.html", 404, error=str(e))
+
+    @app.exception_handler(TerminalError)
+    def bad_request(request: Request, e: TerminalError):
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": str(e)}, status_code=400)
+        return page(request, "error.html", 400, error=str(e))
+
+    @app.get("/", response_class=HTMLResponse)
+    def rollouts(request: Request, task: str = "", stage: str = "", iteration: str = "", status: str = "",
+                 min_score: str = "", max_score: str = "", sort: str = "started_at", desc: int = 1):
+        f = RolloutFilter(task=_opt(task), stage=_opt(stage, int), iteration=_opt(iteration, int),
+                          status=_opt(status), min_score=_opt(min_score, float), max_score=_opt(max_score, float),
+                          sort=sort, desc=bool(desc))
+        t0 = time.perf_counter()
+        result = viewer.rollouts(f)
+        return page(request, "rollouts.html", f=f, columns=ROLLOUT_COLUMNS, statuses=STATUSES,
+                    query_s=time.perf_counter() - t0, params=dict(request.query_params), **result)
+
+    @app.get("/rollouts/{rollout_id}", response_class=HTMLResponse)
+    def rollout(request: Request, rollout_id: str):
+        t0 = time.perf_counter()
+        data = viewer.rollout(rollout_id)
+        return page(request, "rollout.html", r=data, query_s=time.perf_counter() - t0)
+
+    @app.get("/api/rollouts/{rollout_id}/steps/{step_idx}")
+    def step(rollout_id: str, step_idx: int):
+        return as_jsonable(viewer.step(rollout_id, step_idx))
+
+    @app.get("/api/rollouts/{rollout_id}/overlay")
+    def rollout_overlay(rollout_id: str, ref: str):
+        ov = overlay(settings.home, ref, rollout_id)
+        ov["steps"] = {str(k): v for k, v in ov["steps"].items()}
+        return as_jsonable(ov)
+
+    @app.get("/sql", response_class=HTMLResponse)
+    def sql(request: Request, q: str = ""):
+        table, error, elapsed = None, None, None
+        if q.strip():
+            t0 = time.perf_counter()
+            try:
+                table = catalog.arrow(q)
+            except TerminalError as e:
+                error = str(e)
+            elapsed = time.perf_counter() - t0
+        rows = table.slice(0, SQL_ROWS_SHOWN).to_pylist() if table is not None else []
+        return page(request, "sql.html", q=q, error=error, elapsed=elapsed, rows=rows,
+                    columns=table.column_names if table is not None else [],
+                    n_rows=table.num_rows if table is not None else 0, shown=SQL_ROWS_SHOWN)
+
+    @app.get("/sql.csv")
+    def sql_csv(q: str):
+        return Response(csv_bytes(catalog.arrow(q)), media_type="text/csv",
+                        headers={"Content-Disposition": 'attachment; filename="klong-query.csv"'})
+
+    @app.get("/plots", response_class=HTMLResponse)
+    def plots(request: Request, plan: str = ""):
+        plans = [r["plan"] for r in catalog.arrow("SELECT DISTINCT plan FROM rl_iterations ORDER BY 1").to_pylist()]
+        return page(request, "plots.html", figures=list(FIGURES), plan=plan, plans=plans)
+
+    @app.get("/plots/{name}.png")
+    def plot(name: str, plan: str = ""):
+        if name not in FIGURES:
+            raise NotFound(f"no figure {name!r} (figures: {', '.join(FIGURES)})")
+        return Response(render(name, catalog, plan or None), media_type="image/png")
+
+    @app.get("/blacklist", response_class=HTMLResponse)
+    def blacklist(request: Request):
+        return page(request, "blacklist.html", hits=viewer.blacklist_hits())
+
+    return app
+
+
+def csv_bytes(table: pa.Table) -> bytes:
+    """A query result as CSV (header, `\\n` line ends); nested values as JSON text, bytes as hex."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_nested(field.type) or pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            text = [None if v is None else v.hex() if isinstance(v, bytes) else json.dumps(v, default=str)
+                    for v in table.column(i).to_pylist()]
+            table = table.set_column(i, field.name, pa.array(text, pa.string()))
+    buf = io.BytesIO()
+    pl.from_arrow(table).write_csv(buf)
+    return buf.getvalue()
+
+
+def serve(app: FastAPI, port: int = 8765, host: str = "127.0.0.1") -> None:
+    """Serves until interrupted (uvicorn, one process)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1 in a daemon thread; the context value is the base URL."""
+
+    def __init__(self, app: FastAPI, port: int = 0):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:  # uvicorn sets it once the socket listens
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise TerminalError(f"klong ui: the server on {self.url} did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,0 +1,87 @@
+// The rollout page: expand a collapsed step (fetches its whole content) and lay a dataset version's
+// windows over the conversation (fetches /api/rollouts/<id>/overlay?ref=NAME@N). No framework, no build.
+"use strict";
+const conv = document.getElementById("conversation");
+const rid = conv.dataset.rollout;
+const api = `/api/rollouts/${encodeURIComponent(rid)}`;
+
+conv.addEventListener("click", async (ev) => {
+  const btn = ev.target.closest("button.expand");
+  if (!btn) return;
+  btn.disabled = true;
+  btn.textContent = "loading…";
+  const res = await fetch(`${api}/steps/${btn.dataset.step}`);
+  const body = await res.json();
+  const step = btn.closest(".step");
+  if (!res.ok) { btn.textContent = body.error; return; }
+  step.querySelectorAll("pre.body").forEach((p) => p.remove());
+  const pre = document.createElement("pre");
+  pre.className = "body full";
+  pre.textContent = body.content;
+  btn.replaceWith(pre);
+});
+
+function fmt(x, digits) { return x === null || x === undefined ? "–" : Number(x).toFixed(digits); }
+
+function clearOverlay() {
+  document.querySelectorAll(".ov").forEach((el) => { el.textContent = ""; });
+  document.querySelectorAll(".step.in-window, .step.dropped, .step.truncated").forEach((el) =>
+    el.classList.remove("in-window", "dropped", "truncated"));
+  document.querySelector("#windows tbody").textContent = "";
+  document.getElementById("overlay-info").textContent = "";
+}
+
+function highlight(steps) {
+  document.querySelectorAll(".step.in-window").forEach((el) => el.classList.remove("in-window"));
+  steps.forEach((s) => { const el = document.getElementById(`s-${s}`); if (el) el.classList.add("in-window"); });
+  const first = document.getElementById(`s-${steps[0]}`);
+  if (first) first.scrollIntoView({block: "center"});
+}
+
+async function showOverlay(ref) {
+  clearOverlay();
+  if (!ref) return;
+  const info = document.getElementById("overlay-info");
+  info.textContent = "loading…";
+  const res = await fetch(`${api}/overlay?ref=${encodeURIComponent(ref)}`);
+  const ov = await res.json();
+  if (!res.ok) { info.textContent = ov.error; return; }
+  const drops = Object.entries(ov.drops).map(([k, v]) => `${k} ${v.count} ${v.unit}`).join(", ");
+  info.textContent = ov.included
+    ? `${ov.ref}: ${ov.windows.length} windows, max_tokens ${ov.config.max_tokens}, overlap ${ov.config.overlap_turns} turns`
+    : `${ov.ref} left this rollout out (the version's drops: ${drops || "none"})`;
+  info.dataset.ref = ov.ref;
+  const tbody = document.querySelector("#windows tbody");
+  for (const w of ov.windows) {
+    const tr = document.createElement("tr");
+    tr.className = "window";
+    tr.dataset.window = w.window_idx;
+    [w.window_idx, `${w.first_turn}–${w.last_turn}`, `${w.first_step}–${w.last_step}`, w.n_tokens, w.n_loss_tokens,
+     fmt(w.q, 3), fmt(w.advantage, 3), w.obs_truncated ? "yes" : ""].forEach((v) => {
+      const td = document.createElement("td"); td.textContent = v; tr.appendChild(td);
+    });
+    tr.addEventListener("click", () => highlight(w.steps));
+    tbody.appendChild(tr);
+  }
+  for (const [idx, s] of Object.entries(ov.steps)) {
+    const el = document.getElementById(`ov-${idx}`);
+    if (!el) continue;
+    for (const w of s.windows) {
+      const chip = document.createElement("span");
+      chip.className = `chip w${w % 6}`; chip.textContent = `w${w}`; el.appendChild(chip);
+    }
+    if (s.truncated) {
+      const chip = document.createElement("span");
+      chip.className = "chip trunc"; chip.textContent = `truncated: ${s.truncated}`; el.appendChild(chip);
+      el.closest(".step").classList.add("truncated");
+    }
+    if (s.dropped) {
+      const chip = document.createElement("span");
+      chip.className = "chip dropped"; chip.textContent = `dropped: ${s.dropped}`; chip.title = s.why; el.appendChild(chip);
+      el.closest(".step").classList.add("dropped");
+    }
+  }
+}
+
+const select = document.getElementById("overlay-select");
+select.addEventListener("change", () => showOverlay(select.value));

@@ -1,0 +1,240 @@
+"""Read-only queries behind `klong ui` (store.ui): the rollouts list, one rollout as a conversation, judge
+results as rubric trees, blacklist hits. Everything comes from the catalog's views (store.catalog); a
+dataset version's overlay on a rollout is in store.overlay.
+
+    v = Viewer(Catalog(settings))
+    v.rollouts(RolloutFilter(task="fre", status="finished", sort="final_score"))   # -> list of dicts
+    page = v.rollout(rollout_id)          # meta, steps (head/tail of long contents), resumes, judge trees, hits
+    v.step(rollout_id, 17)                # one step's whole content (what "expand" fetches)
+
+A page is one catalog connection (the views are created once per connection, which is most of the cost
+on a large archive) and a few small SQL statements with parameters. Contents longer than
+`COLLAPSE_CHARS` come as head + tail with their full length; the rest is fetched when expanded, so a
+700-turn rollout's page stays small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from consumers.turns import build_turns
+from schemas.errors import TerminalError, ValidationError
+from schemas.rubric import node_scores
+from store.catalog import Catalog, sql_str
+
+COLLAPSE_CHARS = 1200  # longer contents are shown as head ... tail until expanded
+HEAD_CHARS, TAIL_CHARS = 600, 400
+ROLLOUT_COLUMNS = ("rollout_id", "task_id", "group_id", "stage", "iteration", "last_iteration", "status", "n_steps",
+                   "n_turns", "n_tokens", "elapsed_s", "final_score", "n_judged", "n_resumes", "policy_version",
+                   "last_policy_version", "model", "started_at")
+STATUSES = ("running", "finished", "timeout", "error", "aborted")
+# Views a rollout page reads: the catalog creates only the extension views a connection names.
+PAGE_VIEWS = "rollouts steps rollout_resumes judge_results judge_leaf_scores rubric_nodes blacklist_hits samples datasets"
+
+
+class NotFound(TerminalError):
+    """The rollout (or step, or dataset version) asked for is not in the archive."""
+
+
+@dataclass(frozen=True)
+class RolloutFilter:
+    """Filters of the rollouts list. `iteration` matches a rollout live in that iteration (started in it, carried
+    into it or ended in it: iteration <= i <= last_iteration)."""
+
+    task: Optional[str] = None
+    stage: Optional[int] = None
+    iteration: Optional[int] = None
+    status: Optional[str] = None
+    min_score: Optional[float] = None
+    max_score: Optional[float] = None
+    sort: str = "started_at"
+    desc: bool = True
+    limit: int = 500
+
+    def check(self) -> None:
+        if self.sort not in ROLLOUT_COLUMNS:
+            raise ValidationError(f"cannot sort by {self.sort!r}: choose one of {', '.join(ROLLOUT_COLUMNS)}")
+        if self.status is not None and self.status not in STATUSES:
+            raise ValidationError(f"unknown status {self.status!r}: choose one of {', '.join(STATUSES)}")
+        if not 1 <= self.limit <= 100_000:
+            raise ValidationError(f"limit {self.limit} must be in [1, 100000]")
+
+
+def _rows(con, query: str, params: tuple = ()) -> list[dict]:
+    cur = con.execute(query, list(params))
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+class Viewer:
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+
+    def rollouts(self, f: RolloutFilter) -> dict:
+        """{"rows": [...], "choices": {task, stage, iteration, status: sorted distinct values}, "total": n}."""
+        f.check()
+        where, params = [], []
+        for column, value in (("task_id", f.task), ("stage", f.stage), ("status", f.status)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if f.iteration is not None:
+            where.append("? BETWEEN iteration AND last_iteration")
+            params.append(f.iteration)
+        if f.min_score is not None:
+            where.append("final_score >= ?")
+            params.append(f.min_score)
+        if f.max_score is not None:
+            where.append("final_score <= ?")
+            params.append(f.max_score)
+        cond = ("WHERE " + " AND ".join(where)) if where else ""
+        order = f"{f.sort} {'DESC' if f.desc else 'ASC'} NULLS LAST, rollout_id"
+        with self.catalog.connect("rollouts") as con:
+            con.execute(f"CREATE TEMP TABLE _r AS SELECT {', '.join(ROLLOUT_COLUMNS)} FROM rollouts")
+            rows = _rows(con, f"SELECT * FROM _r {cond} ORDER BY {order} LIMIT {f.limit}", tuple(params))
+            total = con.execute(f"SELECT count(*) FROM _r {cond}", params).fetchone()[0]
+            choices = {c: [r[0] for r in con.execute(f"SELECT DISTINCT {col} FROM _r WHERE {col} IS NOT NULL "
+                                                     "ORDER BY 1").fetchall()]
+                       for c, col in (("task", "task_id"), ("stage", "stage"), ("iteration", "iteration"),
+                                      ("status", "status"))}
+        return {"rows": rows, "total": total, "choices": choices}
+
+    def rollout(self, rollout_id: str) -> dict:
+        """Everything the conversation page shows about one rollout (NotFound if it is not archived)."""
+        with self.catalog.connect(PAGE_VIEWS) as con:
+            meta = _rows(con, "SELECT * FROM rollouts WHERE rollout_id = ?", (rollout_id,))
+            if not meta:
+                raise NotFound(f"rollout {rollout_id!r} is not in the archive")
+            steps = _rows(con, f"""
+                SELECT step_idx, role, CASE WHEN length(content) > {COLLAPSE_CHARS} THEN left(content, {HEAD_CHARS})
+                       ELSE content END AS head,
+                       CASE WHEN length(content) > {COLLAPSE_CHARS} THEN right(content, {TAIL_CHARS}) END AS tail,
+                       length(content) AS n_chars, tool_name, tool_arguments, tool_call_id, n_tokens, pinned,
+                       elapsed_s, policy_version, claim_checked
+                FROM steps WHERE rollout_id = ?
+                QUALIFY row_number() OVER (PARTITION BY step_idx ORDER BY produced_at) = 1
+                ORDER BY step_idx""", (rollout_id,))
+            resumes = _rows(con, "SELECT iteration, policy_version, stage, next_step_idx, produced_at "
+                                 "FROM rollout_resumes WHERE rollout_id = ? ORDER BY produced_at", (rollout_id,))
+            judged = _rows(con, "SELECT request_id, step_idx, judge_model, score, valid, n_invalid_leaves, error, "
+                                "latency_s, produced_at FROM judge_results WHERE rollout_id = ? "
+                                "ORDER BY step_idx, produced_at", (rollout_id,))
+            trees = self._trees(con, rollout_id, meta[0]["task_id"]) if judged else {}
+            hits = _rows(con, 'SELECT step_idx, role, url, "where", matched FROM blacklist_hits '
+                              "WHERE rollout_id = ? ORDER BY step_idx", (rollout_id,))
+            versions = _rows(con, "SELECT d.dataset, d.version, d.kind, d.created_at, s.n_windows FROM datasets d "
+                                  "LEFT JOIN (SELECT dataset, version, count(*) AS n_windows FROM samples "
+                                  "WHERE rollout_id = ? GROUP BY ALL) s USING (dataset, version) "
+                                  "ORDER BY s.n_windows IS NULL, d.dataset, d.version DESC", (rollout_id,))
+        for j in judged:
+            j["tree"] = trees.get(j["request_id"])
+        return {"meta": meta[0], "steps": annotate(steps, resumes, hits), "resumes": resumes, "judge": judged,
+                "blacklist_hits": hits, "versions": versions}
+
+    def step(self, rollout_id: str, step_idx: int) -> dict:
+        """One step with its whole content (NotFound if absent)."""
+        rows = self.catalog.arrow(
+            "SELECT step_idx, role, content, tool_name, tool_arguments, n_tokens FROM steps "
+            f"WHERE rollout_id = {sql_str(rollout_id)} AND step_idx = {int(step_idx)} ORDER BY produced_at LIMIT 1"
+        ).to_pylist()
+        if not rows:
+            raise NotFound(f"rollout {rollout_id!r} has no step {step_idx}")
+        return rows[0]
+
+    def blacklist_hits(self, limit: int = 1000) -> list[dict]:
+        return self.catalog.arrow('SELECT rollout_id, step_idx, task_id, role, url, "where", matched FROM '
+                                  f"blacklist_hits ORDER BY rollout_id, step_idx LIMIT {int(limit)}").to_pylist()
+
+    def _trees(self, con, rollout_id: str, task_id: str) -> dict[str, dict]:
+        """request_id -> the task's (latest) rubric tree with that result's leaf scores and explanations."""
+        nodes = _rows(con, "SELECT node_id, weight, is_leaf, requirements, task_category, path FROM rubric_nodes "
+                           "WHERE task_id = ?", (task_id,))
+        if not nodes:
+            return {}
+        leaves: dict[str, dict[str, dict]] = {}
+        request_ids = [r[0] for r in con.execute("SELECT DISTINCT request_id FROM judge_results WHERE rollout_id = ?",
+                                                 [rollout_id]).fetchall()]
+        for r in _rows(con, "SELECT request_id, leaf_id, score, valid, explanation FROM judge_leaf_scores "
+                            "WHERE rollout_id = ?", (rollout_id,)):
+            leaves.setdefault(r["request_id"], {})[r["leaf_id"]] = r
+        return {rid: rubric_tree(nodes, leaves.get(rid, {})) for rid in request_ids}
+
+
+def rubric_tree(nodes: list[dict], leaf_scores: dict[str, dict]) -> dict:
+    """The rubric as nested dicts (id, requirements, weight, is_leaf, category, score, graded, valid, explanation,
+    children) from `rubric_nodes` rows; parents score the weighted mean of their children (schemas.rubric:
+    an ungraded or invalid leaf counts 0, as in the judge)."""
+    by_path = {n["path"]: {"id": n["node_id"], "requirements": n["requirements"], "weight": n["weight"],
+                           "is_leaf": n["is_leaf"], "category": n["task_category"], "children": []} for n in nodes}
+
+    def index(path: str) -> int:
+        return int(path.rsplit("[", 1)[1].rstrip("]"))
+
+    for path in sorted((p for p in by_path if p != "$"), key=lambda p: (p.count("."), index(p))):
+        by_path[path.rsplit(".sub_tasks[", 1)[0]]["children"].append(by_path[path])
+
+    def plain(n: dict) -> dict:  # the PaperBench shape node_scores walks
+        return {"id": n["id"], "weight": n["weight"] or 0, "sub_tasks": [plain(c) for c in n["children"]]}
+
+    valid = {k: float(v["score"]) for k, v in leaf_scores.items() if v["valid"] and v["score"] is not None}
+    scores = node_scores(plain(by_path["$"]), valid)
+    for path, n in by_path.items():
+        n["score"] = scores.get(path)
+        graded = leaf_scores.get(n["id"]) if n["is_leaf"] else None
+        n["graded"] = graded is not None
+        n["valid"] = bool(graded["valid"]) if graded else None
+        n["leaf_score"] = graded["score"] if graded else None
+        n["explanation"] = graded["explanation"] if graded else None
+    return by_path["$"]
+
+
+def annotate(steps: list[dict], resumes: list[dict], hits: list[dict]) -> list[dict]:
+    """Adds to each step: `prefix` (in the pinned prefix), `turn` (its turn number, None in the prefix and for
+    trailing observations), `dt` (seconds since the previous step), `pv_change` (a policy version other than
+    the previous step's), `resumed` (the carry-over that starts at this step, if any), `hits` (blacklist URLs)."""
+    if not steps:
+        return steps
+    roles = [s["role"] for s in steps]
+    pinned = np.array([bool(s["pinned"]) for s in steps])
+    n_tok = np.array([s["n_tokens"] or 0 for s in steps], dtype=np.int64)
+    turn_of: dict[int, int] = {}
+    try:
+        t = build_turns(roles, pinned, n_tok)
+        prefix = t.prefix_len
+        for k, (a, b) in enumerate(zip(t.start_step.tolist(), t.end_step.tolist())):
+            for i in range(a, b + 1):
+                turn_of[i] = k
+    except ValidationError:  # steps not dense (still arriving): show them without turns
+        prefix = 1 + int(np.flatnonzero(pinned).max()) if pinned.any() else 0
+    resumed = {r["next_step_idx"]: r for r in resumes}
+    hit_urls: dict[int, list[str]] = {}
+    for h in hits:
+        hit_urls.setdefault(h["step_idx"], []).append(h["url"])
+    prev_t, prev_pv = None, steps[0]["policy_version"]
+    for pos, s in enumerate(steps):
+        i = s["step_idx"]
+        s["prefix"] = pos < prefix
+        s["turn"] = turn_of.get(pos)
+        s["dt"] = None if prev_t is None or s["elapsed_s"] is None else s["elapsed_s"] - prev_t
+        s["pv_change"] = pos > 0 and s["policy_version"] != prev_pv
+        s["resumed"] = resumed.get(i)
+        s["hits"] = hit_urls.get(i, [])
+        prev_t = s["elapsed_s"] if s["elapsed_s"] is not None else prev_t
+        prev_pv = s["policy_version"]
+    return steps
+
+
+def as_jsonable(value: Any) -> Any:
+    """Dicts/lists of query results with datetimes as ISO strings (for JSON responses)."""
+    import datetime as dt
+
+    if isinstance(value, dict):
+        return {k: as_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_jsonable(v) for v in value]
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    return value
