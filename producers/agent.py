@@ -82,16 +82,27 @@ class RolloutControl:
         self._lock = threading.Lock()
         self.iteration, self.policy_version, self.stage = iteration, policy_version, stage
         self._pending: Optional[tuple[int, int, Optional[PolicyEndpoint]]] = None
+        self._served: Optional[threading.Event] = None  # see carry_over
         self._stop = threading.Event()
         self.rollout_id: Optional[str] = None  # set once the rollout has started
         self.done = threading.Event()  # set when run_agent returns
 
-    def carry_over(self, iteration: int, policy_version: int, policy: Optional[PolicyEndpoint] = None) -> None:
+    def carry_over(self, iteration: int, policy_version: int, policy: Optional[PolicyEndpoint] = None,
+                   served: Optional[threading.Event] = None) -> None:
         """The iteration closed while this rollout runs: before its next policy call the agent emits
         rollout_resumed(iteration, policy_version) and later steps carry the new policy_version
-        (`policy`: a new endpoint to sample from, e.g. the new checkpoint's server). Not killed."""
+        (`policy`: a new endpoint to sample from, e.g. the new checkpoint's server). Not killed.
+        `served`: set once the endpoint serves `policy_version` (the scheduler trains and reloads
+        meanwhile); the next policy call waits for it, so every step carries the version that made it."""
         with self._lock:
             self._pending = (iteration, policy_version, policy)
+            self._served = served
+
+    def wait_served(self) -> None:
+        """Blocks until the policy taken with the last carry-over is served (or the rollout is stopped)."""
+        served = self._served
+        while served is not None and not served.wait(0.5) and not self.stopped:
+            pass
 
     def stop(self) -> None:
         """End the rollout at the next turn boundary with status 'aborted'."""
@@ -170,6 +181,9 @@ class _Loop:
             carried = self.control._take()
             if carried:
                 self.rec.resume(carried[0], carried[1])
+                self.control.wait_served()
+                if self.control.stopped:
+                    continue
                 if carried[2] is not None:
                     self.client.close()
                     self.client = PolicyClient(carried[2], request_token_ids=cfg.request_token_ids,
