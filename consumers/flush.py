@@ -3,6 +3,11 @@
 Runs in the sink's worker process (`consumers.sink`), so decoding and Parquet encoding use a second
 core while the sink's main process keeps consuming (kafka-python's record parsing is pure Python and
 holds the GIL). Pure function of its input: the same records always give the same directory.
+
+No poison pills: any exception while decoding, validating, resolving the claim check of or converting
+one message makes that message a dead letter with its error (`error_kind` says which stage); the other
+messages of the flush are archived. A conversion failure of a whole event type's batch is retried
+event by event to find the ones at fault.
 """
 
 from __future__ import annotations
@@ -105,11 +110,14 @@ def build_tables(job: FlushJob) -> tuple[dict[str, pa.Table], dict[str, int], in
         except ValidationError as e:
             dead.append((i, str(e), error_kind(e)))
             continue
+        except Exception as e:  # anything else one message can cause (RecursionError, OverflowError...)
+            dead.append((i, f"{type(e).__name__}: {e}"[:2000], "decode"))
+            continue
         by_type[event_type(ev)].append((ev, job.topic, job.partition, job.offsets[i]))
     tables, counts = {}, {}
     index_of = {o: i for i, o in enumerate(job.offsets)}
     for etype, items in by_type.items():
-        table, bad = to_table(etype, items)
+        table, bad = _to_table_isolated(etype, items)
         dead += [(index_of[items[j][3]], err, "payload") for j, err in bad]
         if table.num_rows:
             tables[etype] = table
@@ -121,6 +129,26 @@ def build_tables(job: FlushJob) -> tuple[dict[str, pa.Table], dict[str, int], in
               "raw": bytes(values[i]), "error": err, "error_kind": kind, "sunk_at": now} for i, err, kind in sorted(dead)],
             schema=DEAD_LETTER_SCHEMA)
     return tables, counts, len(dead)
+
+
+def _to_table_isolated(etype: str, items: list) -> tuple[pa.Table, list[tuple[int, str]]]:
+    """`to_table`, but an exception converting the batch is narrowed down to the events causing it:
+    each is converted alone, the failing ones are returned as errors, the rest concatenated."""
+    try:
+        return to_table(etype, items)
+    except Exception:  # noqa: BLE001 - one bad event must not block its batch; the error is kept per event
+        pass
+    tables, bad = [], []
+    for j, item in enumerate(items):
+        try:
+            table, errs = to_table(etype, [item])
+        except Exception as e:  # noqa: BLE001
+            bad.append((j, f"{type(e).__name__}: {e}"[:2000]))
+            continue
+        bad += [(j, err) for _, err in errs]
+        if table.num_rows:
+            tables.append(table)
+    return (pa.concat_tables(tables) if tables else to_table(etype, [])[0]), bad
 
 
 def error_kind(e: ValidationError) -> str:

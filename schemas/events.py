@@ -37,7 +37,15 @@ Priority = Literal["eval", "train"]
 RunPhase = Literal["started", "metrics", "checkpoint", "ended"]
 RlPhase = Literal["started", "closed", "dataset_built", "trained", "stopped"]
 
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+# Limits every producer and the sink check alike (and the exported JSON Schemas state): an integer must fit
+# the archive's int64 columns (int32 ones: MAX_INT32), and free-form JSON (a rubric, a training config)
+# nests at most MAX_JSON_DEPTH arrays/objects deep (deeper documents overflow recursive encoders).
+MAX_INT64 = 2**63 - 1
+MAX_INT32 = 2**31 - 1
+MAX_JSON_DEPTH = 64
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT64)]
+PosInt = Annotated[int, msgspec.Meta(ge=1, le=MAX_INT64)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 # int32 token ids: a JSON list, or base64 of little-endian int32 (shape [n_tokens]); in Python, bytes.
@@ -56,7 +64,7 @@ Json = Annotated[Any, msgspec.Meta(extra={"arrow": "json"})]
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="event_type"):
     event_id: Id
-    schema_version: Annotated[int, msgspec.Meta(ge=1)] = SCHEMA_VERSION
+    schema_version: Annotated[int, msgspec.Meta(ge=1, le=MAX_INT32)] = SCHEMA_VERSION
     producer_id: Id
     produced_at: Annotated[dt.datetime, msgspec.Meta(tz=True)]
     # Kafka key of every rollout and judge event: all events of a rollout go to one partition, in order.
@@ -67,6 +75,17 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="event_type"
             raise ValueError(f"schema_version {self.schema_version} is newer than this reader ({SCHEMA_VERSION})")
         if KEY_FIELD[type(self)] == "rollout_id" and self.rollout_id is None:
             raise ValueError(f"{type(self).__name__} event needs a rollout_id")
+
+
+def check_json_depth(value: Any, what: str, limit: int = MAX_JSON_DEPTH) -> None:
+    """ValueError when `value` nests lists/dicts more than `limit` deep (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (list, dict)):
+            if depth > limit:
+                raise ValueError(f"{what} nests more than {limit} levels deep")
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
 
 
 # ---- payloads ---------------------------------------------------------------------------------
@@ -84,11 +103,14 @@ class TaskPayload(msgspec.Struct, frozen=True, kw_only=True):
     blacklist: list[str] = []
     content_hash: str = ""  # sha256 over the task's content: a changed task is a new task version
 
+    def __post_init__(self) -> None:
+        check_json_depth(self.rubric, "rubric")
+
 
 class RolloutStartedPayload(msgspec.Struct, frozen=True, kw_only=True):
     task_id: Id
     group_id: Id  # the n rollouts of one sample share it
-    stage: Annotated[int, msgspec.Meta(ge=1)] = 1
+    stage: PosInt = 1
     iteration: NonNegInt = 0
     timeout_s: Annotated[float, msgspec.Meta(gt=0)]
     policy_version: NonNegInt = 0
@@ -133,7 +155,7 @@ class SnapshotPayload(msgspec.Struct, frozen=True, kw_only=True):
 class RolloutResumedPayload(msgspec.Struct, frozen=True, kw_only=True):
     iteration: NonNegInt
     policy_version: NonNegInt
-    stage: Annotated[int, msgspec.Meta(ge=1)] = 1
+    stage: PosInt = 1
     next_step_idx: NonNegInt = 0
 
 
@@ -191,6 +213,9 @@ class TrainingRunPayload(msgspec.Struct, frozen=True, kw_only=True):
     config: Json = None
     checkpoint: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        check_json_depth(self.config, "config")
+
 
 class RlIterationPayload(msgspec.Struct, frozen=True, kw_only=True):
     """One fact of the progressive-RL scheduler (`producers.scheduler`) about one iteration of a plan run.
@@ -205,7 +230,7 @@ class RlIterationPayload(msgspec.Struct, frozen=True, kw_only=True):
     plan: Id
     run_id: Id  # one `klong rl run` of the plan
     phase: RlPhase
-    stage: Annotated[int, msgspec.Meta(ge=1)]
+    stage: PosInt
     iteration: NonNegInt  # global across stages, 1-based
     policy_version: NonNegInt  # the policy that acts in this iteration; the dataset's trainer_policy_version
     timeout_s: NonNegFloat = 0.0  # the stage's rollout timeout T(m)
@@ -213,7 +238,7 @@ class RlIterationPayload(msgspec.Struct, frozen=True, kw_only=True):
     carried_in: list[str] = []
     carried_out: list[str] = []
     not_started: list[str] = []
-    ended: dict[str, int] = {}  # status -> rollouts that ended in this iteration
+    ended: dict[str, NonNegInt] = {}  # status -> rollouts that ended in this iteration
     judged: NonNegInt = 0  # ended rollouts whose judge result is archived
     judge_missing: NonNegInt = 0  # judge requests still without a result when the wait timed out
     rolling_s: NonNegFloat = 0.0
@@ -334,6 +359,8 @@ def new_event(cls: type[Envelope], *, payload: Any, rollout_id: Optional[str] = 
         return _DECODER.decode(_ENCODER.encode(ev))
     except (msgspec.ValidationError, ValueError) as e:
         raise ValidationError(f"invalid {event_type(cls)} event: {e}") from e
+    except RecursionError as e:
+        raise ValidationError(f"invalid {event_type(cls)} event: nested more than {MAX_JSON_DEPTH} levels deep") from e
 
 
 _ENCODER = msgspec.json.Encoder()
@@ -354,3 +381,5 @@ def decode(data: bytes) -> Envelope:
         raise ValidationError(f"not a JSON event: {e}") from e
     except UnicodeDecodeError as e:
         raise ValidationError(f"not valid UTF-8: {e}") from e
+    except RecursionError as e:
+        raise ValidationError(f"nested more than {MAX_JSON_DEPTH} levels deep ({e})") from e
