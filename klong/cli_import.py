@@ -3,6 +3,7 @@
     klong import trajectories teacher.jsonl                         # text-only steps, paper-reading prefix rule
     klong import trajectories teacher.jsonl --tokenizer tok.json    # token_ids computed now
     klong import trajectories teacher.jsonl --prefix-steps 2 --dry-run
+    klong import trajectories trajectory.json --task-id fre       # Harbor ATIF / mini-SWE-agent .traj.json
 
 Every row is checked before anything is sent; bad rows are listed with their line number and skipped
 (`--strict`: nothing is imported if any row is bad). Prints a summary on stdout. Exit status: 0 all
@@ -32,7 +33,7 @@ def cmd_trajectories(args) -> int:
     tokenizer = args.tokenizer or os.environ.get("KLONG_IMPORT_TOKENIZER") or None
     opts = ImportOptions(tokenizer=tokenizer, prefix_steps=args.prefix_steps, paper_rule=not args.no_paper_rule,
                          group_field=args.group_field, timeout_s=args.timeout_s, strict=args.strict,
-                         dry_run=args.dry_run)
+                         dry_run=args.dry_run, format=args.format, task_id=args.task_id)
     check_bar = _progress("checking", unit="rows", quiet=args.quiet)
     send_bar = None
 
@@ -88,7 +89,12 @@ def register(sub, common) -> None:
     t = what.add_parser("trajectories", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
                         help="OpenAI chat-messages JSONL rows (messages, task_id, optional score/id) -> rollouts",
                         description=__doc__ + "\n" + ROW_HELP)
-    t.add_argument("file", help="JSONL file, one trajectory per line")
+    t.add_argument("file", help="JSONL file, one trajectory per line; or one ATIF / mini-SWE-agent trajectory file")
+    t.add_argument("--format", choices=["auto", "openai", "atif", "mini-swe"], default="auto",
+                   help="openai: chat-messages rows; atif: Harbor's Agent Trajectory Interchange Format (its token "
+                        "ids kept); mini-swe: mini-SWE-agent .traj.json; auto (default): detected per trajectory")
+    t.add_argument("--task-id", metavar="ID",
+                   help="the registered task of ATIF / mini-SWE-agent trajectories (they do not name one)")
     t.add_argument("--tokenizer", help="compute token_ids at import with this local tokenizer.json (or 'bytes'); "
                                        "default: text-only steps, tokenized when a dataset is built "
                                        "(env KLONG_IMPORT_TOKENIZER)")

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from consumers.tokenize import load_tokenizer
 from klong.settings import Settings
+from producers.import_formats import read_objects
 from producers.paper_prefix import prefix_length
 from schemas.arrow import encode_array
 from schemas.claimcheck import MAX_EVENT_BYTES
@@ -71,6 +72,8 @@ class ImportOptions:
     timeout_s: float = 43200.0  # rollout_started.timeout_s of imported rollouts (12 h, the paper's budget)
     strict: bool = False  # any bad row: import nothing
     dry_run: bool = False
+    format: str = "auto"  # openai | atif | mini-swe | auto: detected per trajectory (producers.import_formats)
+    task_id: Optional[str] = None  # the task of ATIF / mini-SWE-agent trajectories (they do not name one)
 
     def __post_init__(self) -> None:
         if self.prefix_steps is not None and self.prefix_steps < 0:
@@ -85,6 +88,8 @@ class Message:
     text: str  # the message text (content parts joined)
     calls: tuple[ToolCall, ...] = ()
     tool_call_id: Optional[str] = None
+    token_ids: Optional[tuple[int, ...]] = None  # recorded by the harness (ATIF): used as they are
+    logprobs: Optional[tuple[float, ...]] = None  # assistant steps: one per recorded token id
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,19 @@ def _calls(msg: dict, where: str) -> tuple[ToolCall, ...]:
     return tuple(calls)
 
 
+def _recorded(msg: dict, role: str, where: str) -> tuple[Optional[tuple], Optional[tuple]]:
+    """A message's recorded `token_ids` / `logprobs` (ATIF carries them; `producers.import_formats`)."""
+    ids, lps = msg.get("token_ids"), msg.get("logprobs")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                              and 0 <= t < 2**31 for t in ids)):
+        raise RowError(f"{where}: token_ids must be a list of token ids (int32 >= 0)")
+    if lps is not None:
+        if role != "assistant" or ids is None or not isinstance(lps, list) or len(lps) != len(ids) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in lps):
+            raise RowError(f"{where}: logprobs must be numbers, one per token id, on an assistant message")
+    return (None if ids is None else tuple(ids)), (None if lps is None else tuple(float(x) for x in lps))
+
+
 def parse_messages(messages: Any) -> tuple[Message, ...]:
     if not isinstance(messages, list) or not messages:
         raise RowError("`messages` must be a non-empty list of chat messages")
@@ -204,7 +222,7 @@ def parse_messages(messages: Any) -> tuple[Message, ...]:
             open_calls = calls
         else:
             open_calls = None
-        out.append(Message(role, text, calls, call_id if role == "tool" else None))
+        out.append(Message(role, text, calls, call_id if role == "tool" else None, *_recorded(m, role, where)))
     if not any(m.role == "assistant" for m in out):
         raise RowError("no assistant message: nothing to learn from")
     return tuple(out)
@@ -263,24 +281,17 @@ def parse_row(obj: Any, line: int, opts: ImportOptions, seen: dict[str, int]) ->
 
 
 def read_rows(path: Path, opts: ImportOptions) -> Iterator[tuple[int, Optional[Row], Optional[str]]]:
-    """(line, Row, None) or (line, None, reason) for every non-blank line of the file."""
+    """(line, Row, None) or (line, None, reason) for every trajectory of the file: JSONL rows, or ATIF /
+    mini-SWE-agent trajectories converted to rows (`producers.import_formats`, by `opts.format`)."""
     seen: dict[str, int] = {}
-    with open(path, "rb") as f:
-        for line, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except UnicodeDecodeError as e:
-                yield line, None, f"not valid UTF-8: {e}"
-                continue
-            except json.JSONDecodeError as e:  # the position within the line, not the file
-                yield line, None, f"not valid JSON: {e.msg} at column {e.colno}"
-                continue
-            try:
-                yield line, parse_row(obj, line, opts, seen), None
-            except RowError as e:
-                yield line, None, str(e)
+    for line, obj, reason in read_objects(path, opts.format, opts.task_id):
+        if reason is not None:
+            yield line, None, reason
+            continue
+        try:
+            yield line, parse_row(obj, line, opts, seen), None
+        except RowError as e:
+            yield line, None, str(e)
 
 
 # ---- events ---------------------------------------------------------------------------------------
@@ -324,10 +335,12 @@ def row_events(row: Row, tokenizer=None, timeout_s: float = 43200.0) -> list[Env
     contents = [render(m) for m in row.messages]
     ids = tokenizer.encode_batch(contents) if tokenizer is not None else [None] * len(contents)
     for i, (m, text, tok) in enumerate(zip(row.messages, contents, ids)):
+        tok = m.token_ids if m.token_ids is not None else tok  # ids the harness recorded win (token-in/token-out)
         out.append(ev(Step, StepPayload(
             step_idx=i, role=m.role, content=text, tool_call=m.calls[0] if m.calls else None,
             tool_call_id=m.tool_call_id, pinned=i < row.prefix,
-            token_ids=None if tok is None else encode_array(tok, "int32"))))
+            token_ids=None if tok is None else encode_array(tok, "int32"),
+            logprobs=None if m.logprobs is None else encode_array(m.logprobs, "float32"))))
     last = len(row.messages) - 1
     if row.score is not None:
         out.append(ev(JudgeResult, JudgeResultPayload(request_id=f"{row.rollout_id}-import", step_idx=last,
