@@ -59,7 +59,7 @@ def test_cli_fails_before_training(train_home, capsys):
         (["--dataset", "sft@1", "--config", "sft_tiny", "--launcher", "local", "--nproc", "2"], "--launcher deepspeed"),
         (["--dataset", "sft@1", "--config", "no_such.yaml"], "no_such.yaml"),
         (["--dataset", "sft@1", "--config", "sft_tiny", "model.name=no-such-model", "model.fold_token_ids=false"],
-         "model.name: 'no-such-model' is neither 'tiny', a local directory, nor an imported model"),
+         "model.name: model 'no-such-model' is not a directory nor a model under"),
     ]
     for argv, expected in cases:
         assert main(klong(s, "train", *argv)) == 2, argv

@@ -318,17 +318,16 @@ def check_conflicts(cfg: RunConfig) -> list[str]:
 
 
 def model_path(name: str, home: Path | str) -> Optional[Path]:
-    """model.name -> the directory to load: None for tiny; a local directory as given; else HOME/models/NAME
-    (where `klong model import` puts a converted model). Anything else is a ConfigError."""
+    """model.name -> the directory to load: None for tiny; else a local directory, or NAME of a model that
+    `klong model import ... --name NAME` put under HOME/models. Anything else is a ConfigError."""
     if name == "tiny":
         return None
-    if Path(name).is_dir():
-        return Path(name)
-    imported = Path(home) / "models" / name
-    if imported.is_dir():
-        return imported
-    raise ConfigError(f"model.name: {name!r} is neither 'tiny', a local directory, nor an imported model ({imported} "
-                      "does not exist: `klong model import FILE.gguf --name NAME`); nothing is downloaded")
+    from trainer.model_import import resolve_model_dir
+
+    try:
+        return resolve_model_dir(name, Path(home))
+    except ConfigError as e:
+        raise ConfigError(f"model.name: {e} (or model.name=tiny); nothing is downloaded") from e
 
 
 def shipped_configs() -> list[Path]:
