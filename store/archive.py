@@ -6,7 +6,8 @@ Layout under the data home:
                                                                                /dead_letters.parquet
 
 One directory per flush of one partition, written under `archive/_tmp/`, fsync'd and renamed into
-place: a flush is in the archive whole or not at all. The archive, not Kafka's committed offset, is
+place: a flush is in the archive whole or not at all. `klong archive repair` moves a damaged one to
+`archive/_quarantine/` (store.integrity). The archive, not Kafka's committed offset, is
 the truth: at start the sink resumes each partition after the highest last offset in the names.
 `topic_id` is the topic's incarnation (a memory broker that restarts recreates its topics with new
 ids and offsets from 0 again), so offsets of different incarnations never collide.
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 from klong.procs import fsync_path
 
 TMP = "_tmp"
+QUARANTINE = "_quarantine"  # damaged flush directories moved aside by `klong archive repair` (store.integrity)
 DEAD_LETTERS = "dead_letters"
 LOW_CARDINALITY = {"event_type", "producer_id", "rollout_id", "role", "kafka_topic", "task_id", "group_id", "status",
                    "priority", "split", "judge_model", "phase", "topic", "error_kind", "scaffold", "model"}
@@ -66,7 +68,7 @@ def list_flushes(archive: Path, topic: str | None = None) -> list[FlushDir]:
     if not archive.exists():
         return out
     for topic_dir in sorted(archive.iterdir()):
-        if topic_dir.name == TMP or not topic_dir.is_dir() or (topic and topic_dir.name != topic):
+        if topic_dir.name in (TMP, QUARANTINE) or not topic_dir.is_dir() or (topic and topic_dir.name != topic):
             continue
         for id_dir in sorted(topic_dir.iterdir()):
             for d in sorted(id_dir.iterdir()):

@@ -154,6 +154,14 @@ def lock_down(con: duckdb.DuckDBPyConnection, readable: list[Path]) -> None:
     con.execute("SET lock_configuration = true")
 
 
+def _one_line(e: duckdb.Error) -> str:
+    """DuckDB's error in one line; a damaged archive file gets the way out appended."""
+    text = str(e).splitlines()[0] if str(e) else repr(e)
+    if ".parquet" in text and any(w in text for w in ("magic bytes", "Corrupt", "corrupt", "Invalid", "truncated")):
+        text += " (a damaged archive file: `klong archive verify` finds them, `klong archive repair` fixes them)"
+    return text
+
+
 class Catalog:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -214,13 +222,13 @@ class Catalog:
                 con.execute(st)
             return con.sql(statements[-1].query)
         except duckdb.Error as e:
-            raise QueryError(str(e).splitlines()[0] if str(e) else repr(e)) from e
+            raise QueryError(_one_line(e)) from e
 
     def arrow(self, query: str) -> pa.Table:
         try:
             return self._relation(query).to_arrow_table()
         except duckdb.Error as e:
-            raise QueryError(str(e).splitlines()[0] if str(e) else repr(e)) from e
+            raise QueryError(_one_line(e)) from e
 
     def sql(self, query: str) -> pl.DataFrame:
         """Runs a read-only query and returns a polars DataFrame."""

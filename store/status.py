@@ -62,7 +62,10 @@ def archive_summary(settings: Settings) -> dict:
         SELECT 'tasks', count(*) FROM tasks UNION ALL
         SELECT 'judge results', count(*) FROM judge_results UNION ALL
         SELECT 'dead letters', count(*) FROM dead_letters""").to_pylist()
-    return {"flush_dirs": len(flushes), "archive_bytes": nbytes, **{r["what"]: r["n"] for r in counts}}
+    from store.integrity import quarantined
+
+    return {"flush_dirs": len(flushes), "archive_bytes": nbytes, **{r["what"]: r["n"] for r in counts},
+            "quarantined flush dirs": len(quarantined(settings.archive_dir))}
 
 
 def status(settings: Settings) -> dict:
