@@ -29,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 
-from schemas.errors import ValidationError  # noqa: E402
+from schemas.errors import ConfigError  # noqa: E402
 from store.catalog import Catalog, sql_str  # noqa: E402
 
 TRAIN_METRICS = ("entropy", "kl", "clip_frac", "ratio", "mismatch")  # drawn when present (prefix match)
@@ -167,18 +167,18 @@ FIGURES: dict[str, tuple[Callable[[Catalog, Optional[str]], dict], Callable[[Fig
 
 
 def check_plan(cat: Catalog, plan: Optional[str]) -> None:
-    """Raises ValidationError naming the known plans when `plan` is not in the archive."""
+    """Raises ConfigError naming the known plans when `plan` is not in the archive."""
     if plan is None:
         return
     plans = [r["plan"] for r in cat.arrow("SELECT DISTINCT plan FROM rl_iterations ORDER BY 1").to_pylist()]
     if plan not in plans:
-        raise ValidationError(f"no plan {plan!r} in the archive (plans: {', '.join(plans) or 'none'})")
+        raise ConfigError(f"no plan {plan!r} in the archive (plans: {', '.join(plans) or 'none'})")
 
 
 def series(name: str, cat: Catalog, plan: Optional[str] = None) -> dict[str, list]:
     """The columns figure `name` plots (see the module docstring)."""
     if name not in FIGURES:
-        raise ValidationError(f"unknown figure {name!r}: choose one of {', '.join(FIGURES)}")
+        raise ConfigError(f"unknown figure {name!r}: choose one of {', '.join(FIGURES)}")
     return FIGURES[name][0](cat, plan)
 
 

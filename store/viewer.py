@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 
 from consumers.turns import build_turns
-from schemas.errors import TerminalError, ValidationError
+from schemas.errors import ConfigError, TerminalError, ValidationError
 from schemas.rubric import node_scores
 from store.catalog import Catalog, sql_str
 
@@ -56,11 +56,11 @@ class RolloutFilter:
 
     def check(self) -> None:
         if self.sort not in ROLLOUT_COLUMNS:
-            raise ValidationError(f"cannot sort by {self.sort!r}: choose one of {', '.join(ROLLOUT_COLUMNS)}")
+            raise ConfigError(f"cannot sort by {self.sort!r}: choose one of {', '.join(ROLLOUT_COLUMNS)}")
         if self.status is not None and self.status not in STATUSES:
-            raise ValidationError(f"unknown status {self.status!r}: choose one of {', '.join(STATUSES)}")
+            raise ConfigError(f"unknown status {self.status!r}: choose one of {', '.join(STATUSES)}")
         if not 1 <= self.limit <= 100_000:
-            raise ValidationError(f"limit {self.limit} must be in [1, 100000]")
+            raise ConfigError(f"limit {self.limit} must be in [1, 100000]")
 
 
 def _rows(con, query: str, params: tuple = ()) -> list[dict]:

@@ -30,7 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from klong.settings import Settings
-from schemas.errors import TerminalError
+from schemas.errors import ConfigError, TerminalError
 from store.catalog import Catalog
 from store.overlay import overlay
 from store.report import FIGURES, render
@@ -47,7 +47,7 @@ def _opt(value: Optional[str], cast=str):
     try:
         return cast(value.strip())
     except ValueError:
-        raise TerminalError(f"bad filter value {value!r}: expected a {cast.__name__}") from None
+        raise ConfigError(f"bad filter value {value!r}: expected a {cast.__name__}") from None
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -161,14 +161,11 @@ class ServerThread:
     """uvicorn serving `app` on 127.0.0.1 in a daemon thread; the context value is the base URL."""
 
     def __init__(self, app: FastAPI, port: int = 0):
-        import socket
-
         import uvicorn
 
-        if port == 0:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+        from klong.broker import free_port
+
+        port = port or free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
