@@ -12,6 +12,7 @@ automatically) and add what msgspec leaves out, so the schema accepts what the s
 - integers the Structs leave unbounded limited to int64 (what the archive's Parquet columns hold);
 - `schema_version` at most this reader's version; `rollout_id` required (a string) where it is the key;
 - token arrays as a JSON list or base64 whose decoded length is a multiple of 4 bytes (a `pattern`);
+- free-form JSON (a rubric, a training config) nested at most `MAX_JSON_DEPTH` deep (one definition per level);
 - the rules across fields: `logprobs` and `tool_call` only on assistant steps, a valid judge result has
   a score;
 - a description on every event, payload and field, with each event's Kafka topic and key.
@@ -27,11 +28,12 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import msgspec
 
-from schemas.events import EVENT_CLASSES, KEY_FIELD, SCHEMA_VERSION, Event, event_type
+from schemas.events import EVENT_CLASSES, KEY_FIELD, MAX_JSON_DEPTH, SCHEMA_VERSION, Event, event_type
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 ID_BASE = "urn:klong:schemas:v1:"
@@ -121,13 +123,52 @@ def _array_schema(name: str) -> dict:
         {"type": "null"}]}
 
 
+def _comments() -> dict[str, dict[str, str]]:
+    """Struct name -> field -> the comment after it in `schemas.events` (how that module documents fields)."""
+    import inspect
+
+    import schemas.events as events
+
+    out: dict[str, dict[str, str]] = {}
+    struct = None
+    for line in inspect.getsource(events).splitlines():
+        if m := re.match(r"class (\w+)\(", line):
+            struct = out.setdefault(m[1], {})
+        elif struct is not None and (m := re.match(r"    (\w+): [^#]+#\s*(.+)$", line)):
+            struct[m[1]] = m[2].strip()
+    return out
+
+
 def _describe(defs: dict) -> None:
+    comments = _comments()
     for name, d in defs.items():
         for field, prop in d.get("properties", {}).items():
+            if "description" not in prop:
+                doc = FIELD_DOCS.get(field) or comments.get(name, {}).get(field)
+                prop["description"] = doc or f"`{field}`: see the description of {name}."
             if field in ARRAY_FIELDS:
                 d["properties"][field] = _array_schema(field)
-            elif "description" not in prop and field in FIELD_DOCS:
-                prop["description"] = FIELD_DOCS[field]
+            elif field in JSON_FIELDS and not prop.get("type") and "anyOf" not in prop:
+                d["properties"][field] = {"$ref": "#/$defs/Json1",
+                                          "description": f"{FIELD_DOCS[field]} At most {MAX_JSON_DEPTH} levels deep."}
+
+
+JSON_FIELDS = ("rubric", "config")  # free-form JSON (`schemas.events.Json`): nesting limited to MAX_JSON_DEPTH
+
+
+def _json_depth_defs() -> dict:
+    """`Json1` .. `Json{MAX_JSON_DEPTH + 1}`: a JSON value at nesting depth k (arrays/objects allowed up to
+    MAX_JSON_DEPTH, as `schemas.events.check_json_depth`); JSON Schema has no depth keyword, so one definition
+    per level."""
+    scalars = [{"type": t} for t in ("string", "number", "boolean", "null")]
+    defs = {f"Json{MAX_JSON_DEPTH + 1}": {"description": "A JSON scalar (the nesting limit is reached).",
+                                          "anyOf": scalars}}
+    for k in range(MAX_JSON_DEPTH, 0, -1):
+        inner = {"$ref": f"#/$defs/Json{k + 1}"}
+        defs[f"Json{k}"] = {"description": f"A JSON value at nesting depth {k} (of at most {MAX_JSON_DEPTH}).",
+                            "anyOf": scalars + [{"type": "array", "items": inner},
+                                                {"type": "object", "additionalProperties": inner}]}
+    return defs
 
 
 def _int64(schema) -> None:
@@ -185,6 +226,7 @@ def events_schema() -> dict:
             d["description"] = FIELD_DOCS.get(name[0].lower() + name[1:], f"{name}.")
     _describe(defs)
     _int64(defs)
+    defs.update(_json_depth_defs())
     _cross_field_rules(defs)
     return {"$schema": DRAFT, "$id": ID_BASE + "events", "title": "KLong event",
             "description": "Any KLong event: an envelope (event_id, event_type, schema_version, producer_id, "

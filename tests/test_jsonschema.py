@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from schemas.arrow import encode_array, to_table
 from schemas.errors import ValidationError
-from schemas.events import (EVENT_CLASSES, JudgeRequested, JudgeRequestedPayload, JudgeResult, JudgeResultPayload,
+from schemas.events import (EVENT_CLASSES, MAX_JSON_DEPTH, JudgeRequested, JudgeRequestedPayload, JudgeResult, JudgeResultPayload,
                             LeafScore, RlIteration, RlIterationPayload, RolloutEnded, RolloutEndedPayload,
                             RolloutResumed, RolloutResumedPayload, RolloutStarted, RolloutStartedPayload, Snapshot,
                             SnapshotPayload, Step, StepPayload, TaskPayload, TaskRegistered, ToolCall, TrainingRun,
@@ -118,16 +118,22 @@ def _examples() -> list[dict]:
 
 
 EXAMPLES = _examples()
-VALUES = [None, True, False, 0, 1, -1, 7, 2**31 - 1, 2**31, 2**53, 2**63 - 1, -2**63, 0.5, -0.5, 1.25,
+def _nested(depth: int, leaf=1):
+    value = leaf
+    for k in range(depth):
+        value = [value] if k % 2 else {"k": value}
+    return value
+
+
+VALUES = [None, True, False, 0, 1, -1, 7, 2**31 - 1, 2**31, 2**53, 2**63 - 1, 2**63, 2**64, -2**63, -2**63 - 1,
+          0.5, -0.5, 1.25, _nested(MAX_JSON_DEPTH), _nested(MAX_JSON_DEPTH + 1), _nested(MAX_JSON_DEPTH, leaf=[]),
           1e-300, "", "x", "a" * 257, "assistant", "tool", "user", "system", "train", "eval", "finished", "step",
           "judge_result", "AAAA", "AAAAAA==", "AAAAAAA=", "AAAAAAAAAAA=", "AAAAAAAAAAAAAAAA", "AAAAAAAAAAAAAAA=",
           "@@@@", "AAAAAA=", [], [1], [1, 2, 3], [-0.5, -0.25, -1.0], [-1.5], ["x"], [None], {}, {"a": 1},
           {"loss": 0.5}, "2024-01-01T00:00:00Z", "2024-01-01T00:00:00.5+01:00", "2024-01-01T00:00:00",
           "2024-13-01T00:00:00Z", "sha256:" + "0" * 64]
 # Left out on purpose: integral floats such as 2.0 in integer fields (JSON Schema counts them as integers, the
-# sink does not), `blob_ref` (resolved against the sink's blob store), produced_at spellings beyond RFC 3339, and
-# integers beyond int64 (the schema refuses them; the sink's decoder took up to 2**64 - 1 and its Arrow conversion
-# then raised OverflowError instead of dead-lettering: widen the range here once the sink bounds its integers).
+# sink does not), `blob_ref` (resolved against the sink's blob store), produced_at spellings beyond RFC 3339.
 
 
 def _paths(doc, prefix=()):
@@ -157,7 +163,7 @@ def events(draw):
     for _ in range(draw(st.integers(0, 3))):
         paths = list(_paths(doc)) + [("payload", "extra_field"), ("schema_version",)]
         path = draw(st.sampled_from(paths))
-        value = draw(st.one_of(st.sampled_from(VALUES), st.integers(-2**63, 2**63 - 1),
+        value = draw(st.one_of(st.sampled_from(VALUES), st.integers(-2**66, 2**66),
                                st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: not f.is_integer()),
                                st.text(max_size=300)))
         try:
