@@ -60,6 +60,7 @@ import pyarrow as pa
 
 from consumers.advantages import group_advantages
 from consumers.rewards import RewardMode, assign_rewards
+from consumers.chat import ChatTokenizer, TemplateError
 from consumers.split import DROP_UNITS, PrefixLoss, SplitConfig, split_rollout
 from consumers.tokenize import load_tokenizer
 from schemas.arrow import SCHEMAS, as_list_array
@@ -235,19 +236,20 @@ STEPS_SQL = """
 CREATE TEMP TABLE step_meta AS
 WITH d AS (
     SELECT DISTINCT ON (event_id) event_id, rollout_id, step_idx, role, pinned, policy_version, produced_at,
-           kafka_topic, kafka_partition, kafka_offset, octet_length(token_ids) // 4 AS n_tokens, filename, file_row_number
+           kafka_topic, kafka_partition, kafka_offset, octet_length(token_ids) // 4 AS n_tokens, filename, file_row_number,
+           {context_start} AS context_start
     FROM raw_step ORDER BY event_id, kafka_topic, kafka_partition, kafka_offset)
 SELECT *, row_number() OVER (PARTITION BY rollout_id, step_idx
                              ORDER BY produced_at, kafka_topic, kafka_partition, kafka_offset, event_id) AS copy
 FROM d"""
 ROLLOUTS_SQL = """
-WITH s AS (SELECT DISTINCT ON (rollout_id) rollout_id, task_id, group_id, stage, iteration
+WITH s AS (SELECT DISTINCT ON (rollout_id) rollout_id, task_id, group_id, stage, iteration, {tokenizer} AS tokenizer
            FROM rollout_started ORDER BY rollout_id, produced_at, event_id),
 e AS (SELECT DISTINCT ON (rollout_id) rollout_id, status, n_steps, produced_at AS ended_at
       FROM rollout_ended ORDER BY rollout_id, produced_at DESC, event_id DESC),
 r AS (SELECT DISTINCT ON (rollout_id) rollout_id, stage, iteration, produced_at AS resumed_at
       FROM rollout_resumed ORDER BY rollout_id, produced_at DESC, event_id DESC)
-SELECT s.rollout_id, s.task_id, s.group_id, coalesce(r.stage, s.stage) AS stage,
+SELECT s.rollout_id, s.task_id, s.group_id, s.tokenizer, coalesce(r.stage, s.stage) AS stage,
        coalesce(r.iteration, s.iteration) AS iteration, e.status, e.n_steps,
        e.rollout_id IS NULL OR coalesce(r.resumed_at > e.ended_at, false) AS pending
 FROM s LEFT JOIN e USING (rollout_id) LEFT JOIN r USING (rollout_id) ORDER BY s.rollout_id"""
@@ -260,6 +262,8 @@ class _Rollout:
     hi: int
     prefix_len: int = 0
     windows: list = field(default_factory=list)  # kept consumers.split.Window objects
+    same_ctx: list = field(default_factory=list)  # per window of the split (window_idx): bool [n_spans]
+    prefix_same_ctx: bool = False  # every prefix step was recorded with its generation context
     used: Optional[np.ndarray] = None  # bool [n_steps]: steps stored (prefix + the kept windows' spans)
 
 
@@ -273,11 +277,17 @@ class Plan:
     counts: dict
 
 
+def _column(con: duckdb.DuckDBPyConnection, view: str, name: str, default: str) -> str:
+    """`name`, or `default` when no archived file of the view has that (newer) column."""
+    return name if name in {r[0] for r in con.execute(f"DESCRIBE {view}").fetchall()} else default
+
+
 def _step_table(con: duckdb.DuckDBPyConnection, tokenizer, drops: Counter) -> dict:
-    con.execute(STEPS_SQL)
+    con.execute(STEPS_SQL.format(context_start=_column(con, "raw_step", "context_start", "NULL::BIGINT")))
     drops["duplicate_step"] += _scalar(con, "SELECT count(*) FROM step_meta WHERE copy > 1")
     t = _arrow(con, "SELECT rollout_id, step_idx, role = 'assistant' AS is_asst, pinned, policy_version, n_tokens, "
-                    "filename, file_row_number FROM step_meta WHERE copy = 1 ORDER BY rollout_id, step_idx")
+                    "coalesce(context_start, -1) AS context_start, filename, file_row_number FROM step_meta "
+                    "WHERE copy = 1 ORDER BY rollout_id, step_idx")
     files = t.column("filename").combine_chunks().dictionary_encode()
     names = files.dictionary.to_pylist()
     order = np.argsort(names)  # file index = rank of the path: flush names sort by partition, then offset
@@ -293,22 +303,61 @@ def _step_table(con: duckdb.DuckDBPyConnection, tokenizer, drops: Counter) -> di
         "n_tokens": np.nan_to_num(n_tokens, nan=0).astype(np.int64), "text_only": text_only,
         "file": rank[files.indices.to_numpy()] if len(names) else np.zeros(0, np.int64),
         "row": t.column("file_row_number").to_numpy(), "files": [names[i] for i in order],
+        "context_start": t.column("context_start").to_numpy(),  # -1: not recorded
     }
     if text_only.any():  # text-only steps: their token count comes from the tokenizer
         idx = np.flatnonzero(text_only)
+        if isinstance(tokenizer, ChatTokenizer):  # whole rollouts rendered with the template, kept for pass 2
+            steps["rendered"] = _render_rollouts(con, steps, idx, tokenizer)
         steps["n_tokens"][idx] = [len(a) for a in _tokenize(con, steps, idx, tokenizer)]
     return steps
 
 
-def _tokenize(con, steps: dict, idx: np.ndarray, tokenizer) -> list[np.ndarray]:
-    """Content of the step rows `idx` (text-only steps), tokenized, in the order of idx."""
+def _render_rollouts(con, steps: dict, idx: np.ndarray, chat: ChatTokenizer) -> dict[int, np.ndarray]:
+    """Step row -> ids: each text-only rollout's steps as chat messages (role, content) rendered with the model
+    directory's template and split per message (`consumers.chat`). Tools are not in the events: an import
+    with `--tokenizer MODEL_DIR` (which renders the row's `tools`) is exact; this is the fallback."""
+    contents = _contents(con, steps, idx)
+    t = _arrow(con, "SELECT rollout_id, step_idx, role FROM step_meta WHERE copy = 1 ORDER BY rollout_id, step_idx")
+    role = t.column("role").to_pylist()
+    rid = steps["rollout_id"]
+    n_steps = dict(zip(*np.unique(rid, return_counts=True)))
+    out: dict[int, np.ndarray] = {}
+    k = 0
+    while k < len(idx):
+        r, j = rid[idx[k]], k
+        while j < len(idx) and rid[idx[j]] == r:
+            j += 1
+        rows = idx[k:j]
+        if n_steps[r] != len(rows):
+            raise ConfigError(f"rollout {r} has recorded token ids and text-only steps: a chat template cannot "
+                              "render only some of its messages (re-import it with --tokenizer MODEL_DIR)")
+        messages = [{"role": role[i], "content": contents[k + n]} for n, i in enumerate(rows)]
+        try:
+            spans = chat.message_spans(messages)
+        except TemplateError as e:
+            raise ConfigError(f"rollout {r}: {e}") from e
+        out.update(zip(rows.tolist(), spans))
+        k = j
+    return out
+
+
+def _contents(con, steps: dict, idx: np.ndarray) -> list[str]:
     want = pa.table({"file": pa.array([steps["files"][f] for f in steps["file"][idx]], pa.string()),
                      "row": pa.array(steps["row"][idx]), "pos": pa.array(np.arange(len(idx)))})
     con.register("_want", want)
     t = _arrow(con, "SELECT w.pos, s.content FROM raw_step s JOIN _want w "
                     "ON s.filename = w.file AND s.file_row_number = w.row ORDER BY w.pos")
     con.unregister("_want")
-    return tokenizer.encode_batch(t.column("content").to_pylist())
+    return t.column("content").to_pylist()
+
+
+def _tokenize(con, steps: dict, idx: np.ndarray, tokenizer) -> list[np.ndarray]:
+    """Text-only step rows `idx` tokenized, in the order of idx (rendered with the chat template when the
+    tokenizer is a model directory's, else each content encoded alone)."""
+    if "rendered" in steps:
+        return [steps["rendered"][i] for i in idx.tolist()]
+    return tokenizer.encode_batch(_contents(con, steps, idx))
 
 
 def _task_splits(con) -> dict[str, bool]:
@@ -343,7 +392,7 @@ def plan(con: duckdb.DuckDBPyConnection, kind: str, config: DatasetConfig, token
         if t not in splits:
             raise ConfigError(f"tasks: {t!r} is not a registered task (see `klong sql \"SELECT * FROM tasks\"`)")
     steps = _step_table(con, tokenizer, drops)
-    rinfo = _arrow(con, ROLLOUTS_SQL).to_pylist()
+    rinfo = _arrow(con, ROLLOUTS_SQL.format(tokenizer=_column(con, "rollout_started", "tokenizer", "''"))).to_pylist()
     judges = _judge_results(con)
 
     # Step rows of each rollout: the table is sorted by rollout_id, so boundaries are where it changes.
@@ -378,6 +427,7 @@ def plan(con: duckdb.DuckDBPyConnection, kind: str, config: DatasetConfig, token
     for i in np.flatnonzero(keep):
         rollouts[wins[i].rollout].windows.append(i)
     stored = [r for r in rollouts if r.windows]
+    token_source = _one_tokenizer(stored, steps, tokenizer)
     for r in stored:  # steps to store: the prefix and every step a kept window reads
         r.used = np.zeros(r.hi - r.lo, bool)
         r.used[:r.prefix_len] = True
@@ -393,8 +443,28 @@ def plan(con: duckdb.DuckDBPyConnection, kind: str, config: DatasetConfig, token
                if len(order) else np.zeros(0, np.int64), "staleness": stale[order]}
     newest = max((w.newest for w in wins), default=None)
     counts = {"steps_read": int(n), "rollouts_seen": len(rinfo), "windows_split": len(wins),
-              "newest_policy_version": newest, **group_counts}
+              "newest_policy_version": newest, **group_counts, "token_ids_from": token_source}
     return Plan(steps, stored, samples, +drops, sorted(pending), counts)
+
+
+def _one_tokenizer(stored: list, steps: dict, tokenizer) -> str:
+    """The one tokenizer fingerprint the dataset's ids come from, or a ConfigError naming two rollouts whose
+    ids come from different ones. A rollout's recorded ids count with its rollout_started.tokenizer ("":
+    unknown, an older recorder, not checkable); its text-only steps with the build's `tokenizer`."""
+    seen: dict[str, str] = {}
+    for r in stored:
+        text = steps["text_only"][r.lo:r.hi][r.used]
+        if (~text).any() and r.info.get("tokenizer"):
+            seen.setdefault(r.info["tokenizer"], r.info["rollout_id"])
+        if text.any():
+            seen.setdefault(tokenizer.fingerprint, r.info["rollout_id"])
+    if len(seen) > 1:
+        (a, ra), (b, rb) = list(seen.items())[:2]
+        raise ConfigError(f"the dataset would mix token ids of different tokenizers: rollout {ra} has ids from {a}, "
+                          f"rollout {rb} from {b} (text-only steps count as tokenizer={tokenizer.fingerprint}); build "
+                          "from one tokenizer's rollouts (tasks=, iteration=) or set tokenizer= to the model directory "
+                          "they were recorded with")
+    return next(iter(seen), "")
 
 
 @dataclass(frozen=True)
@@ -434,7 +504,21 @@ def _split_one(info: dict, bounds: dict, steps: dict, judges: dict, splits: dict
     for w, qw in zip(res.windows, q.tolist()):
         body = w.spans[:, 0]
         wins.append(_Win(len(rollouts), w, qw, int(pv[body[is_asst[body]]].min()), newest))
-    rollouts.append(_Rollout(info, lo, hi, res.prefix_len))
+    ctx = steps["context_start"][lo:hi]
+    rollouts.append(_Rollout(info, lo, hi, res.prefix_len,
+                             same_ctx=[same_context(w, ctx, steps["n_tokens"][lo:hi]) for w in res.windows],
+                             prefix_same_ctx=bool(np.all(ctx[:res.prefix_len] >= 0))))
+
+
+def same_context(w, context_start: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:
+    """bool [n_spans]: the window gives span k's step exactly the context it was generated in. The runner
+    records `context_start` c (it was given steps [0, P) ++ [c, step)); the window gives prefix ++ its spans,
+    so they agree when c is the window's first step and every span up to k is its whole, consecutive step
+    (no truncated observation, no dropped turn in between)."""
+    sp = w.spans
+    k = np.arange(len(sp))
+    whole = (sp[:, 0] == w.first_step + k) & (sp[:, 1] == 0) & (sp[:, 2] == n_tokens[sp[:, 0]])
+    return np.logical_and.accumulate(whole) & (context_start[sp[:, 0]] == w.first_step) & (not w.obs_truncated)
 
 
 def _choose(wins: list, rollouts: list, kind: str, config: DatasetConfig, drops: Counter, sib_wins: list = (),
@@ -556,6 +640,8 @@ def _list(parts: list[np.ndarray], typ: pa.DataType) -> pa.Array:
 
 def _samples_table(p: Plan, kind: str) -> pa.Table:
     rows = [(r.info, w) for r in p.rollouts for w in r.windows]
+    same = [r.same_ctx[w.window_idx] for r in p.rollouts for w in r.windows]
+    prefix_same = [r.prefix_same_ctx for r in p.rollouts for _ in r.windows]
     spans = [w.spans for _, w in rows]
     g = lambda f: [getattr(w, f) for _, w in rows]  # noqa: E731
     rl = kind == "rl"
@@ -571,6 +657,7 @@ def _samples_table(p: Plan, kind: str) -> pa.Table:
         "policy_version": p.samples["policy_version"], "staleness": p.samples["staleness"],
         **{name: _list([s[:, c] for s in spans], typ) for c, (name, typ) in enumerate(
             [("span_step", pa.int32()), ("span_start", pa.int32()), ("span_end", pa.int32()), ("span_loss", pa.bool_())])},
+        "span_same_ctx": _list(same, pa.bool_()), "prefix_same_ctx": pa.array(prefix_same, pa.bool_()),
     })
 
 

@@ -2,7 +2,9 @@
 
 `load_tokenizer("bytes")` gives the built-in UTF-8 byte tokenizer (ids 0..255, for tests and demos);
 `load_tokenizer("path/to/tokenizer.json")` (or a directory holding one) loads a Hugging Face
-`tokenizers` file from local disk; nothing is ever downloaded. Each tokenizer has a `fingerprint`
+`tokenizers` file from local disk; a model directory with a chat template (`klong model import`) gives a
+`consumers.chat.ChatTokenizer`, which renders whole conversations with the template instead (the dataset
+builder and the importer use its per-message spans); nothing is ever downloaded. Each tokenizer has a `fingerprint`
 (the spec, or the file's sha256) for dataset manifests: same fingerprint, same tokens. Only the
 step content is encoded, without special tokens or a chat template: steps are concatenated later,
 and role markers are the scaffold's business, recorded in the content when it wants them.
@@ -71,10 +73,28 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """"bytes" -> ByteTokenizer; anything else is a path to tokenizer.json (or its directory)."""
+    """"bytes" -> ByteTokenizer; a model directory with a chat template -> `consumers.chat.ChatTokenizer`
+    (messages rendered with the template); any other path is a tokenizer.json (or its directory)."""
     if str(spec) == "bytes":
         return ByteTokenizer()
+    if is_model_dir(spec):
+        from consumers.chat import ChatTokenizer
+
+        return ChatTokenizer(spec)
     return HFTokenizer(spec)
+
+
+def is_model_dir(spec: str | Path) -> bool:
+    """A directory holding tokenizer.json and a chat template (chat_template.jinja or in tokenizer_config)."""
+    import json
+
+    path = Path(spec)
+    if not (path / "tokenizer.json").is_file():
+        return False
+    if (path / "chat_template.jinja").is_file():
+        return True
+    cfg = path / "tokenizer_config.json"
+    return cfg.is_file() and bool(json.loads(cfg.read_text()).get("chat_template"))
 
 
 def fill_token_ids(tokenizer: Tokenizer, contents: Sequence[str],

@@ -1,7 +1,7 @@
 """`klong import trajectories FILE`: teacher trajectories (OpenAI chat-messages JSONL) -> rollout events.
 
     klong import trajectories teacher.jsonl                         # text-only steps, paper-reading prefix rule
-    klong import trajectories teacher.jsonl --tokenizer tok.json    # token_ids computed now
+    klong import trajectories teacher.jsonl --tokenizer MODEL_DIR   # ids rendered with its chat template
     klong import trajectories teacher.jsonl --prefix-steps 2 --dry-run
     klong import trajectories trajectory.json --task-id fre       # Harbor ATIF / mini-SWE-agent .traj.json
 
@@ -31,6 +31,10 @@ def cmd_trajectories(args) -> int:
     from producers.importer import ImportOptions, import_trajectories
 
     tokenizer = args.tokenizer or os.environ.get("KLONG_IMPORT_TOKENIZER") or None
+    if tokenizer and tokenizer != "bytes" and os.sep not in tokenizer and not os.path.exists(tokenizer):  # a NAME
+        from trainer.model_import import resolve_model_dir
+
+        tokenizer = str(resolve_model_dir(tokenizer, _settings(args).home))
     opts = ImportOptions(tokenizer=tokenizer, prefix_steps=args.prefix_steps, paper_rule=not args.no_paper_rule,
                          group_field=args.group_field, timeout_s=args.timeout_s, strict=args.strict,
                          dry_run=args.dry_run, format=args.format, task_id=args.task_id)
@@ -95,7 +99,9 @@ def register(sub, common) -> None:
                         "ids kept); mini-swe: mini-SWE-agent .traj.json; auto (default): detected per trajectory")
     t.add_argument("--task-id", metavar="ID",
                    help="the registered task of ATIF / mini-SWE-agent trajectories (they do not name one)")
-    t.add_argument("--tokenizer", help="compute token_ids at import with this local tokenizer.json (or 'bytes'); "
+    t.add_argument("--tokenizer", help="compute token_ids at import: a model directory (HOME/models/NAME from "
+                                       "`klong model import`) renders each row with its chat template and the row's "
+                                       "`tools`; a bare tokenizer.json or 'bytes' encodes each message alone; "
                                        "default: text-only steps, tokenized when a dataset is built "
                                        "(env KLONG_IMPORT_TOKENIZER)")
     t.add_argument("--prefix-steps", type=_nonneg_int, metavar="N",
@@ -117,7 +123,8 @@ ROW_HELP = """A row: {"task_id": "fre", "messages": [{"role": "system", "content
   {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
    "function": {"name": "read_file_chunk", "arguments": "{\\"file\\": \\"/home/paper/paper.md\\"}"}}]},
   {"role": "tool", "tool_call_id": "c1", "content": "..."}, ...],
-  "score": 0.8, "id": "traj-17", "group_id": "...", "pinned_steps": 4, "model": "..."}   (score..model optional)
+  "score": 0.8, "id": "traj-17", "group_id": "...", "pinned_steps": 4, "model": "...",
+  "tools": [{"type": "function", "function": {"name": "bash", "parameters": {...}}}]}   (score..tools optional)
 The task must be registered (`klong tasks import DIR --split train`). Pinned prefix: system messages, the first
 user message, then the assistant tool calls that read the paper (/home/paper/..., paper.md, paper.pdf) and
 their outputs, up to the first step that is not paper reading."""

@@ -1,6 +1,6 @@
 """Teacher trajectories (OpenAI chat-messages JSONL) -> rollout events, all or nothing per row.
 
-    klong import trajectories teacher.jsonl [--tokenizer tokenizer.json] [--prefix-steps N] [--no-paper-rule]
+    klong import trajectories teacher.jsonl [--tokenizer MODEL_DIR] [--prefix-steps N] [--no-paper-rule]
     >>> report = import_trajectories(settings, "teacher.jsonl", ImportOptions())   # -> ImportReport
 
 One row per line: `{"task_id": "fre", "messages": [...], "score": 0.8, "id": "traj-17", "group_id": ...}`.
@@ -15,6 +15,13 @@ Assistant steps: the first tool call is the step's structured `tool_call`; the s
 message text followed by every tool call rendered as `<tool_call>{"name": ..., "arguments": ...}
 </tool_call>`, because the content is what gets tokenized for training (a tool call left out of the
 content would teach nothing) and because a message may make several calls while a step holds one.
+
+Token ids at import (`tokenizer`): a model directory (`klong model import`) renders the row's messages
+and its `tools` with the model's chat template and records each message's span of that rendering
+(`consumers.chat`): the step ids concatenated are `apply_chat_template(messages, tools)`, tool calls and
+role markup included, and each assistant step holds what the model writes after `<|im_start|>assistant\n`.
+"bytes" or a bare tokenizer.json encode each step content alone (tests). rollout_started records the
+tokenizer's fingerprint.
 
 The pinned prefix (steps `[0, P)`): leading system messages, the first user message, then each leading
 assistant message whose every tool call reads the task's paper files, with its tool outputs, up to the
@@ -39,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from consumers.chat import ChatTokenizer, TemplateError, to_openai
 from consumers.tokenize import load_tokenizer
 from klong.settings import Settings
 from producers.import_formats import read_objects
@@ -103,6 +111,7 @@ class Row:
     prefix: int  # steps [0, prefix) are pinned
     score: Optional[float]
     model: str = ""
+    tools: tuple = ()  # the row's OpenAI `tools` (function schemas): rendered into the system message
 
 
 @dataclass(frozen=True)
@@ -276,8 +285,12 @@ def parse_row(obj: Any, line: int, opts: ImportOptions, seen: dict[str, int]) ->
         key = f"hash:{row_hash}#{n}"
     rollout_id = ID_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:32]
     model = obj.get("model") if isinstance(obj.get("model"), str) else ""
+    tools = obj.get("tools") or []
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowError("`tools` must be a list of OpenAI tool objects ({\"type\": \"function\", \"function\": "
+                       "{\"name\", \"parameters\", ...}})")
     return Row(line, rollout_id, row_hash, task_id, group, messages, prefix, None if score is None else float(score),
-               model[:256])
+               model[:256], tuple(tools))
 
 
 def read_rows(path: Path, opts: ImportOptions) -> Iterator[tuple[int, Optional[Row], Optional[str]]]:
@@ -320,6 +333,20 @@ def event_id(row: Row, n: int) -> str:
     return str(uuid.uuid5(_NS, f"{row.rollout_id}/{row.row_hash}/{n}"))
 
 
+def chat_messages(row: Row) -> list[dict]:
+    """The row's messages as the chat template takes them (tool calls structured, not in the content)."""
+    return [to_openai(m.role, m.text, [(c.name, c.arguments, c.id) for c in m.calls], m.tool_call_id)
+            for m in row.messages]
+
+
+def row_token_ids(row: Row, tokenizer) -> list:
+    """Token ids per message: a model directory's chat template split per message (`consumers.chat`: the
+    ids concatenated are `apply_chat_template(messages, tools)`), else each step content encoded alone."""
+    if isinstance(tokenizer, ChatTokenizer):
+        return tokenizer.message_spans(chat_messages(row), row.tools)
+    return tokenizer.encode_batch([render(m) for m in row.messages])
+
+
 def row_events(row: Row, tokenizer=None, timeout_s: float = 43200.0) -> list[Envelope]:
     """The events of one row, in emission order, with deterministic event ids."""
     n = 0
@@ -331,9 +358,10 @@ def row_events(row: Row, tokenizer=None, timeout_s: float = 43200.0) -> list[Env
                          producer_id="klong-import")
 
     out = [ev(RolloutStarted, RolloutStartedPayload(task_id=row.task_id, group_id=row.group_id, timeout_s=timeout_s,
-                                                    scaffold="import", model=row.model))]
+                                                    scaffold="import", model=row.model,
+                                                    tokenizer=tokenizer.fingerprint if tokenizer is not None else ""))]
     contents = [render(m) for m in row.messages]
-    ids = tokenizer.encode_batch(contents) if tokenizer is not None else [None] * len(contents)
+    ids = row_token_ids(row, tokenizer) if tokenizer is not None else [None] * len(contents)
     for i, (m, text, tok) in enumerate(zip(row.messages, contents, ids)):
         tok = m.token_ids if m.token_ids is not None else tok  # ids the harness recorded win (token-in/token-out)
         out.append(ev(Step, StepPayload(
@@ -368,9 +396,10 @@ def _archived(settings: Settings) -> tuple[dict[str, str], set[str]]:
 
 
 def validate(settings: Settings, path: str | Path, opts: ImportOptions, registered: Optional[dict] = None,
-             checked: Callable[[int], None] = lambda n: None) -> ImportReport:
+             checked: Callable[[int], None] = lambda n: None, tokenizer=None) -> ImportReport:
     """Pass 1: every row checked, nothing sent. `report.imported` holds the rows that would be imported.
-    `checked(rows_so_far)` is called as rows are read."""
+    `checked(rows_so_far)` is called as rows are read. With a chat template (`tokenizer` a ChatTokenizer)
+    every row is rendered too, so a row the template cannot split is skipped before anything is sent."""
     from producers.tasks import registered_tasks
 
     path = Path(path)
@@ -384,6 +413,11 @@ def validate(settings: Settings, path: str | Path, opts: ImportOptions, register
         if row is not None and row.task_id not in registered:
             row, reason = None, (f"task {row.task_id!r} is not registered (register it first: "
                                  "`klong tasks import DIR --split train`)")
+        if row is not None and isinstance(tokenizer, ChatTokenizer):
+            try:
+                row_token_ids(row, tokenizer)
+            except TemplateError as e:
+                row, reason = None, str(e)
         if row is None:
             report.skipped.append((line, reason))
             continue
@@ -416,7 +450,7 @@ def import_trajectories(settings: Settings, path: str | Path, opts: ImportOption
     from producers.recorder import publish
 
     tokenizer = load_tokenizer(opts.tokenizer) if opts.tokenizer else None  # a bad path fails before any work
-    report = validate(settings, path, opts, registered, checked)
+    report = validate(settings, path, opts, registered, checked, tokenizer)
     if opts.strict and report.skipped:
         line, reason = report.skipped[0]
         raise TrajectoryImportError(f"{len(report.skipped)} bad row(s), nothing imported (--strict); "

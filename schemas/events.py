@@ -116,6 +116,9 @@ class RolloutStartedPayload(msgspec.Struct, frozen=True, kw_only=True):
     policy_version: NonNegInt = 0
     scaffold: str = ""
     model: str = ""
+    # Fingerprint of the vocabulary + chat template the steps' token_ids come from (consumers.chat; "bytes"
+    # for the byte tokenizer; "" unknown): a dataset never mixes rollouts of two fingerprints.
+    tokenizer: str = ""
 
 
 class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,6 +138,10 @@ class StepPayload(msgspec.Struct, frozen=True, kw_only=True):
     pinned: bool = False
     elapsed_s: NonNegFloat = 0.0
     policy_version: NonNegInt = 0
+    # Token-in/token-out runners: the model was given steps [0, P) ++ [context_start, step_idx) when it
+    # produced this step (P: the pinned prefix); None: unknown (text-only or an older recorder). A prune
+    # moves it forward. logprobs may end in NaN for tokens the template adds after the sampled ones.
+    context_start: Optional[NonNegInt] = None
     # Claim check: content/token_ids/logprobs live in this content-addressed blob (see schemas.claimcheck).
     blob_ref: Optional[str] = None
 
