@@ -312,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from klong.settings import install_log_redaction
+
+    install_log_redaction()  # no secret in any log line, at any level
     if not args.verbose:
         logging.getLogger("kafka").setLevel(logging.CRITICAL)
     try:

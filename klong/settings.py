@@ -3,7 +3,10 @@
 Every command takes `--home DIR` (or `KLONG_HOME`, default `./klong-data`) and `--bootstrap-servers`
 (or `KLONG_BOOTSTRAP_SERVERS`; default: the embedded broker started with `klong broker start` in the
 same home). Security settings for a real cluster come from the environment and are passed through
-to kafka-python untouched; secrets are never printed (`Settings.describe()` masks them):
+to kafka-python; secrets are never printed: `Settings.describe()` masks them, the password is a
+`Secret` (its repr is `'***'`, so a client's config dump at DEBUG level shows no password), and the
+CLI's log handlers carry a `RedactingFilter` that masks secret values and secret-looking key=value
+pairs in every log line:
 
     KLONG_KAFKA_SECURITY_PROTOCOL   PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
     KLONG_KAFKA_SASL_MECHANISM      PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
@@ -17,7 +20,9 @@ share one cluster.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +40,60 @@ _SECURITY_ENV = {
     "KLONG_KAFKA_SSL_KEYFILE": "ssl_keyfile",
 }
 _SECRET = {"sasl_plain_password"}
+# Environment variables whose values are secrets wherever they turn up (logs): the named ones, and any
+# variable whose name says so.
+_SECRET_ENV = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|APIKEY|CREDENTIAL)", re.I)
+# key=value / "key": "value" pairs whose key says secret, in any logged text (a client's config dump).
+_SECRET_PAIR = re.compile(r"""(?P<key>['"]?[\w.-]*(?:password|passwd|secret|token|api_key|apikey)[\w.-]*['"]?\s*[:=]\s*)"""
+                          r"""(?P<q>['"]?)(?P<value>[^'",\s}]+)(?P=q)""", re.I)
+
+
+class Secret(str):
+    """A secret string: its value for whoever uses it, `'***'` in every repr (a dict of client settings
+    printed by a library at DEBUG level, a dataclass in a traceback)."""
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+def redact(text: str, secrets: list[str] | None = None) -> str:
+    """`text` with every secret value (from the environment, or `secrets`) and every secret-looking
+    key=value pair masked."""
+    values = secrets if secrets is not None else _secret_values()
+    for v in values:
+        text = text.replace(v, "***")
+    return _SECRET_PAIR.sub(lambda m: m["key"] + m["q"] + "***" + m["q"], text)
+
+
+def _secret_values() -> list[str]:
+    vals = {v for k, v in os.environ.items() if (_SECRET_ENV.search(k) or k in _SECURITY_ENV and
+                                                  _SECURITY_ENV[k] in _SECRET) and len(v) >= 4}
+    return sorted(vals, key=len, reverse=True)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter (put it on handlers) that masks secrets in every record's final message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is logging's business, not ours
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+def install_log_redaction(logger: logging.Logger | None = None) -> None:
+    """Adds a RedactingFilter to every handler of `logger` (default: the root logger)."""
+    for h in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactingFilter) for f in h.filters):
+            h.addFilter(RedactingFilter())
 
 
 @dataclass(frozen=True)
@@ -98,7 +157,8 @@ class Settings:
     def load(cls, home: str | os.PathLike | None = None, bootstrap_servers: str | None = None,
              topic_prefix: str | None = None, partitions: int | None = None) -> "Settings":
         home_path = Path(home or os.environ.get("KLONG_HOME") or "klong-data").resolve()
-        security = {kw: os.environ[env] for env, kw in _SECURITY_ENV.items() if os.environ.get(env)}
+        security = {kw: Secret(os.environ[env]) if kw in _SECRET else os.environ[env]
+                    for env, kw in _SECURITY_ENV.items() if os.environ.get(env)}
         parts = partitions or int(os.environ.get("KLONG_PARTITIONS", "4"))
         if parts < 1:
             raise ConfigError(f"partitions must be >= 1, got {parts}")
