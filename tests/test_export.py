@@ -34,7 +34,7 @@ def test_export_round_trips_every_sample(train_home, tmp_path, fmt, ref):  # noq
     report = export_dataset(train_home.home, ref, fmt, tmp_path / "out", shard_tokens=3000, chunk_tokens=700)
     assert len(report.files) > 1
     rows = _load(tmp_path / "out")
-    reader = DatasetReader(train_home.home, ref)
+    reader = DatasetReader(train_home.home, ref, need_behaviour=False)  # klong train's default (recompute)
     assert len(rows) == len(reader) == report.samples > 20
     rl = reader.kind == "rl"
     lost = 0
@@ -52,15 +52,16 @@ def test_export_round_trips_every_sample(train_home, tmp_path, fmt, ref):  # noq
         if fmt == "verl":
             assert row["position_ids"] == list(range(n)) and row["uid"] == row["group_id"]
         if rl:
+            assert row["has_logprob"] == mb.has_logprob[0, :n].tolist()
+            lost += sum(1 for m, h in zip(row[MASK[fmt]], row["has_logprob"]) if m and not h)
             assert np.allclose(np.array(row[LOGPROBS[fmt]])[mb.loss_mask[0, :n] == 1],
                                mb.logprobs[0, :n][mb.loss_mask[0, :n] == 1])
             want_adv = mb.advantage[0, :n]
             got = np.array(row["advantages"]) if fmt == "verl" else np.array(row["advantages"]) * mb.loss_mask[0, :n]
             assert np.allclose(got, want_adv, atol=1e-6)
-        lost += int(reader.n_no_logprob[j])
     assert report.loss_tokens == int(reader.trainable.sum())
     if rl:
-        assert lost > 0  # the text-only action of r05 is left out of the loss, as the trainer does
+        assert lost == int(reader.n_no_logprob.sum()) > 0  # r05's text-only action: trained, marked no logprob
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert manifest["content_hash"] == reader.content_hash and manifest["format"] == fmt
 

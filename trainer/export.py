@@ -8,8 +8,10 @@ Every sample (window) is one row. Its tokens and loss mask are exactly what `klo
 they come from the trainer's own reader (`trainer.data.DatasetReader`, which verifies the content hash
 first), gathered for many samples at once with numpy (no per-token Python), so an export runs at about
 the speed of writing its Parquet. The loss mask is the trainer's: 1 on assistant tokens of the window
-(and prefix assistant tokens where `prefix_loss` says so), 0 on position 0 (nothing predicts it) and, in
-RL datasets, 0 on action tokens without a behaviour logprob (text-only imports). Column names per format
+(and prefix assistant tokens where `prefix_loss` says so), 0 on position 0 (nothing predicts it); RL
+datasets add the behaviour logprobs and `has_logprob` (0 on action tokens that have none: text-only imports,
+markup a chat template adds after a completion; `klong train` with `loss.old_logprobs: behaviour` leaves
+those out of the loss, its default `recompute` trains them, like this mask). Column names per format
 (`FORMATS`): TRL's `assistant_masks` / `completion_mask`, HF's `labels` (-100 off the loss), verl's
 `response_mask`, `old_log_probs`, per-token `advantages` and `uid` (the GRPO group). Every format also
 carries the sample's identity and numbers (rollout_id, window_idx, group_id, q, advantage, ...), and with
@@ -67,6 +69,7 @@ class Chunk:
     input_ids: np.ndarray  # int32 [tokens]
     loss_mask: np.ndarray  # int8 [tokens]: the trainer's loss tokens
     logprobs: Optional[np.ndarray]  # float32 [tokens] (rl): behaviour logprob, 0 where none
+    has_logprob: Optional[np.ndarray]  # int8 [tokens] (rl): 1 where a behaviour logprob was recorded
     advantage: Optional[np.ndarray]  # float32 [rows] (rl)
 
 
@@ -88,14 +91,10 @@ def gather(reader: DatasetReader, a: int, b: int) -> Chunk:
     np.cumsum(lengths, out=offsets[1:])
     starts = offsets[:-1][lengths > 0]
     mask[starts] = 0  # nothing predicts position 0 (the trainer's rule)
-    lp = adv = None
+    lp = has = adv = None
     if reader.logprobs is not None:
-        lp = reader.logprobs[idx]
-        nan = reader._lp_nan  # per stored token: no behaviour logprob (set only when a loss token lacks one)
-        if nan is not None:
-            mask[nan[idx]] = 0  # no ratio, no loss: what the trainer does for text-only actions
-        adv = reader.advantage[a:b]
-    return Chunk(offsets.astype(np.int32), reader.tokens[idx], mask, lp, adv)
+        lp, has, adv = reader.logprobs[idx], reader.has_logprob[idx].astype(np.int8), reader.advantage[a:b]
+    return Chunk(offsets.astype(np.int32), reader.tokens[idx], mask, lp, has, adv)
 
 
 def _lists(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
@@ -122,6 +121,7 @@ def columns(fmt: str, kind: str, chunk: Chunk) -> dict[str, pa.Array]:
         per_token_adv = np.repeat(chunk.advantage, np.diff(off)) * mask
         lp_name = {"trl": "old_per_token_logps", "hf": "logprobs", "verl": "old_log_probs"}[fmt]
         out[lp_name] = _lists(off, chunk.logprobs)
+        out["has_logprob"] = _lists(off, chunk.has_logprob)
         if fmt == "verl":
             out["advantages"] = _lists(off, per_token_adv.astype(np.float32))
         else:
@@ -152,7 +152,10 @@ def export_dataset(home: Path | str, ref: str, fmt: str, directory: Path | str, 
     out = Path(directory)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} already exists and is not an empty directory: export into a new one")
-    reader = DatasetReader(home, ref)  # verifies the files against the manifest's content hash
+    # Verifies the files against the manifest's content hash. need_behaviour=False: the loss mask keeps action
+    # tokens without a behaviour logprob, as `klong train` does by default (old logprobs recomputed);
+    # `has_logprob` says which tokens have one, for a trainer that uses the behaviour logprobs instead.
+    reader = DatasetReader(home, ref, need_behaviour=False)
     meta = pq.read_table(reader.path / ds.SAMPLES, columns=list(META_COLUMNS))  # rows in the reader's order
     meta = meta.append_column("dataset", pa.array([reader.ref] * meta.num_rows, pa.string()))
     if fmt == "verl":
