@@ -9,8 +9,8 @@ dataset version's overlay on a rollout is in store.overlay.
 
 A page is one catalog connection (the views are created once per connection, which is most of the cost
 on a large archive) and a few small SQL statements with parameters. Contents longer than
-`COLLAPSE_CHARS` come as head + tail with their full length; the rest is fetched when expanded, so a
-700-turn rollout's page stays small.
+`COLLAPSE_CHARS` (assistant messages: `ASSISTANT_CHARS`) come as head + tail with their full length;
+the rest is fetched when expanded, so a 700-turn rollout's page stays small.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from schemas.errors import ConfigError, TerminalError, ValidationError
 from schemas.rubric import node_scores
 from store.catalog import Catalog, sql_str
 
-COLLAPSE_CHARS = 1200  # longer contents are shown as head ... tail until expanded
-HEAD_CHARS, TAIL_CHARS = 600, 400
+# Longer contents are shown as head ... tail until expanded: observations (tool outputs, prompts) beyond
+# COLLAPSE_CHARS, assistant messages beyond ASSISTANT_CHARS (the policy's own words are read more often).
+COLLAPSE_CHARS, ASSISTANT_CHARS = 600, 2000
+HEAD_CHARS, TAIL_CHARS = 300, 200
 ROLLOUT_COLUMNS = ("rollout_id", "task_id", "group_id", "stage", "iteration", "last_iteration", "status", "n_steps",
                    "n_turns", "n_tokens", "elapsed_s", "final_score", "n_judged", "n_resumes", "policy_version",
                    "last_policy_version", "model", "started_at")
@@ -109,12 +111,14 @@ class Viewer:
             if not meta:
                 raise NotFound(f"rollout {rollout_id!r} is not in the archive")
             steps = _rows(con, f"""
-                SELECT step_idx, role, CASE WHEN length(content) > {COLLAPSE_CHARS} THEN left(content, {HEAD_CHARS})
-                       ELSE content END AS head,
-                       CASE WHEN length(content) > {COLLAPSE_CHARS} THEN right(content, {TAIL_CHARS}) END AS tail,
+                WITH s AS (SELECT *, length(content) > CASE WHEN role = 'assistant' THEN {ASSISTANT_CHARS}
+                                                             ELSE {COLLAPSE_CHARS} END AS collapsed
+                           FROM steps WHERE rollout_id = ?)
+                SELECT step_idx, role, CASE WHEN collapsed THEN left(content, {HEAD_CHARS}) ELSE content END AS head,
+                       CASE WHEN collapsed THEN right(content, {TAIL_CHARS}) END AS tail,
                        length(content) AS n_chars, tool_name, tool_arguments, tool_call_id, n_tokens, pinned,
                        elapsed_s, policy_version, claim_checked
-                FROM steps WHERE rollout_id = ?
+                FROM s
                 QUALIFY row_number() OVER (PARTITION BY step_idx ORDER BY produced_at) = 1
                 ORDER BY step_idx""", (rollout_id,))
             resumes = _rows(con, "SELECT iteration, policy_version, stage, next_step_idx, produced_at "

@@ -22,6 +22,7 @@ from klong.cli import main
 from klong.settings import Settings, Topics
 from store.catalog import Catalog, sql_str
 from store.report import FIGURES, series
+from store.viewer import HEAD_CHARS, TAIL_CHARS
 from tests.test_tasks import klong
 from tests.ui_data import BLACKLISTED, build_plan_home
 
@@ -143,8 +144,8 @@ def test_rollout_as_a_conversation_with_prefix_tool_calls_timing_and_an_expanded
     assert out["role"] == "tool" and len(out["content"]) > 10_000
     box = page.locator(f"#s-{out['step_idx']}")
     assert "\n1500\n" not in box.text_content() and box.locator("pre.full").count() == 0
-    assert box.locator("pre.body").first.text_content() == out["content"][:600]
-    assert box.locator("pre.tail").text_content() == out["content"][-400:]
+    assert box.locator("pre.body").first.text_content() == out["content"][:HEAD_CHARS]
+    assert box.locator("pre.tail").text_content() == out["content"][-TAIL_CHARS:]
     box.locator("button.expand").click()
     assert box.locator("pre.full").text_content() == out["content"]
     assert box.locator("button.expand").count() == 0
@@ -323,5 +324,7 @@ def test_report_writes_every_figure_and_plots_what_sql_says(data, tmp_path, caps
 
     assert main(klong(settings, "report", "--plan", "nope", "-o", str(tmp_path / "x"))) == 2
     assert "no plan 'nope' in the archive (plans: ui-plan)" in capsys.readouterr().err
-    assert main(klong(settings, "report", "-o", str(tmp_path / "all"))) == 0  # every rollout, latest versions
-    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(f"{n}.png" for n in FIGURES)
+    # without a plan: every ended rollout, and the latest version of each dataset
+    everything = series("stages", cat)
+    assert sum(everything["rollouts"]) == cat.scalar("SELECT count(*) FROM rollouts WHERE status <> 'running'")
+    assert set(series("windows", cat)["ref"]) == {"ui-rl@3"}

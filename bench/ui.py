@@ -1,0 +1,171 @@
+"""Benchmark: `klong ui` on a 700-turn rollout: the conversation page and a dataset overlay, server time and
+browser load (goal < 1 s each), beside a plain `klong sql` of the same rows measured in the same run.
+
+    .venv/bin/python bench/ui.py [--turns 700] [--rollouts 4] [--repeat 5] [--keep DIR]
+
+Data: `klong simulate` rollouts of exactly `--turns` turns through the real broker (embedded Tansu) and
+recorder, archived by the sink, and an RL dataset version built from them (max_tokens 32768, so a rollout
+has dozens of windows). Then, with `klong ui`'s app served by uvicorn in this process:
+- server: wall time of GET /rollouts/<id> (the HTML, all queries included) and of the overlay JSON;
+- browser: headless Chromium (Playwright) load of the page (navigation start -> load event), a scroll to
+  the bottom (until the next two frames), and switching the overlay on (select -> windows drawn);
+- peer: `klong sql` of the same steps (the columns the page shows, whole contents) as a process, as a user
+  would run it, and the same query in-process (Catalog.arrow), and of the rollout's samples.
+Medians of `--repeat` runs; one figure per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from klong.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
+from klong.settings import Settings, Topics  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync"]
+GOAL_S = 1.0
+
+
+def make_home(root: Path, rollouts: int, turns: int) -> tuple[Settings, str, str]:
+    """Simulated rollouts -> broker -> sink -> archive, and an RL dataset version; (settings, rollout, ref)."""
+    from consumers.materialize import build_version
+    from consumers.sink import Sink
+    from producers.outbox import Outbox
+    from producers.simulate import simulate
+    from store.catalog import Catalog
+
+    broker = BrokerProcess.start(free_port(), root / "broker.log")
+    try:
+        settings = Settings(home=root / "home", bootstrap_servers=broker.bootstrap, topics=Topics("bench"), partitions=4)
+        settings.home.mkdir(parents=True)
+        ensure_topics(settings)
+        with Outbox(settings, fsync="batch", retain="acked") as outbox:
+            simulate(outbox, rollouts=rollouts, seed=0, turns=(turns, turns), running_fraction=0.0, timeout_fraction=0.0)
+            outbox.flush(timeout=600)
+        Sink(settings).run(until_idle=True)
+    finally:
+        broker.stop()
+    ref = build_version(settings.home, "bench-ui", "rl", {"max_tokens": 32768, "overlap_turns": 2}).ref
+    rid = Catalog(settings).arrow("SELECT rollout_id FROM rollouts ORDER BY n_turns DESC, rollout_id LIMIT 1"
+                                  ).column(0)[0].as_py()
+    return settings, rid, ref
+
+
+def timed(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=120) as r:
+        return r.read()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--turns", type=int, default=700, help="assistant turns per rollout (default 700)")
+    ap.add_argument("--rollouts", type=int, default=4, help="rollouts in the archive (default 4)")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per measurement; the median is printed")
+    ap.add_argument("--keep", help="build the data home here and keep it (default: a temp dir, removed)")
+    args = ap.parse_args()
+    root = Path(args.keep or tempfile.mkdtemp(prefix="klong-bench-ui-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        return run(root, args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run(root: Path, args) -> int:
+    from playwright.sync_api import sync_playwright
+
+    from store.catalog import Catalog, sql_str
+    from store.ui.app import ServerThread, create_app
+
+    t0 = time.perf_counter()
+    settings, rid, ref = make_home(root, args.rollouts, args.turns)
+    cat = Catalog(settings)
+    info = cat.arrow(f"SELECT n_steps, n_turns, n_tokens FROM rollouts WHERE rollout_id = {sql_str(rid)}").to_pylist()[0]
+    n_windows = cat.scalar(f"SELECT count(*) FROM samples WHERE rollout_id = {sql_str(rid)}")
+    print(f"data: {args.rollouts} rollouts of {args.turns} turns simulated, archived and built into {ref} in "
+          f"{time.perf_counter() - t0:.0f} s; rollout {rid}: {info['n_steps']:,} steps, {info['n_turns']} turns, "
+          f"{info['n_tokens']:,} tokens, {n_windows} windows")
+
+    steps_sql = ("SELECT step_idx, role, content, tool_name, tool_arguments, n_tokens, pinned, elapsed_s, policy_version "
+                 f"FROM steps WHERE rollout_id = {sql_str(rid)} ORDER BY step_idx")
+    samples_sql = f"SELECT * FROM samples WHERE rollout_id = {sql_str(rid)} AND dataset = 'bench-ui'"
+    klong = [sys.executable, "-m", "klong", "sql", "--home", str(settings.home), "--format", "csv", "-o",
+             str(root / "out.csv")]
+    sql_proc = timed(lambda: subprocess.run([*klong, steps_sql], check=True, cwd=ROOT), args.repeat)
+    sql_inproc = timed(lambda: cat.arrow(steps_sql), args.repeat)
+    samples_proc = timed(lambda: subprocess.run([*klong, samples_sql], check=True, cwd=ROOT), args.repeat)
+    samples_inproc = timed(lambda: cat.arrow(samples_sql), args.repeat)
+
+    with ServerThread(create_app(settings)) as url:
+        page_url = f"{url}/rollouts/{rid}"
+        overlay_url = f"{url}/api/rollouts/{rid}/overlay?ref={ref}"
+        get(page_url)  # first request: imports and template compilation
+        html_bytes = len(get(page_url))
+        server_page = timed(lambda: get(page_url), args.repeat)
+        server_overlay = timed(lambda: get(overlay_url), args.repeat)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(120_000)
+            loads, scrolls, overlays = [], [], []
+            for _ in range(args.repeat):
+                page.goto(page_url, wait_until="load")
+                loads.append(page.evaluate("(() => { const n = performance.getEntriesByType('navigation')[0]; "
+                                           "return (n.loadEventEnd - n.startTime) / 1000; })()"))
+                scrolls.append(page.evaluate("""() => new Promise((done) => { const t = performance.now();
+                    window.scrollTo(0, document.body.scrollHeight);
+                    requestAnimationFrame(() => requestAnimationFrame(() => done((performance.now() - t) / 1000))); })"""))
+                t0 = time.perf_counter()
+                page.select_option("#overlay-select", ref)
+                page.wait_for_function(f"document.getElementById('overlay-info').dataset.ref === '{ref}'")
+                overlays.append(time.perf_counter() - t0)
+            n_rows = page.locator("#windows tr.window").count()
+            n_steps = page.locator("#conversation .step").count()
+            browser.close()
+    assert n_steps == info["n_steps"] and n_rows == n_windows, (n_steps, n_rows)
+
+    def verdict(x: float) -> str:
+        return "ok" if x < GOAL_S else "OVER the goal"
+
+    load, scroll, ov = statistics.median(loads), statistics.median(scrolls), statistics.median(overlays)
+    print(f"rollout page, server (GET, all queries + HTML, {html_bytes / 1e6:.2f} MB): {server_page:.3f} s "
+          f"(goal < {GOAL_S:.0f} s: {verdict(server_page)})")
+    print(f"rollout page, browser load (navigation -> load event, {n_steps:,} steps drawn): {load:.3f} s "
+          f"(goal < {GOAL_S:.0f} s: {verdict(load)})")
+    print(f"rollout page, scroll to the bottom (two frames): {scroll:.3f} s")
+    print(f"peer: klong sql of the same {info['n_steps']:,} steps (a process, CSV): {sql_proc:.3f} s; "
+          f"in-process Catalog.arrow: {sql_inproc:.3f} s")
+    print(f"ratio page server / klong sql process: {server_page / sql_proc:.2f}; "
+          f"page server / in-process query: {server_page / sql_inproc:.2f}")
+    print(f"overlay {ref}, server (GET JSON, {n_windows} windows): {server_overlay:.3f} s "
+          f"(goal < {GOAL_S:.0f} s: {verdict(server_overlay)})")
+    print(f"overlay {ref}, browser (select -> windows drawn): {ov:.3f} s (goal < {GOAL_S:.0f} s: {verdict(ov)})")
+    print(f"peer: klong sql of the rollout's samples (a process): {samples_proc:.3f} s; in-process: {samples_inproc:.3f} s; "
+          f"ratio overlay server / klong sql process: {server_overlay / samples_proc:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
