@@ -210,7 +210,7 @@ def register(sub, common) -> None:
     b.set_defaults(func=cmd_build)
 
     ls = dsub.add_parser("list", parents=[common], help="every dataset version")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="one JSON object per version (ref, kind, counts, hash, created_at)")
     ls.set_defaults(func=cmd_list)
 
     sh = dsub.add_parser("show", parents=[common], help="one version: config, counts, drops, pending, input")
