@@ -131,5 +131,5 @@ def register(sub, common) -> None:
 
     li = sub.add_parser("lineage", parents=[common], help="checkpoint -> run -> dataset version -> its events")
     li.add_argument("checkpoint", help="a checkpoint directory (RUN_DIR/checkpoints/step-N)")
-    li.add_argument("--json", action="store_true")
+    li.add_argument("--json", action="store_true", help="the whole lineage as JSON")
     li.set_defaults(func=cmd_lineage)
