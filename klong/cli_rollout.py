@@ -147,7 +147,7 @@ def register(sub, common) -> None:
     run.add_argument("--snapshot-every", type=int, default=0, help="extra submission snapshots every N turns "
                                                                    "(default 0: only at the end)")
     run.add_argument("--request-timeout", type=float, default=600.0, help="seconds per policy call (default 600)")
-    run.add_argument("--temperature", type=float, default=1.0)
+    run.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the policy (default 1.0)")
     run.add_argument("--max-tokens", type=int, help="completion tokens per policy call (default: the server's)")
     run.add_argument("--no-token-ids", action="store_true", help="do not ask for vLLM's token-id extras "
                      "(needed for endpoints that reject unknown parameters; steps are then text-only)")
