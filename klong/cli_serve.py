@@ -68,7 +68,8 @@ def register(sub, common) -> None:
 
     s = sub.add_parser("serve", parents=[common], help="the policy server: vLLM serving a model directory",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("action", choices=["start", "stop", "status", "reload"])
+    s.add_argument("action", choices=["start", "stop", "status", "reload"],
+                   help="start the server, stop it, status (exit 0 if serving), reload a checkpoint into it")
     s.add_argument("checkpoint", nargs="?", help="reload: the checkpoint directory to serve")
     s.add_argument("--model", help="start: transformers model directory (its tokenizer and chat_template.jinja "
                                    "are used; reloads keep them)")
