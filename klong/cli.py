@@ -76,12 +76,22 @@ def cmd_sink(args) -> int:
 
 
 def cmd_sql(args) -> int:
-    from store.catalog import Catalog
-
+    from store.catalog import Catalog, QueryError
     from store.integrity import quarantined
+    from store.views import suggest_view, user_views
 
     s = _settings(args)
-    table = Catalog(s).arrow(args.query)
+    if args.views:
+        for name, cols in user_views(s):
+            print(f"{name}: " + ", ".join(f"{c} {t}" for c, t in cols))
+        return 0
+    if not args.query:
+        raise KlongError("give a query (SELECT ...), or --views to list the views")
+    try:
+        table = Catalog(s).arrow(args.query)
+    except QueryError as e:
+        hint = suggest_view(str(e), s)
+        raise QueryError(f"{e}{hint}") if hint else e
     _print_table(table, args.format, args.output)
     held = quarantined(s.archive_dir)
     if held:  # the answer leaves those events out: say so
@@ -170,13 +180,15 @@ def _print_table(table, fmt: str, output: str | None) -> None:
     rows = table.to_pylist()
     out = open(output, "w") if output else sys.stdout
     try:
-        if fmt == "json":
+        if fmt == "json":  # one JSON array
+            out.write("[" + ",\n".join(json.dumps(r, default=_json_default) for r in rows) + "]\n")
+        elif fmt == "ndjson":  # one JSON object per line
             for r in rows:
                 out.write(json.dumps(r, default=_json_default) + "\n")
         elif fmt == "csv":
             import csv
 
-            w = csv.writer(out)
+            w = csv.writer(out, lineterminator="\n")  # not csv's \r\n: `$(klong sql ... --format csv)` must match
             w.writerow(table.column_names)
             for r in rows:
                 w.writerow([_cell(v) for v in r.values()])
@@ -254,13 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     b = sub.add_parser("broker", parents=[common], help="start/stop the embedded Kafka-compatible broker (Tansu)")
-    b.add_argument("action", choices=["start", "stop", "status"])
+    b.add_argument("action", choices=["start", "stop", "status"],
+                   help="start: run it in the background (state in HOME/broker.json); stop; status: exit 0 if running")
     b.add_argument("--port", type=int, help="listen port (env KLONG_BROKER_PORT; default 9092)")
     b.add_argument("--partitions", type=int, help="partitions per topic (env KLONG_PARTITIONS; default 4)")
     b.set_defaults(func=cmd_broker)
 
     sk = sub.add_parser("sink", parents=[common], help="archive Kafka events into Parquet (exactly-once)")
-    sk.add_argument("action", choices=["run"])
+    sk.add_argument("action", choices=["run"], help="run: consume every topic and archive it (Ctrl-C stops cleanly)")
     sk.add_argument("--until-idle", action="store_true", help="exit once every partition is archived and idle")
     sk.add_argument("--group", action="store_true", help="join the sink consumer group (several sinks split partitions)")
     sk.add_argument("--flush-interval", type=float, default=1.0, help="seconds between flushes (default 1.0)")
@@ -269,17 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     sk.set_defaults(func=cmd_sink)
 
     q = sub.add_parser("sql", parents=[common], help="run a read-only SQL query over the archive (DuckDB)")
-    q.add_argument("query", help="SELECT ... over views: tasks rollouts steps step_tokens snapshots judge_requests "
-                                 "judge_results rollout_resumes training_runs dead_letters <event_type>_events")
-    q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    q.add_argument("query", nargs="?", help="SELECT ... over the views (`--views` lists them with their columns)")
+    q.add_argument("--views", action="store_true", help="list the views you can query, with their columns, and exit")
+    q.add_argument("--format", choices=["table", "csv", "json", "ndjson", "parquet"], default="table",
+                   help="table (default; long cells cut), csv (lines end in \\n), json (one array), ndjson (an "
+                        "object per line), parquet (needs --output)")
     q.add_argument("--output", "-o", help="write to this file instead of stdout (required for parquet)")
     q.set_defaults(func=cmd_sql)
 
     si = sub.add_parser("simulate", parents=[common], help="produce realistic synthetic rollouts through the recorder SDK")
-    si.add_argument("--rollouts", type=int, default=24)
-    si.add_argument("--seed", type=int, default=0)
-    si.add_argument("--min-turns", type=int, default=150)
-    si.add_argument("--max-turns", type=int, default=400)
+    si.add_argument("--rollouts", type=int, default=24, help="rollouts to simulate (default 24)")
+    si.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same rollouts (default 0)")
+    si.add_argument("--min-turns", type=int, default=150, help="fewest assistant turns per rollout (default 150)")
+    si.add_argument("--max-turns", type=int, default=400, help="most assistant turns per rollout (default 400)")
     si.add_argument("--timeout", type=float, default=300, help="seconds to wait for Kafka to take everything")
     si.add_argument("--judge-url", help="grade the judge requests with a real judge worker against this "
                                         "OpenAI-compatible endpoint (default: synthetic judge results)")
@@ -287,17 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     si.set_defaults(func=cmd_simulate)
 
     sc = sub.add_parser("schemas", parents=[common], help="export the JSON Schema of every event type")
-    sc.add_argument("action", choices=["export"])
-    sc.add_argument("dir")
+    sc.add_argument("action", choices=["export"], help="export: write the schemas")
+    sc.add_argument("dir", help="directory for events.schema.json and <event_type>.schema.json (created)")
     sc.set_defaults(func=cmd_schemas)
 
     st = sub.add_parser("status", parents=[common], help="per-partition lag, archive counts, dead letters")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="the whole report as JSON (per partition: end_offset, "
+                    "archived_to = the next offset the sink will read, lag)")
     st.set_defaults(func=cmd_status)
 
     d = sub.add_parser("demo", parents=[common], help="broker + simulated rollouts + sink + a few SQL answers")
-    d.add_argument("--rollouts", type=int, default=32)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--rollouts", type=int, default=32, help="rollouts to simulate (default 32)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--port", type=int, help="broker port (default 9092, or a free one if taken)")
     d.add_argument("--keep-broker", action="store_true", help="leave the broker running afterwards")
     d.set_defaults(func=cmd_demo)
@@ -305,7 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
     # Commands of the later pipeline stages live in their own modules, each with register(sub, common).
     for ext in EXTENSIONS:
         importlib.import_module(ext).register(sub, common)
+    _describe_pages(p)
     return p
+
+
+def _describe_pages(parser: argparse.ArgumentParser) -> None:
+    """Every `klong ... --help` page gets a description: its own, else the one-line help it is listed with."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, page in action.choices.items():
+                if not page.description and helps.get(name):
+                    page.description = helps[name][0].upper() + helps[name][1:] + "."
+                _describe_pages(page)
 
 
 def main(argv: list[str] | None = None) -> int:

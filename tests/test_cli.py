@@ -68,8 +68,10 @@ def test_sql_formats_and_errors(settings, tmp_path, capsys):
     assert main(klong(settings, "sql", q, "--format", "csv")) == 0
     assert capsys.readouterr().out.splitlines() == ["rollout_id,n_steps,status", "r0,8,finished", "r1,8,finished", "r2,8,finished"]
     assert main(klong(settings, "sql", q, "--format", "json")) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    rows = json.loads(capsys.readouterr().out)  # one JSON array
     assert rows[1] == {"rollout_id": "r1", "n_steps": 8, "status": "finished"}
+    assert main(klong(settings, "sql", q, "--format", "ndjson")) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
     out_file = tmp_path / "x.parquet"
     assert main(klong(settings, "sql", "SELECT * FROM step_tokens", "--format", "parquet", "-o", str(out_file))) == 0
     assert pq.read_table(out_file).num_rows == 24
@@ -105,13 +107,13 @@ def test_simulate_then_sink_then_sql(settings, capsys):
     assert main(klong(settings, "sink", "run", "--until-idle", "-q")) == 0
     assert "dead letters" in capsys.readouterr().out
     assert main(klong(settings, "sql", "SELECT count(*) AS n, count(DISTINCT group_id) AS g FROM rollouts", "--format", "json")) == 0
-    row = json.loads(capsys.readouterr().out)
+    [row] = json.loads(capsys.readouterr().out)
     assert row["n"] == 6 and row["g"] >= 2
     # the pinned prefix comes first in every rollout
     assert main(klong(settings, "sql", "SELECT count(*) AS bad FROM steps s JOIN (SELECT rollout_id, min(step_idx) "
                       "FILTER (WHERE NOT pinned) AS first_free FROM steps GROUP BY 1) f USING (rollout_id) "
                       "WHERE s.pinned AND s.step_idx > f.first_free", "--format", "json")) == 0
-    assert json.loads(capsys.readouterr().out)["bad"] == 0
+    assert json.loads(capsys.readouterr().out) == [{"bad": 0}]
 
 
 def test_demo_runs_end_to_end(tmp_path):

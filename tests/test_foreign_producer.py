@@ -101,7 +101,7 @@ def test_confluent_kafka_producer_follows_the_schemas_and_readme(make_settings, 
     out = klong(settings, "sql", "SELECT rollout_id, status, n_steps, n_turns FROM rollouts ORDER BY rollout_id",
                 "--format", "json")
     assert out.returncode == 0, out.stderr
-    rows = json.loads(out.stdout) if out.stdout.lstrip().startswith("[") else [json.loads(x) for x in out.stdout.splitlines()]
+    rows = json.loads(out.stdout)
     assert [r["rollout_id"] for r in rows] == sorted(rollout_ids)
     assert all(r["status"] == "finished" and r["n_steps"] == 4 and r["n_turns"] == 1 for r in rows)
     toks = klong(settings, "sql", f"SELECT step_idx, token_ids, logprobs FROM step_tokens WHERE rollout_id = "

@@ -414,8 +414,8 @@ def test_cli_request_and_run(settings, stub, tmp_path, capsys):
     Sink(settings).run(until_idle=True)
     assert main(klong(settings, "sql", "SELECT request_id, rollout_id, step_idx, score, valid FROM judge_results",
                       "--format", "json")) == 0
-    assert json.loads(capsys.readouterr().out) == {"request_id": "cli-req", "rollout_id": "r-cli", "step_idx": 7,
-                                                   "score": 0.5, "valid": True}
+    assert json.loads(capsys.readouterr().out) == [{"request_id": "cli-req", "rollout_id": "r-cli", "step_idx": 7,
+                                                    "score": 0.5, "valid": True}]
     assert main(klong(settings, "judge", "run", "--until-idle")) == 2  # no URL / model
     assert "--base-url and --model are required" in capsys.readouterr().err
 
