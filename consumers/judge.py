@@ -19,8 +19,11 @@ submission (`snapshot_ref`, else the rollout's latest archived snapshot at or be
 every distinct leaf graded (`consumers.grading`), the tree aggregated (`schemas.rubric.aggregate`), and
 a `judge_result` emitted through this home's outbox (`HOME/outbox/judge`): Q, per-leaf scores and
 explanations (shortened if the event would pass the size limit), token usage, grading latency.
-valid=false when the request cannot be graded (unknown task, unreadable snapshot) or a leaf's calls
-kept failing (the endpoint gave up after its retries); malformed answers only count as invalid leaves.
+valid=false (and no score) when the request cannot be graded (unknown task, unreadable snapshot) or no
+leaf got a valid answer; malformed answers otherwise only count as invalid leaves. An endpoint that
+keeps failing (timeouts, 5xx, refused connections) after every retry stops the worker with an error,
+like one that refuses us (bad key, unknown model): no result is emitted for the requests in flight, so
+no score of zero stands in for a grade that never happened; they are read again by the next run.
 
 Exactly one result per request_id: requests already in the ledger (`consumers.judge_queue.Ledger`) or
 in the archive's `judge_results` are skipped; offsets are committed only below the lowest request
@@ -42,8 +45,8 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from consumers.grading import (ChatClient, EndpointConfigError, GraderConfig, LeafGrade, Submission, grade_leaf,
-                               load_submission, system_prompt)
+from consumers.grading import (ChatClient, EndpointConfigError, EndpointError, GraderConfig, LeafGrade, Submission,
+                               grade_leaf, load_submission, system_prompt)
 from consumers.judge_queue import Job, Ledger, OffsetBook, Scheduler
 from klong.settings import Settings
 from producers.outbox import Outbox
@@ -307,7 +310,7 @@ class JudgeWorker:
                     self._prepare(job)
                 else:
                     self._grade(job, work[2])
-            except EndpointConfigError as e:
+            except (EndpointConfigError, EndpointError) as e:
                 if self._fatal is None:
                     log.error("judge: %s; stopping (requests in flight stay unjudged and are read again)", e)
                     self._fatal = e
@@ -345,6 +348,9 @@ class JudgeWorker:
 
     def _grade(self, job: Job, leaf: dict) -> None:
         ctx: _Context = job.context
+        if self._fatal is not None:  # stopping: grade nothing more, the job is read again next run
+            self.sched.abandon(job)
+            return
         try:
             grade = grade_leaf(self.client, ctx.system, ctx.submission, leaf)
         except EndpointConfigError:
@@ -352,10 +358,15 @@ class JudgeWorker:
         except Exception as e:  # noqa: BLE001 - a bug in grading one leaf must not lose the request
             log.exception("judge: grading leaf %s of request %s failed", leaf.get("id"), job.request_id)
             grade = LeafGrade(leaf["id"], 0.0, False, f"grading failed: {type(e).__name__}: {e}"[:2000])
+        if grade.endpoint_error:  # the endpoint gave up after its retries: stop, no result of zeros
+            raise EndpointError(f"judge endpoint {self.grader.base_url} kept failing: {grade.explanation}")
         if self.sched.leaf_done(job, leaf["id"], grade):
             self._finish(job)
 
     def _finish(self, job: Job) -> None:
+        if self._fatal is not None:  # a leaf of it may have been graded against a failing endpoint
+            self.sched.abandon(job)
+            return
         ev = build_result(job, self.grader.model)
         self.ledger.record(ev, self.outbox.put)
         for tp, off in job.offsets:
@@ -385,6 +396,10 @@ def build_result(job: Job, judge_model: str, max_bytes: int = MAX_EVENT_BYTES) -
         score = aggregate(job.context.task.rubric, {g.leaf_id: g.score for g in grades})
         valid = not failed
         error = f"{len(failed)} of {len(grades)} leaves not graded: {failed[0].explanation}"[:2000] if failed else None
+        if grades and not any(g.valid for g in grades):  # nothing was graded: no score, not a zero
+            valid, error = False, f"no leaf got a valid grade: {grades[0].explanation}"[:2000]
+        if not valid:
+            score = None
     base = dict(request_id=job.request_id, step_idx=job.payload.step_idx, task_id=job.payload.task_id,
                 judge_model=judge_model, score=score, valid=valid, n_invalid_leaves=sum(not g.valid for g in grades),
                 error=error, prompt_tokens=sum(g.prompt_tokens for g in grades),

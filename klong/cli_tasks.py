@@ -251,13 +251,15 @@ def cmd_judge_status(args) -> int:
 
 
 def cmd_judge_request(args) -> int:
-    from producers.judge_requests import request_judgment, store_snapshot
+    from producers.judge_requests import check_request, request_judgment, store_snapshot
     from producers.outbox import Outbox
 
     s = _settings(args)
     ref = args.snapshot
     if ref and not ref.startswith("sha256:") and Path(ref).is_dir():
         ref = store_snapshot(s, ref)
+    if not args.unchecked:
+        check_request(s, rollout_id=args.rollout, task_id=args.task, step_idx=args.step, snapshot_ref=ref)
     with Outbox(s, s.outbox_dir / "requests") as outbox:
         rid = request_judgment(outbox, rollout_id=args.rollout, task_id=args.task, step_idx=args.step,
                                priority=args.priority, snapshot_ref=ref, request_id=args.request_id)
@@ -323,5 +325,7 @@ def register(sub, common) -> None:
     rq.add_argument("--snapshot", help="a directory (stored as a content-addressed tar), a sha256: blob reference, "
                                        "or a path under the home; default: the rollout's latest archived snapshot")
     rq.add_argument("--request-id", help="idempotency key (default: a new UUIDv7)")
+    rq.add_argument("--unchecked", action="store_true", help="send without checking that the task is registered, "
+                    "the rollout archived and the snapshot there (e.g. a rollout still being recorded)")
     rq.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for Kafka to take it")
     rq.set_defaults(func=cmd_judge_request)

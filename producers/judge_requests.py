@@ -39,6 +39,40 @@ def request_judgment(outbox: Outbox, *, rollout_id: str, task_id: str, step_idx:
     return request_id
 
 
+def check_request(settings: Settings, *, rollout_id: str, task_id: str, step_idx: int,
+                  snapshot_ref: Optional[str]) -> None:
+    """ValidationError naming what is missing when a request could never be graded: an unregistered
+    task, a rollout the archive does not hold (or of another task), a snapshot that does not exist (a
+    blob not in HOME/blobs, a path not under the home) or, with none given, no archived snapshot of the
+    rollout at or before `step_idx`. `klong judge request` runs it before sending."""
+    from producers.tasks import latest_task
+    from store.catalog import Catalog, sql_str
+
+    if latest_task(settings, task_id) is None:
+        raise ValidationError(f"task {task_id!r} is not registered (`klong tasks list`; `klong tasks import DIR`)")
+    cat = Catalog(settings)
+    rows = cat.arrow(f"SELECT task_id, n_steps FROM rollouts WHERE rollout_id = {sql_str(rollout_id)}").to_pylist()
+    if not rows:
+        raise ValidationError(f"rollout {rollout_id!r} is not in the archive (unknown, or not archived yet: "
+                              "`klong sink run --until-idle`)")
+    if rows[0]["task_id"] != task_id:
+        raise ValidationError(f"rollout {rollout_id!r} is a rollout of task {rows[0]['task_id']!r}, not {task_id!r}")
+    if snapshot_ref is None:
+        if not cat.scalar(f"SELECT count(*) FROM snapshots WHERE rollout_id = {sql_str(rollout_id)} "
+                          f"AND step_idx <= {int(step_idx)}"):
+            raise ValidationError(f"rollout {rollout_id!r} has no archived snapshot at or before step {step_idx}: "
+                                  "give one (--snapshot DIR)")
+    elif snapshot_ref.startswith("sha256:"):
+        if not BlobStore(settings.blob_dir).exists(snapshot_ref):
+            raise ValidationError(f"snapshot {snapshot_ref} is not in {settings.blob_dir}")
+    else:
+        home = settings.home.resolve()
+        path = Path(snapshot_ref)
+        path = (path if path.is_absolute() else home / path).resolve()
+        if not path.exists() or (path != home and home not in path.parents):
+            raise ValidationError(f"snapshot {snapshot_ref!r}: no such directory, blob or path under the home {home}")
+
+
 def snapshot_tar(directory: str | os.PathLike) -> bytes:
     """A deterministic tar of a directory's regular files (symlinks and tool folders left out)."""
     root = Path(directory)

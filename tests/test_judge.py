@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from consumers.grading import (EndpointConfigError, GraderConfig, LeafGrade, SubmissionError, load_submission,
+from consumers.grading import (EndpointConfigError, EndpointError, GraderConfig, LeafGrade, SubmissionError, load_submission,
                                parse_verdict, relevant_files)
 from consumers.judge import JudgeConfig, JudgeWorker, build_result
 from consumers.judge_queue import Job, Ledger, Scheduler
@@ -150,7 +150,7 @@ def test_retries_transient_errors_and_counts_invalid_leaves(settings, stub, tmp_
     make_task(tmp_path, "down", rubric=down)
     import_tasks(settings, [tmp_path / "flaky", tmp_path / "down"], "train")
     ref = snapshot(settings, tmp_path, {"main.py": "print(1)"})
-    produce(settings, [request("r1", "flaky", ref=ref), request("r2", "down", ref=ref)])
+    produce(settings, [request("r1", "flaky", ref=ref)])
     stats = JudgeWorker(settings, grader(stub, timeout_s=0.5), JudgeConfig(concurrency=6, idle_s=0.2)).run(until_idle=True)
     res = {r.payload.request_id: r.payload for r in read_results(settings)}
     ok = res["req-r1"]
@@ -159,10 +159,14 @@ def test_retries_transient_errors_and_counts_invalid_leaves(settings, stub, tmp_
                                                            "e": False, "f": False}
     calls = Counter(c.criterion.split()[1] for c in stub.calls)  # "criterion <id> ..."
     assert calls["a"] == 3 and calls["b"] == 3 and calls["c"] == 2 and calls["d"] == 3 and calls["e"] == 1
-    bad = res["req-r2"]  # the endpoint kept failing one leaf: the request is answered, marked invalid
-    assert not bad.valid and bad.n_invalid_leaves == 1 and "gave up after 3 attempts" in bad.error
-    assert calls["h"] == 3
-    assert stats.invalid_leaves == 3 and stats.invalid_results == 1
+    assert stats.invalid_leaves == 2 and stats.invalid_results == 0
+    # the endpoint kept failing one leaf after its retries: the worker stops with the error, and emits no
+    # result (no invalid zeros); the request is read again by the next run
+    produce(settings, [request("r2", "down", ref=ref)])
+    with pytest.raises(EndpointError, match="gave up after 3 attempts"):
+        JudgeWorker(settings, grader(stub, timeout_s=0.5), JudgeConfig(concurrency=6, idle_s=0.2)).run(until_idle=True)
+    assert "req-r2" not in {r.payload.request_id for r in read_results(settings)}
+    assert Counter(c.criterion.split()[1] for c in stub.calls)["h"] == 3
     assert set(stub.auth_headers) == {"Bearer sk-judge-secret"}
     assert "retry 1" in caplog.text and "sk-judge-secret" not in caplog.text  # errors logged, the key never
 
@@ -405,6 +409,10 @@ def test_cli_request_and_run(settings, stub, tmp_path, capsys):
     sub = tmp_path / "submission"
     sub.mkdir()
     (sub / "main.py").write_text("print('hello')")
+    from tests.helpers import rollout_events
+
+    produce(settings, rollout_events("r-cli", 8, task_id="cli-t", score=None))  # the request is checked against it
+    Sink(settings).run(until_idle=True)
     assert main(klong(settings, "judge", "request", "--rollout", "r-cli", "--task", "cli-t", "--step", "7",
                       "--priority", "eval", "--snapshot", str(sub), "--request-id", "cli-req")) == 0
     assert capsys.readouterr().out.strip() == "cli-req"
