@@ -150,6 +150,10 @@ def test_rollout_as_a_conversation_with_prefix_tool_calls_timing_and_an_expanded
     assert box.locator("pre.full").text_content() == out["content"]
     assert box.locator("button.expand").count() == 0
 
+    markup = next(s for s in steps if s["role"] == "tool" and "<script>" in s["content"])  # contents are text, never HTML
+    assert page.locator(f"#s-{markup['step_idx']} pre.body").text_content() == markup["content"]
+    assert page.evaluate("window.pwned") is None and page.locator("#conversation pre b").count() == 0
+
 
 def test_carry_overs_and_policy_versions_are_marked(data, server, page):
     _, ids, cat = data

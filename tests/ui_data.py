@@ -33,13 +33,14 @@ LEAK = {"tool": "bash", "args": {"cmd": f"git clone {BLACKLISTED}"}}  # a blackl
 HUGE_ACTION = {"tool": "bash", "args": {"cmd": "echo " + "y" * 5000}}  # the action alone exceeds the window budget
 QUICK = [{"read_paper": True}, BASH, LONG_OUTPUT, BASH, BASH]
 SLOW = [{"read_paper": True}] + [{**BASH, "delay": 0.3}] * 10  # outlives the quick ones: carried over
-RICH = [{"read_paper": True}, BASH, LONG_OUTPUT, HUGE_ACTION] + [BASH] * 6 + [LONG_OUTPUT, BASH]
+MARKUP = {"tool": "bash", "args": {"cmd": "echo '<b>bold</b><script>window.pwned = 1</script>'"}}  # shown as text
+RICH = [{"read_paper": True}, BASH, LONG_OUTPUT, HUGE_ACTION, MARKUP] + [BASH] * 5 + [LONG_OUTPUT, BASH]
 LEAKY = [{"read_paper": True}, LEAK, BASH]
 
 
 class Scripts:
     """Policy script by the order rollouts first call the policy: #0 slow (carried over), #1 rich (long outputs,
-    an oversized action), #2 leaky (a blacklist hit), every other one quick."""
+    an oversized action, HTML in an output), #2 leaky (a blacklist hit), every other one quick."""
 
     def __init__(self):
         self.order: list[str] = []
