@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/materialize.py
 	$(PY) bench/loader.py
 	$(PY) bench/judge.py
+	$(PY) bench/export.py
 	$(PY) bench/ui.py
 
 clean:
