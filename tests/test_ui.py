@@ -21,7 +21,7 @@ from klong.broker import ensure_topics, free_port
 from klong.cli import main
 from klong.settings import Settings, Topics
 from store.catalog import Catalog, sql_str
-from store.report import FIGURES, series
+from store.report import FIGURES, series, write_report
 from store.viewer import HEAD_CHARS, TAIL_CHARS
 from tests.test_tasks import klong
 from tests.ui_data import BLACKLISTED, build_plan_home
@@ -268,6 +268,9 @@ def test_blacklist_hits_sql_box_csv_and_plots(data, server, page):
     page.fill("#q", "DELETE FROM rollouts")
     page.click("#sqlform button[type=submit]")
     assert "read-only" in page.locator("#error").text_content()
+    page.fill("#q", "SELECT * FROM read_csv('/etc/passwd')")  # the box reads the archive only, no other file
+    page.click("#sqlform button[type=submit]")
+    assert "/etc/passwd" in page.locator("#error").text_content() and page.locator("#result").count() == 0
 
     page.goto(server + "/plots?plan=ui-plan")
     page.wait_for_load_state("load")
@@ -332,3 +335,7 @@ def test_report_writes_every_figure_and_plots_what_sql_says(data, tmp_path, caps
     everything = series("stages", cat)
     assert sum(everything["rollouts"]) == cat.scalar("SELECT count(*) FROM rollouts WHERE status <> 'running'")
     assert set(series("windows", cat)["ref"]) == {"ui-rl@3"}
+    # an empty home: every figure still written (saying there is no data yet)
+    (tmp_path / "empty").mkdir()
+    empty = Catalog(Settings(home=tmp_path / "empty", bootstrap_servers=settings.bootstrap_servers))
+    assert [p.name for p in write_report(empty, tmp_path / "empty-report")] == [f"{n}.png" for n in FIGURES]
