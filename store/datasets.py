@@ -76,6 +76,8 @@ SAMPLES_SCHEMA = pa.schema([
     ("q", pa.float64()), ("advantage", pa.float64()), ("policy_version", pa.int64()), ("staleness", pa.int64()),
     ("span_step", pa.list_(pa.int32())), ("span_start", pa.list_(pa.int32())), ("span_end", pa.list_(pa.int32())),
     ("span_loss", pa.list_(pa.bool_())),
+    # the window gives span k (prefix: every prefix step) the context it was generated in (consumers.materialize)
+    ("span_same_ctx", pa.list_(pa.bool_())), ("prefix_same_ctx", pa.bool_()),
 ])
 SAMPLES_VIEW_COLUMNS = [f.name for f in SAMPLES_SCHEMA if not f.name.startswith("span_")]
 DATASETS_VIEW_SCHEMA = pa.schema([

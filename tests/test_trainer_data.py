@@ -46,7 +46,7 @@ def learnable_rollout(rid: str, turns: int, *, seed: int, group: str, score: flo
         asst = role == "assistant"
         text = i == text_only_step
         evs.append(new_event(Step, rollout_id=rid, payload=StepPayload(
-            step_idx=i, role=role, content=f"{role} {i}", pinned=i < 2,
+            step_idx=i, role=role, content=f"{role} {i}", pinned=i < 2, context_start=2 if seed % 2 == 0 else None,
             token_ids=None if text else encode_array(ids.astype(np.int32), "int32"),
             logprobs=encode_array(-0.1 - rng.random(len(ids)), "float32") if asst and not text else None)))
     evs.append(new_event(JudgeResult, rollout_id=rid, payload=JudgeResultPayload(
@@ -95,6 +95,32 @@ def test_reader_matches_the_dataset_layer(train_home):
             assert reader.trainable[j] == want.sum()
     rl = DatasetReader(train_home.home, "rl@1")
     assert rl.n_no_logprob.sum() > 0  # rollout r05 has a text-only assistant step
+
+
+def test_same_context_flags_and_recomputed_old_logprobs_keep_tokens_without_a_behaviour_logprob(train_home):
+    """Per token: same_ctx = the builder's span_same_ctx / prefix_same_ctx expanded over the span's tokens (even
+    rollouts record context_start = 2, the prefix end: their first window is the generation context, later windows
+    start elsewhere); with need_behaviour=False the text-only assistant step stays in the loss."""
+    rl = DatasetReader(train_home.home, "rl@1", need_behaviour=False)
+    samples = pq.read_table(rl.path / "samples.parquet").to_pylist()
+    tokens = {r["rollout_id"]: r for r in pq.read_table(rl.path / "tokens.parquet").to_pylist()}
+    theirs = list(open_version(train_home.home, "rl@1", verify=False))
+    seen = set()
+    for j, (row, s) in enumerate(zip(samples, theirs)):
+        off = tokens[row["rollout_id"]]["step_offsets"]
+        n_prefix = off[tokens[row["rollout_id"]]["prefix_len"]] - off[0]
+        want = [row["prefix_same_ctx"]] * n_prefix
+        for a, b, flag in zip(row["span_start"], row["span_end"], row["span_same_ctx"]):
+            want += [flag] * (b - a)
+        mb = rl.batch(np.array([j]))
+        np.testing.assert_array_equal(mb.same_ctx[0], np.array(want, np.uint8))
+        np.testing.assert_array_equal(mb.has_logprob[0], ~np.isnan(s.logprobs))
+        mask = s.loss_mask.copy()
+        mask[0] = 0
+        np.testing.assert_array_equal(mb.loss_mask[0], mask)  # no-logprob tokens trained: old logprobs recomputed
+        assert rl.trainable[j] == mask.sum()
+        seen.add((int(row["rollout_id"][1:]) % 2, row["window_idx"] == 0, bool(mb.same_ctx[0].all())))
+    assert (0, True, True) in seen and (0, False, False) in seen and (1, True, False) in seen
 
 
 def test_micro_batches_pad_and_respect_the_token_budget(train_home):

@@ -52,6 +52,8 @@ class MicroBatch:
     logprobs: Optional[np.ndarray]  # float32 [b, T] (rl): behaviour logprob of each token, 0 where none (read it
     #                                 where loss_mask is 1: elsewhere it may hold an untrained action's logprob)
     has_logprob: Optional[np.ndarray]  # uint8 [b, T] (rl): 1 where a behaviour logprob was recorded
+    same_ctx: Optional[np.ndarray]  # uint8 [b, T] (rl): 1 where the window gives the token the context it was
+    #                                 generated in (datasets before span_same_ctx: where it has a behaviour logprob)
     samples: np.ndarray  # int64 [b]: sample numbers (rows of samples.parquet)
     lengths: np.ndarray  # int64 [b]: unpadded lengths
 
@@ -173,9 +175,11 @@ class DatasetReader:
         self._rollout_ids = t.column("rollout_id").combine_chunks()
 
     def _load_samples(self) -> None:
+        ctx_cols = ["span_same_ctx", "prefix_same_ctx"]
+        self.has_ctx = set(ctx_cols) <= set(pq.read_schema(self.path / ds.SAMPLES).names)
         s = pq.read_table(self.path / ds.SAMPLES, columns=[
             "rollout_id", "window_idx", "n_tokens", "n_loss_tokens", "prefix_loss", "advantage",
-            "span_step", "span_start", "span_end", "span_loss"]).combine_chunks()
+            "span_step", "span_start", "span_end", "span_loss"] + (ctx_cols if self.has_ctx else [])).combine_chunks()
         n = s.num_rows
         self.rollout_id = s.column("rollout_id")
         self.window_idx = s.column("window_idx").to_numpy()
@@ -212,8 +216,12 @@ class DatasetReader:
         if len(b_step) and np.any(b_hi > self.step_len[b_step]):
             raise ds.DatasetError(f"{self.ref}: a window span reaches past its step's stored tokens")
         start[bi], length[bi], loss[bi], sample_of[bi] = self.step_abs[b_step] + b_lo, b_hi - b_lo, b_loss, b_sample
+        ctx = np.zeros(total, np.uint8)  # the span's context is the one it was generated in
+        if self.has_ctx:
+            ctx[pi] = s.column("prefix_same_ctx").to_numpy(zero_copy_only=False)[p_sample]
+            ctx[bi] = _flat(s.column("span_same_ctx"))[0]
         nz = length > 0
-        start, length, loss, sample_of = start[nz], length[nz], loss[nz], sample_of[nz]
+        start, length, loss, sample_of, ctx = start[nz], length[nz], loss[nz], sample_of[nz], ctx[nz]
         new_sample = np.ones(len(start), bool)
         new_sample[1:] = sample_of[1:] != sample_of[:-1]
 
@@ -227,6 +235,11 @@ class DatasetReader:
         brk[1:] |= loss[1:] != loss[:-1]
         st, self.run_len, self.run_off = _runs(sample_of, brk, length, n)
         self.run_flag = loss[st]
+        # Same-context runs, likewise.
+        brk = new_sample.copy()
+        brk[1:] |= ctx[1:] != ctx[:-1]
+        st, self.ctx_len, self.ctx_off = _runs(sample_of, brk, length, n)
+        self.ctx_flag = ctx[st]
 
         self.lengths = np.bincount(sample_of, weights=length, minlength=n).astype(np.int64)  # int64 [n]
         n_loss = np.bincount(sample_of, weights=length * loss, minlength=n).astype(np.int64)
@@ -281,7 +294,7 @@ class DatasetReader:
         ids = np.empty((b, width), np.int32)
         lp = np.empty((b, width), np.float32) if rl else None
         has = np.empty((b, width), np.uint8) if rl else None
-        run_len, run_val = [], []
+        run_len, run_val, ctx_len, ctx_val = [], [], [], []
         for i, j in enumerate(samples.tolist()):
             d, c0, c1 = 0, self.copy_off[j], self.copy_off[j + 1]
             for src, n in zip(self.copy_src[c0:c1].tolist(), self.copy_len[c0:c1].tolist()):
@@ -299,18 +312,24 @@ class DatasetReader:
             r0, r1 = self.run_off[j], self.run_off[j + 1]
             run_len += [self.run_len[r0:r1], [pad]]
             run_val += [self.run_flag[r0:r1], [0]]
+            if rl and self.has_ctx:
+                r0, r1 = self.ctx_off[j], self.ctx_off[j + 1]
+                ctx_len += [self.ctx_len[r0:r1], [pad]]
+                ctx_val += [self.ctx_flag[r0:r1], [0]]
         lens = np.concatenate(run_len).astype(np.int64) if b else np.zeros(0, np.int64)
         flags = np.concatenate(run_val).astype(np.uint8) if b else np.zeros(0, np.uint8)
         mask = np.repeat(flags, lens).reshape(b, width) if b else np.zeros((0, width), np.uint8)
         if b:
             mask[:, 0] = 0  # nothing predicts position 0
-        adv = None
+        adv = same = None
         if rl:
+            same = (np.repeat(np.concatenate(ctx_val).astype(np.uint8), np.concatenate(ctx_len).astype(np.int64))
+                    .reshape(b, width) if self.has_ctx and b else has.copy())
             if self.need_behaviour:
                 for i in np.flatnonzero(self.n_no_logprob[samples]).tolist():  # text-only imported actions
                     mask[i, :lengths[i]][self._flags(self._lp_nan, int(samples[i]))] = 0  # no ratio: no loss
             adv = np.multiply(mask, self.advantage[samples][:, None], dtype=np.float32)
-        return MicroBatch(ids, mask, adv, lp, has, samples, lengths)
+        return MicroBatch(ids, mask, adv, lp, has, same, samples, lengths)
 
     def _flags(self, flat: np.ndarray, j: int) -> np.ndarray:
         c0, c1 = self.copy_off[j], self.copy_off[j + 1]
@@ -321,7 +340,8 @@ def empty_batch(rl: bool) -> MicroBatch:
     """A stand-in micro-batch (2 pad tokens, no loss): keeps ranks in lockstep at an epoch's end."""
     z = np.zeros((1, 2), np.float32)
     return MicroBatch(np.zeros((1, 2), np.int32), np.zeros((1, 2), np.uint8), z if rl else None, z.copy() if rl else None,
-                      np.zeros((1, 2), np.uint8) if rl else None, np.zeros(0, np.int64), np.zeros(0, np.int64))
+                      np.zeros((1, 2), np.uint8) if rl else None, np.zeros((1, 2), np.uint8) if rl else None,
+                      np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
 class BatchPlan:

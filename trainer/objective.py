@@ -18,8 +18,9 @@ Behaviour logprobs stay for metrics and, with `loss.tis_cap`, a truncated import
 min(pi_old / pi_behaviour, cap) on each token (a correction for sampler/trainer mismatch).
 Metrics (per step, into `training_metrics`): pg_loss, kl (k3 vs the input policy, or full), clip_frac,
 ratio_mean, ratio_max, entropy (of the policy's next-token distributions, mean over loss tokens), mismatch
-(mean |logp_old - logp_behaviour| over loss tokens that have a behaviour logprob), mismatch_tokens, and
-is_weight_mean with tis_cap.
+(mean |logp_old - logp_behaviour| over loss tokens with a behaviour logprob whose window context equals the
+context they were generated in: the builder's span_same_ctx/prefix_same_ctx; there the two differ only by
+numerics, e.g. 1e-5 for a float32 vLLM), mismatch_tokens, and is_weight_mean with tis_cap.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Objective:
             return loss, {"nll_sum": float(st["nll_sum"])}, {}
         behaviour = torch.from_numpy(mb.logprobs[:, 1:]).to(dev)
         has = torch.from_numpy(mb.has_logprob[:, 1:]).to(dev).float() * mask
+        same = torch.from_numpy(mb.same_ctx[:, 1:]).to(dev).float() * has  # where logp_old and behaviour can agree
         ref_logp = ref_hidden = None
         if self.ref is not None:
             with torch.no_grad():
@@ -81,8 +83,8 @@ class Objective:
         sums["kl_sum"] = float(st.get("kl_sum", 0.0))
         sums["entropy_sum"] = float((ent * mask).sum())
         mismatch_ref = ref_logp if ref_logp is not None else None  # the input policy's logprob, when it was run
-        sums["mismatch_sum"] = float(((mismatch_ref - behaviour).abs() * has).sum()) if mismatch_ref is not None else 0.0
-        sums["mismatch_tokens"] = float(has.sum()) if mismatch_ref is not None else 0.0
+        sums["mismatch_sum"] = float(((mismatch_ref - behaviour).abs() * same).sum()) if mismatch_ref is not None else 0.0
+        sums["mismatch_tokens"] = float(same.sum()) if mismatch_ref is not None else 0.0
         sums["is_sum"] = float((weight * mask).sum()) if weight is not None else 0.0
         return loss, sums, {"ratio_max": float(st["ratio_max"])}
 
