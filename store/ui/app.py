@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import duckdb
 import polars as pl
 import pyarrow as pa
 from fastapi import FastAPI, Request
@@ -54,6 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
     catalog = Catalog(settings)
     viewer = Viewer(catalog)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.trim_blocks = templates.env.lstrip_blocks = True  # no blank lines per step: a 700-turn page is smaller
     app = FastAPI(title="klong ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
@@ -72,6 +74,13 @@ def create_app(settings: Settings) -> FastAPI:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": str(e)}, status_code=400)
         return page(request, "error.html", 400, error=str(e))
+
+    @app.exception_handler(duckdb.Error)
+    def query_failed(request: Request, e: duckdb.Error):  # a view that cannot be read: say which, not a traceback
+        error = f"the archive could not be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": error}, status_code=500)
+        return page(request, "error.html", 500, error=error)
 
     @app.get("/", response_class=HTMLResponse)
     def rollouts(request: Request, task: str = "", stage: str = "", iteration: str = "", status: str = "",
