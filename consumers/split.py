@@ -38,6 +38,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, get_args
 import numpy as np
 
 from consumers.turns import Roles, Turns, build_turns
+from schemas.events import MAX_INT32
 from schemas.errors import ConfigError, ValidationError
 
 PrefixLoss = Literal["first", "never", "always"]
@@ -63,10 +64,10 @@ class SplitConfig:
     prefix_loss: PrefixLoss = "first"
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not _is_int(self.overlap_turns) or self.overlap_turns < 0:
-            raise ConfigError(f"overlap_turns must be an integer >= 0, got {self.overlap_turns!r}")
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_INT32:
+            raise ConfigError(f"max_tokens must be an integer >= 1 (at most {MAX_INT32}), got {self.max_tokens!r}")
+        if not _is_int(self.overlap_turns) or not 0 <= self.overlap_turns <= MAX_INT32:
+            raise ConfigError(f"overlap_turns must be an integer >= 0 (at most {MAX_INT32}), got {self.overlap_turns!r}")
         if not isinstance(self.loss_on_overlap, (bool, np.bool_)):
             raise ConfigError(f"loss_on_overlap must be true or false, got {self.loss_on_overlap!r}")
         if self.prefix_loss not in get_args(PrefixLoss):

@@ -336,6 +336,23 @@ def _describe_pages(parser: argparse.ArgumentParser) -> None:
                 _describe_pages(page)
 
 
+# Commands that only read a data home: a home that is not one is an error for them (mistyped --home),
+# not an empty world. Commands that write (broker start, sink, simulate, imports, runs) create it.
+READS_HOME = {"sql", "status", "archive", "lineage", "ui", "report", "replay", "dataset list", "dataset show",
+              "dataset diff", "dataset export", "dataset build", "tasks list", "tasks show", "judge status",
+              "rl status"}
+
+
+def _reads_home(args) -> bool:
+    return args.command in READS_HOME or f"{args.command} {getattr(args, 'action', '')}" in READS_HOME
+
+
+def _settings_for_home_check(args):
+    from klong.settings import Settings
+
+    return Settings.load(getattr(args, "home", None))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -346,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("kafka").setLevel(logging.CRITICAL)
     try:
+        if _reads_home(args):
+            _settings_for_home_check(args).require_home()
         return args.func(args)
     except KlongError as e:
         print(f"klong {args.command}: error: {e}", file=sys.stderr)
@@ -353,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # an unwritable or missing path (a home on a read-only disk...): one line naming it
+        if e.filename is None:
+            raise
+        print(f"klong {args.command}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ _SECURITY_ENV = {
     "KLONG_KAFKA_SSL_KEYFILE": "ssl_keyfile",
 }
 _SECRET = {"sasl_plain_password"}
+# What a data home holds once any command wrote to it (Settings.require_home).
+HOME_ENTRIES = ("archive", "broker.json", "outbox", "blobs", "datasets", "judge", "rollouts", "runs", "models", "tasks")
 # Environment variables whose values are secrets wherever they turn up (logs): the named ones, and any
 # variable whose name says so.
 _SECRET_ENV = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|APIKEY|CREDENTIAL)", re.I)
@@ -170,6 +172,17 @@ class Settings:
             security=security,
         )
 
+    def require_home(self) -> None:
+        """ConfigError unless `home` looks like a data home: a directory that is empty (new) or holds
+        something KLong writes. A mistyped --home must not show an empty world."""
+        h = self.home
+        if not h.is_dir():
+            raise ConfigError(f"no data home at {h} (mistyped --home / KLONG_HOME? `klong broker start` or "
+                              "`klong sink run` creates one)")
+        if any(h.iterdir()) and not any((h / n).exists() for n in HOME_ENTRIES):
+            raise ConfigError(f"{h} is not a KLong data home (none of {', '.join(HOME_ENTRIES)} in it): "
+                              "mistyped --home / KLONG_HOME?")
+
     @property
     def archive_dir(self) -> Path:
         return self.home / "archive"
@@ -222,9 +235,11 @@ def read_yaml(path: str | os.PathLike) -> dict:
     import yaml
 
     try:
-        loaded = yaml.safe_load(Path(path).read_text())
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"--config {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path} is not valid YAML: {e}") from e
     if loaded is not None and not isinstance(loaded, dict):

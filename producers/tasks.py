@@ -48,7 +48,8 @@ from klong.settings import Settings
 from producers.outbox import Outbox
 from schemas.claimcheck import MAX_EVENT_BYTES, BlobStore
 from schemas.errors import BrokerError, TerminalError, ValidationError
-from schemas.events import Envelope, TaskPayload, TaskRegistered, decode, encode, new_event
+from schemas.events import (MAX_JSON_DEPTH, Envelope, TaskPayload, TaskRegistered, check_json_depth, decode, encode,
+                            new_event)
 from schemas.rubric import RubricReport, validate_rubric
 
 log = logging.getLogger("klong.tasks")
@@ -140,6 +141,8 @@ def _read_text(path: Path) -> Optional[str]:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError as e:
+        raise ValidationError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
 
 
 def load_task_dir(path: str | os.PathLike, split: str, *, strict_ids: bool = False,
@@ -173,8 +176,12 @@ def load_task_dir(path: str | os.PathLike, split: str, *, strict_ids: bool = Fal
     else:
         try:
             rubric = json.loads(rubric_text)
+            check_json_depth(rubric, "the rubric")  # the validator walks the tree recursively
         except json.JSONDecodeError as e:
             problems.append(f"{d / 'rubric.json'}: not valid JSON: {e}")
+        except (RecursionError, ValueError) as e:
+            problems.append(f"{d / 'rubric.json'}: nested too deep (at most {MAX_JSON_DEPTH} levels of JSON objects "
+                            "and arrays)")
         else:
             report = validate_rubric(rubric, strict_ids=strict_ids)
             problems.extend(f"{d / 'rubric.json'} {v}" for v in report.errors)

@@ -54,3 +54,70 @@ def test_judge_run_against_a_dead_endpoint_errors_without_zeros(judged_home, tmp
     err = capsys.readouterr().err
     assert rc == 2 and "kept failing" in err and "gave up after 2 attempts" in err
     assert read_results(s) == []  # no result of invalid zeros: the request waits for a working endpoint
+
+
+def test_rubric_nodes_memory_is_linear_in_the_tree(settings, tmp_path):
+    """20,000 flat leaves through the real import (claim-checked rubric) and the real catalog, in a process
+    capped at 1.5 GB of address space: the old recursive view needed ~0.9 GB for 1,000 leaves, growing
+    with the square of the child count."""
+    import json
+    import resource
+    import subprocess
+    import sys
+
+    rubric = {"id": "root", "requirements": "all", "weight": 1, "sub_tasks": [
+        {"id": f"l{i}", "requirements": "criterion " * 20, "weight": 1, "sub_tasks": [],
+         "task_category": "Code Development"} for i in range(20_000)]}
+    import_tasks(settings, [make_task(tmp_path / "tasks", "wide", rubric=rubric)], "train")
+    Sink(settings).run(until_idle=True)
+    code = ("import sys; from klong.settings import Settings, Topics; from store.catalog import Catalog; "
+            "from pathlib import Path; "
+            f"s = Settings(home=Path({str(settings.home)!r}), bootstrap_servers='x', topics=Topics({settings.topics.prefix!r})); "
+            "print(Catalog(s).scalar(\"SELECT count(*) FILTER (WHERE is_leaf) FROM rubric_nodes WHERE task_id = 'wide'\"))")
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, preexec_fn=cap)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "20000"
+
+
+def test_one_line_errors_for_bad_inputs(settings, tmp_path, capsys):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_bytes(b"max_tokens: \xff\xfe\n")
+    cases = [
+        (["dataset", "build", "d", "--kind", "sft", "--config", str(bad_yaml)], "is not UTF-8 text"),
+        (["dataset", "build", "d", "--kind", "sft", "max_tokens=100000000000000000000000"], "max_tokens must be"),
+        (["dataset", "build", "d", "--kind", "sft", "max_tokens=1e23"], "max_tokens must be"),
+    ]
+    deep = tmp_path / "deep"
+    make_task(tmp_path, "deep")
+    text = '{"id":"leaf","requirements":"x","weight":1,"sub_tasks":[],"task_category":"Code Development"}'
+    for i in range(1000):
+        text = '{"id":"n%d","requirements":"x","weight":1,"sub_tasks":[%s]}' % (i, text)
+    (deep / "rubric.json").write_text(text)
+    cases.append((["tasks", "import", str(deep), "--split", "train"], "rubric.json: nested too deep"))
+    latin = tmp_path / "latin"
+    make_task(tmp_path, "latin")
+    (latin / "config.yaml").write_bytes(b"id: latin\ntitle: caf\xe9\n")
+    cases.append((["tasks", "import", str(latin), "--split", "train"], "config.yaml is not UTF-8 text"))
+    for args, message in cases:
+        assert main(klong(settings, *args)) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
+    (tmp_path / "file").write_text("x")
+    unwritable = tmp_path / "file" / "home"  # under a regular file: nothing can be created there
+    assert main(["simulate", "--rollouts", "1", "--home", str(unwritable), "--bootstrap-servers",
+                 settings.bootstrap_servers, "--topic-prefix", settings.topics.prefix]) == 2
+    err = capsys.readouterr().err
+    assert str(unwritable) in err and "Not a directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_home_that_is_no_data_home_is_an_error(tmp_path, capsys):
+    for home in (tmp_path / "typo", tmp_path):  # missing; a directory that holds other things
+        (tmp_path / "notes.txt").write_text("not klong")
+        for args in (["sql", "SELECT 1"], ["status"], ["dataset", "list"], ["tasks", "list"], ["archive", "verify"]):
+            assert main([*args, "--home", str(home)]) == 2, args
+            err = capsys.readouterr().err
+            assert "data home" in err and str(home) in err
