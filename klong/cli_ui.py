@@ -24,8 +24,9 @@ def _settings(args):
 def cmd_ui(args) -> int:
     from store.ui.app import create_app, serve
 
+    app = create_app(_settings(args))
     print(f"klong ui: http://127.0.0.1:{args.port}/ (read-only; Ctrl-C stops)", flush=True)
-    serve(create_app(_settings(args)), port=args.port)
+    serve(app, port=args.port)
     return 0
 
 

@@ -98,10 +98,10 @@ class Viewer:
             con.execute(f"CREATE TEMP TABLE _r AS SELECT {', '.join(ROLLOUT_COLUMNS)} FROM rollouts")
             rows = _rows(con, f"SELECT * FROM _r {cond} ORDER BY {order} LIMIT {f.limit}", tuple(params))
             total = con.execute(f"SELECT count(*) FROM _r {cond}", params).fetchone()[0]
-            choices = {c: [r[0] for r in con.execute(f"SELECT DISTINCT {col} FROM _r WHERE {col} IS NOT NULL "
-                                                     "ORDER BY 1").fetchall()]
-                       for c, col in (("task", "task_id"), ("stage", "stage"), ("iteration", "iteration"),
-                                      ("status", "status"))}
+            choices = {c: [r[0] for r in con.execute(f"SELECT DISTINCT v FROM (SELECT {col} AS v FROM _r) "
+                                                     "WHERE v IS NOT NULL ORDER BY 1").fetchall()]
+                       for c, col in (("task", "task_id"), ("stage", "stage"),
+                                      ("iteration", "unnest([iteration, last_iteration])"), ("status", "status"))}
         return {"rows": rows, "total": total, "choices": choices}
 
     def rollout(self, rollout_id: str) -> dict:

@@ -96,6 +96,8 @@ def test_rollouts_list_filters_and_sorts(data, server, page):
     page.goto(server + "/")
     links = page.locator("#rollouts tbody tr td:first-child a")
     assert sorted(links.all_text_contents()) == sorted(ids["rollouts"])
+    live = {i for r in rows(cat, "SELECT iteration, last_iteration FROM rollouts") for i in r.values()}
+    assert page.locator("select[name=iteration] option").all_text_contents() == ["any", *map(str, sorted(live))]
 
     page.select_option("select[name=task]", "ta")
     page.select_option("select[name=status]", "finished")
@@ -120,6 +122,12 @@ def test_rollouts_list_filters_and_sorts(data, server, page):
     assert sorted(links.all_text_contents()) == sorted(r["rollout_id"] for r in want) and want
     page.goto(server + "/?stage=x")
     assert "bad filter value 'x'" in page.locator("#error").text_content()
+
+
+def test_ui_on_a_taken_port_says_so(data, server, capsys):
+    port = server.rsplit(":", 1)[1]
+    assert main(klong(data[0], "ui", "--port", port)) == 2
+    assert f"cannot serve on 127.0.0.1:{port}: Address already in use (pick another --port)" in capsys.readouterr().err
 
 
 def test_rollout_as_a_conversation_with_prefix_tool_calls_timing_and_an_expanded_output(data, server, page):

@@ -160,9 +160,16 @@ def csv_bytes(table: pa.Table) -> bytes:
 
 
 def serve(app: FastAPI, port: int = 8765, host: str = "127.0.0.1") -> None:
-    """Serves until interrupted (uvicorn, one process)."""
+    """Serves until interrupted (uvicorn, one process); ConfigError when the port is taken."""
+    import socket
+
     import uvicorn
 
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot serve on {host}:{port}: {e.strerror} (pick another --port)") from None
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
