@@ -127,6 +127,17 @@ def start_embedded(settings: Settings, port: int | None = None) -> BrokerProcess
     return broker
 
 
+def probe_kafka(settings: Settings, timeout_s: float = 30.0) -> None:
+    """BrokerError unless a Kafka broker at the settings' servers answers within `timeout_s`."""
+    try:
+        admin = KafkaAdminClient(**settings.kafka_config(), bootstrap_timeout_ms=int(timeout_s * 1000),
+                                 request_timeout_ms=int(timeout_s * 1000))
+    except KafkaError as e:
+        raise BrokerError(f"no Kafka answers at {settings.bootstrap()} within {timeout_s:.0f} s ({type(e).__name__}); "
+                          "start one (`klong broker start`) or pass --bootstrap-servers") from e
+    admin.close()
+
+
 def ensure_topics(settings: Settings, topics: list[str] | None = None) -> None:
     """Creates missing topics with `settings.partitions` partitions (a memory broker forgets them on restart)."""
     try:

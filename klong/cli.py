@@ -110,11 +110,22 @@ def cmd_simulate(args) -> int:
     # in a real scaffold keeps events until the sink has archived them).
     if bool(args.judge_url) != bool(args.judge_model):
         raise KlongError("--judge-url and --judge-model go together")
+    from klong.broker import probe_kafka
+
+    probe_kafka(s, args.connect_timeout)  # no broker: fail now, not after generating everything
     with Outbox(s, fsync="batch", retain="acked") as outbox:
-        summary = simulate(outbox, rollouts=args.rollouts, seed=args.seed, turns=(args.min_turns, args.max_turns),
-                           synthetic_results=not args.judge_url, progress=lambda n: bar.update(n - bar.n))
-        bar.close()
-        outbox.flush(timeout=args.timeout)
+        try:
+            summary = simulate(outbox, rollouts=args.rollouts, seed=args.seed, turns=(args.min_turns, args.max_turns),
+                               synthetic_results=not args.judge_url, progress=lambda n: bar.update(n - bar.n))
+            bar.close()
+            outbox.flush(timeout=args.timeout)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"klong simulate: interrupted. Kept: the events recorded so far ({outbox.pending()} of them not yet "
+                  f"acked by Kafka stay in {outbox.directory} and are sent by the next `klong simulate` on this "
+                  "home); the rollouts not reached were not simulated: run again (a new seed gives new ones)",
+                  file=sys.stderr)
+            return 130
     print(f"simulated {summary.rollouts} rollouts ({summary.rollouts_by_status}), {summary.steps} steps, "
           f"{summary.tokens} tokens, {summary.events} events; archive them with `klong sink run --until-idle`")
     if args.judge_url:  # the real judge path: grade every request against the endpoint, until none is left
@@ -296,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--min-turns", type=int, default=150, help="fewest assistant turns per rollout (default 150)")
     si.add_argument("--max-turns", type=int, default=400, help="most assistant turns per rollout (default 400)")
     si.add_argument("--timeout", type=float, default=300, help="seconds to wait for Kafka to take everything")
+    si.add_argument("--connect-timeout", type=float, default=30,
+                    help="seconds to wait for a Kafka broker to answer before anything is simulated (default 30)")
     si.add_argument("--judge-url", help="grade the judge requests with a real judge worker against this "
                                         "OpenAI-compatible endpoint (default: synthetic judge results)")
     si.add_argument("--judge-model", help="model name for --judge-url")

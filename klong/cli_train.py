@@ -17,6 +17,7 @@ import argparse
 import datetime as dt
 import json
 import secrets
+import sys
 from pathlib import Path
 
 from klong.cli import IntermixedParser
@@ -86,13 +87,28 @@ def cmd_train(args) -> int:
             print("# " + " ".join(cmd))
         print(dump_yaml(cfg), end="")
         return 0
-    if args.launcher == "deepspeed":
-        rc = launch.launch_deepspeed(settings, cfg, run_id, run_dir, args.nproc or 1, resume)
-    else:
-        rc = launch.launch_local(settings, cfg, run_id, run_dir, resume)
+    try:
+        if args.launcher == "deepspeed":
+            rc = launch.launch_deepspeed(settings, cfg, run_id, run_dir, args.nproc or 1, resume)
+        else:
+            rc = launch.launch_local(settings, cfg, run_id, run_dir, resume)
+    except KeyboardInterrupt:
+        print(f"klong train: interrupted. {_kept(run_dir)}", file=sys.stderr)
+        return 130
     if rc == 0:
         print(f"run {run_id} done: {run_dir}")
     return rc
+
+
+def _kept(run_dir: Path) -> str:
+    """What an interrupted run left behind, and how to go on."""
+    from trainer.recipe import latest_checkpoint
+
+    try:
+        last = latest_checkpoint(run_dir)
+    except ConfigError:
+        return f"No checkpoint was saved yet in {run_dir}; start the run again."
+    return f"Kept: checkpoint {last} (the newest complete one; later steps are lost). Resume: klong train --resume {run_dir}"
 
 
 def cmd_lineage(args) -> int:

@@ -13,6 +13,7 @@ from tests.helpers import produce, rollout_events
 from tests.test_cli import klong
 from tests.test_judge import read_results, request
 from tests.test_tasks import make_task
+from tests.test_trainer_data import train_home  # noqa: F401  (session fixture)
 
 
 @pytest.fixture
@@ -121,3 +122,53 @@ def test_a_home_that_is_no_data_home_is_an_error(tmp_path, capsys):
             assert main([*args, "--home", str(home)]) == 2, args
             err = capsys.readouterr().err
             assert "data home" in err and str(home) in err
+
+
+def test_simulate_without_a_broker_fails_after_its_timeout(tmp_path, capsys):
+    from klong.broker import free_port
+
+    rc = main(["simulate", "--rollouts", "1", "--home", str(tmp_path / "h"), "--bootstrap-servers",
+               f"127.0.0.1:{free_port()}", "--connect-timeout", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no Kafka answers" in err and "within 3 s" in err
+
+
+def _interrupt_when(proc, ready, timeout=180.0) -> None:
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+
+
+def test_ctrl_c_of_simulate_says_what_was_kept(settings):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "klong", *klong(settings, "simulate", "--rollouts", "500")],
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    spool = settings.outbox_dir
+    _interrupt_when(proc, lambda: any(p.stat().st_size > 0 for p in spool.glob("seg-*.log")) if spool.exists() else False)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted. Kept:" in err and str(spool) in err and "Traceback" not in err
+
+
+def test_ctrl_c_of_train_says_what_was_kept_and_how_to_resume(train_home):
+    import subprocess
+    import sys
+
+    s = train_home
+    before = set((s.home / "runs").iterdir()) if (s.home / "runs").exists() else set()
+    proc = subprocess.Popen([sys.executable, "-m", "klong", "train", "--dataset", "sft@1", "--mode", "sft", "--config",
+                             "sft_tiny", "data.micro_batch_tokens=1200", "train.epochs=50", "train.max_steps=100000",
+                             "train.save_every=2", "--home", str(s.home), "--bootstrap-servers", s.bootstrap_servers,
+                             "--topic-prefix", s.topics.prefix],
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _interrupt_when(proc, lambda: any(p.parents[2] not in before for p in
+                                      (s.home / "runs").glob("*/checkpoints/step-2/klong_state.json")))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted. Kept: checkpoint" in err and "klong train --resume" in err, err[-2000:]
