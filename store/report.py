@@ -65,9 +65,9 @@ def rl_series(cat: Catalog, plan: Optional[str]) -> dict[str, list]:
         WITH r AS ({_scope(plan)}),
         per AS (SELECT last_iteration AS iteration, avg(final_score) AS score, avg(n_turns) AS turns
                 FROM r GROUP BY ALL),
-        lp AS (SELECT r.last_iteration AS iteration, avg(-t.lp) AS entropy
-               FROM (SELECT rollout_id, unnest(logprobs) AS lp FROM step_tokens
-                     WHERE role = 'assistant' AND logprobs IS NOT NULL) t JOIN r USING (rollout_id) GROUP BY ALL),
+        lp AS (SELECT r.last_iteration AS iteration, -sum(list_sum(t.logprobs)) / sum(len(t.logprobs)) AS entropy
+               FROM step_tokens t JOIN r USING (rollout_id)
+               WHERE t.role = 'assistant' AND len(t.logprobs) > 0 GROUP BY ALL),  -- a mean over tokens, no unnest
         tr AS (SELECT i.iteration, avg(m.value) AS train_entropy
                FROM training_metrics m JOIN training_runs t USING (run_id) JOIN rl_iterations i ON i.dataset = t.dataset
                WHERE m.metric = 'entropy' {plan_cond} GROUP BY ALL)

@@ -32,7 +32,9 @@ from fastapi.templating import Jinja2Templates
 
 from klong.settings import Settings
 from schemas.errors import ConfigError, TerminalError
+from store.archive import list_flushes
 from store.catalog import Catalog
+from store.datasets import all_manifests
 from store.overlay import overlay
 from store.report import FIGURES, render
 from store.viewer import ROLLOUT_COLUMNS, STATUSES, NotFound, RolloutFilter, Viewer, as_jsonable
@@ -134,11 +136,24 @@ def create_app(settings: Settings) -> FastAPI:
         plans = [r["plan"] for r in catalog.arrow("SELECT DISTINCT plan FROM rl_iterations ORDER BY 1").to_pylist()]
         return page(request, "plots.html", figures=list(FIGURES), plan=plan, plans=plans)
 
+    figures: dict[tuple, bytes] = {}  # (name, plan, archive state) -> PNG: a figure is drawn once per state
+
+    def archive_state() -> tuple:
+        """What the figures depend on: the archive's flush directories (immutable: new data adds one, a
+        quarantined one leaves) and the dataset versions (immutable too)."""
+        return (tuple(str(d.path) for d in list_flushes(settings.archive_dir)),
+                tuple(sorted(m["ref"] for m in all_manifests(settings.home))))
+
     @app.get("/plots/{name}.png")
     def plot(name: str, plan: str = ""):
         if name not in FIGURES:
             raise NotFound(f"no figure {name!r} (figures: {', '.join(FIGURES)})")
-        return Response(render(name, catalog, plan or None), media_type="image/png")
+        key = (name, plan, archive_state())
+        if key not in figures:
+            if len(figures) >= 64:
+                figures.clear()
+            figures[key] = render(name, catalog, plan or None)
+        return Response(figures[key], media_type="image/png")
 
     @app.get("/blacklist", response_class=HTMLResponse)
     def blacklist(request: Request):
