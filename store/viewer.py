@@ -29,9 +29,9 @@ from store.catalog import Catalog, sql_str
 # COLLAPSE_CHARS, assistant messages beyond ASSISTANT_CHARS (the policy's own words are read more often).
 COLLAPSE_CHARS, ASSISTANT_CHARS = 600, 2000
 HEAD_CHARS, TAIL_CHARS = 300, 200
-ROLLOUT_COLUMNS = ("rollout_id", "task_id", "group_id", "stage", "iteration", "last_iteration", "status", "n_steps",
-                   "n_turns", "n_tokens", "elapsed_s", "final_score", "n_judged", "n_resumes", "policy_version",
-                   "last_policy_version", "model", "started_at")
+ROLLOUT_COLUMNS = ("rollout_id", "task_id", "stage", "iteration", "last_iteration", "status", "final_score", "n_turns",
+                   "n_steps", "n_tokens", "elapsed_s", "n_judged", "n_resumes", "policy_version", "last_policy_version",
+                   "group_id", "model", "started_at")
 STATUSES = ("running", "finished", "timeout", "error", "aborted")
 # Views a rollout page reads: the catalog creates only the extension views a connection names.
 PAGE_VIEWS = "rollouts steps rollout_resumes judge_results judge_leaf_scores rubric_nodes blacklist_hits samples datasets"
