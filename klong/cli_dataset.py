@@ -60,10 +60,32 @@ def parse_config(path: str | None, overrides: list[str], kind: str | None, stage
     return kind, cfg
 
 
+def _check_archived(settings, wait_s) -> None:
+    """A build reads the archive only: say so when Kafka holds events it has not archived yet, or wait
+    for the sink (--wait-archived)."""
+    from schemas.errors import BrokerError, ConfigError
+    from store.status import unarchived_events, wait_archived
+
+    try:
+        if wait_s is not None:
+            wait_archived(settings, wait_s)
+            return
+        left = unarchived_events(settings)
+    except (BrokerError, ConfigError) as e:
+        if wait_s is not None:
+            raise
+        _err(f"warning: could not ask Kafka for events not archived yet ({e}); building from the archive as it is")
+        return
+    if left:
+        _err(f"warning: Kafka holds {left} events the archive does not have yet; they are not in this version "
+             "(run `klong sink run --until-idle` first, or build with --wait-archived)")
+
+
 def cmd_build(args) -> int:
     from consumers.materialize import build_version
 
     kind, cfg = parse_config(args.config, args.overrides, args.kind, args.stage, args.iteration)
+    _check_archived(_settings(args), args.wait_archived)
     outcome = build_version(_settings(args).home, args.name, kind, cfg)
     m = outcome.manifest
     if outcome.existing:
@@ -206,6 +228,9 @@ def register(sub, common) -> None:
     b.add_argument("--config", help="YAML file of config keys (max_tokens, overlap_turns, reward_mode, ...)")
     b.add_argument("--stage", type=int, help="only rollouts of this stage")
     b.add_argument("--iteration", type=int, help="only rollouts of this iteration")
+    b.add_argument("--wait-archived", type=float, nargs="?", const=600.0, metavar="SECONDS",
+                   help="first wait (default up to 600 s) until a running sink has archived every event Kafka holds; "
+                        "without it, a build warns when Kafka holds events the archive does not")
     b.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, values parsed as YAML")
     b.set_defaults(func=cmd_build)
 

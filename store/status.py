@@ -51,6 +51,30 @@ def partition_lag(settings: Settings) -> list[PartitionLag]:
         admin.close()
 
 
+def unarchived_events(settings: Settings, timeout_s: float = 5.0) -> int:
+    """Events Kafka holds that the archive does not (the sum of partition lags; a lower bound on the
+    embedded broker). BrokerError / ConfigError when no Kafka answers within `timeout_s`."""
+    from klong.broker import probe_kafka
+
+    probe_kafka(settings, timeout_s)
+    return sum(p.lag for p in partition_lag(settings))
+
+
+def wait_archived(settings: Settings, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Blocks until the archive holds everything Kafka holds (a sink must be running); TransientError
+    after `timeout_s`."""
+    import time
+
+    from schemas.errors import TransientError
+
+    deadline = time.monotonic() + timeout_s
+    while (left := unarchived_events(settings)) > 0:
+        if time.monotonic() > deadline:
+            raise TransientError(f"Kafka still holds {left} events the archive does not after {timeout_s:.0f} s "
+                                 "(is `klong sink run` running?)")
+        time.sleep(poll_s)
+
+
 def archive_summary(settings: Settings) -> dict:
     flushes = list_flushes(settings.archive_dir)
     nbytes = sum(f.stat().st_size for d in flushes for f in d.path.iterdir())

@@ -172,3 +172,25 @@ def test_ctrl_c_of_train_says_what_was_kept_and_how_to_resume(train_home):
                                       (s.home / "runs").glob("*/checkpoints/step-2/klong_state.json")))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted. Kept: checkpoint" in err and "klong train --resume" in err, err[-2000:]
+
+
+def test_dataset_build_warns_about_unarchived_events_or_waits_for_them(settings, capsys):
+    import threading
+
+    produce(settings, rollout_events("r-a", 6))
+    Sink(settings).run(until_idle=True)
+    produce(settings, rollout_events("r-b", 6))  # in Kafka, not archived
+    assert main(klong(settings, "dataset", "build", "d", "--kind", "sft", "max_tokens=100000")) == 0
+    captured = capsys.readouterr()
+    assert "warning: Kafka holds" in captured.err and "--wait-archived" in captured.err
+    stop = threading.Event()
+    sink = threading.Thread(target=lambda: Sink(settings).run(should_stop=stop.is_set), daemon=True)
+    sink.start()
+    try:
+        assert main(klong(settings, "dataset", "build", "d", "--kind", "sft", "max_tokens=100000",
+                          "--wait-archived", "120")) == 0
+    finally:
+        stop.set()
+        sink.join(60)
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "d@2" and "warning" not in captured.err
