@@ -19,10 +19,11 @@ from trainer.launch import k8s_manifest, k8s_name, to_dicts, to_yaml
 
 def test_every_shipped_yaml_loads():
     names = {p.name for p in shipped_configs()}
-    assert {"sft_tiny.yaml", "rl_tiny.yaml"} <= names
+    assert {"sft_tiny.yaml", "rl_tiny.yaml", "sft_smollm2.yaml", "rl_smollm2.yaml"} <= names
     for path in shipped_configs():
         cfg = load_config(path)
-        assert cfg.mode in ("sft", "rl") and cfg.model.name == "tiny"
+        assert cfg.mode in ("sft", "rl") and cfg.model.name in ("tiny", "smollm2")
+        assert cfg.model.fold_token_ids == (cfg.model.name == "tiny")  # real token ids are never folded
         assert load_config(path, ["optim.lr=0.5", "engine.zero_stage=2"]).optim.lr == 0.5
 
 
