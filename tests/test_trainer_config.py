@@ -124,3 +124,10 @@ def test_training_views_exist_on_an_empty_archive(tmp_path):
     cols = cat.sql("SELECT * FROM training_runs LIMIT 0").columns
     assert {"run_id", "status", "mode", "dataset", "dataset_hash", "policy_version_in", "policy_version_out",
             "steps", "final_loss", "last_checkpoint"} <= set(cols)
+
+
+def test_exponent_without_a_dot_is_a_number():
+    # YAML 1.1 reads `2e-5` as a string; `optim.lr=2e-5` is what a user types
+    assert load_config(None, ["optim.lr=2e-5", "loss.clip_eps=1E-1"]).optim.lr == 2e-5
+    with pytest.raises(ConfigError, match="optim.lr: must be a number"):
+        load_config(None, ["optim.lr=fast"])
