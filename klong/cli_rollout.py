@@ -40,7 +40,7 @@ def _config(args):
                                file_size_mb=args.file_size_mb, max_procs=args.max_procs,
                                max_output_bytes=args.max_output_bytes, disk_mb=args.disk_mb, tmp_mb=args.tmp_mb)
         return AgentConfig(min_time_fraction=args.min_time_fraction, reminder_every_turns=args.reminder_every,
-                           sandbox=args.sandbox, limits=limits, workdir=args.workdir,
+                           sandbox=args.sandbox, limits=limits, workdir=args.workdir, allow_hosts=tuple(args.allow_host),
                            request_token_ids=not args.no_token_ids, k8s_image=args.k8s_image,
                            k8s_namespace=args.k8s_namespace, temperature=args.temperature, max_tokens=args.max_tokens,
                            snapshot_every_turns=args.snapshot_every)
@@ -157,6 +157,9 @@ def register(sub, common) -> None:
                           "namespaces, no network, no host files but /usr and /etc; refused where the machine "
                           "cannot isolate). unsafe-local: plain subprocesses, NOT isolated. k8s: one Pod per "
                           "rollout via the Kubernetes exec API, untested against a real cluster here")
+    run.add_argument("--allow-host", action="append", default=[], metavar="HOST",
+                     help="local sandbox: let tool calls reach this host (and its subdomains) over HTTP(S) through a "
+                          "proxy; repeatable; a host of the task's blacklist is refused (default: no network)")
     run.add_argument("--dry-run", action="store_true",
                      help="with --sandbox k8s: print the ConfigMap, NetworkPolicy and Pod manifests, run nothing")
     run.add_argument("--workdir", help="parent of the per-rollout sandbox dirs (default HOME/rollouts)")

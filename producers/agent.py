@@ -56,6 +56,7 @@ class AgentConfig:
     mandatory_reading: bool = True  # paper.md (+ addendum.md) read in full before other tools
     sandbox: Literal["local", "unsafe-local", "k8s"] = "local"  # producers.sandbox: local = isolated namespaces
     limits: SandboxLimits = field(default_factory=SandboxLimits)
+    allow_hosts: tuple[str, ...] = ()  # local sandbox: HTTP(S) to these hosts only (never a blacklisted one)
     workdir: Optional[str] = None  # parent of the per-rollout sandbox dirs (default HOME/rollouts)
     python: str = "python3"  # interpreter of the python tool inside the sandbox
     k8s_image: str = "python:3.11-slim"
@@ -294,10 +295,12 @@ def snapshot(rec: RolloutRecorder, sandbox) -> str:
     return ref
 
 
-def _make_sandbox(config: AgentConfig, settings: Settings, rollout_id: str):
+def _make_sandbox(config: AgentConfig, settings: Settings, rollout_id: str, blacklist: list[str] = ()):
+    from producers.sandbox_net import allowed_hosts
+
     return make_sandbox(config.sandbox, Path(config.workdir) if config.workdir else settings.home / "rollouts",
                         config.limits, rollout_id=rollout_id, python=config.python, k8s_image=config.k8s_image,
-                        k8s_namespace=config.k8s_namespace)
+                        k8s_namespace=config.k8s_namespace, allow_hosts=allowed_hosts(config.allow_hosts, blacklist))
 
 
 def run_agent(outbox: Outbox, settings: Settings, task_id: str, policy: PolicyEndpoint, *, timeout_s: float,
@@ -321,7 +324,7 @@ def run_agent(outbox: Outbox, settings: Settings, task_id: str, policy: PolicyEn
                           stage=stage, iteration=iteration, policy_version=policy_version, scaffold=SCAFFOLD,
                           model=policy.model)
     control.rollout_id = rec.rollout_id
-    sandbox = _make_sandbox(config, settings, rec.rollout_id)
+    sandbox = _make_sandbox(config, settings, rec.rollout_id, payload.blacklist)
     client = PolicyClient(policy, request_token_ids=config.request_token_ids, temperature=config.temperature,
                           max_tokens=config.max_tokens)
     loop, status, error, ref, request_id = None, "error", None, None, None

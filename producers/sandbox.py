@@ -197,14 +197,17 @@ class SubprocessSandbox:
 
 def make_sandbox(kind: str, parent: str | os.PathLike, limits: SandboxLimits = SandboxLimits(), *, rollout_id: str,
                  python: str = "python3", k8s_image: str = "python:3.11-slim", k8s_namespace: str = "default",
-                 env: Optional[dict[str, str]] = None) -> Sandbox:
+                 env: Optional[dict[str, str]] = None, allow_hosts: tuple[str, ...] = ()) -> Sandbox:
     """The sandbox of one rollout, in `parent/<rollout_id>` on this machine (`local`, `unsafe-local`)
-    or a Pod (`k8s`). The rollout id must be able to name a directory (no `/`, no `..`)."""
+    or a Pod (`k8s`). The rollout id must be able to name a directory (no `/`, no `..`). `allow_hosts`
+    (local only; checked with producers.sandbox_net.allowed_hosts): HTTP(S) to those hosts, nothing else."""
     path_safe_id(rollout_id, "rollout id")
+    if allow_hosts and kind != "local":
+        raise ConfigError(f"a network allowlist needs --sandbox local (the {kind} sandbox cannot enforce one)")
     if kind == "local":
         from producers.sandbox_local import NamespaceSandbox
 
-        return NamespaceSandbox(Path(parent) / rollout_id, limits, python=python, env=env)
+        return NamespaceSandbox(Path(parent) / rollout_id, limits, python=python, env=env, allow_hosts=allow_hosts)
     if kind == "unsafe-local":
         return SubprocessSandbox(Path(parent) / rollout_id, limits, python=python)
     if kind == "k8s":

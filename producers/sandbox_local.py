@@ -12,7 +12,8 @@ when we are root) owns new user, mount, network, IPC, UTS and cgroup namespaces.
 root-only files stay closed), a read-only /usr and /etc, `/home/paper` (the task's files, read-only),
 `/home/submission` (a tmpfs of `disk_mb`: the disk quota, writes past it fail with ENOSPC), a
 private `/tmp` (tmpfs of `tmp_mb`), no data home, no other rollout, no host path at all beyond
-/usr and /etc, and only a loopback network. Each tool call enters those namespaces (`nsenter`) and
+/usr and /etc, and only a loopback network (with `allow_hosts`, HTTP(S) to those hosts only, through
+the proxy of `producers.sandbox_net`). Each tool call enters those namespaces (`nsenter`) and
 starts in its own new PID namespace with its own /proc (`unshare --pid --mount-proc --kill-child`):
 it sees only its own processes, cannot signal the runner, and when the call ends (or times out)
 the kernel kills every process it left behind (`setsid sleep &` included). The environment is
@@ -108,12 +109,14 @@ class NamespaceSandbox:
     after close(), `submission/`; nothing of it is visible inside except through copies."""
 
     def __init__(self, root: str | os.PathLike, limits: SandboxLimits = SandboxLimits(), *, python: str = "python3",
-                 env: Optional[dict[str, str]] = None, copy_out: bool = True):
+                 env: Optional[dict[str, str]] = None, copy_out: bool = True, allow_hosts: tuple[str, ...] = ()):
         require_isolation()  # before anything is recorded: refuse, saying why
         self.root = Path(root).resolve()
         self.limits, self.python, self.copy_out = limits, python, copy_out
         self.paper_dir, self.submission_dir = PAPER_DIR, SUBMISSION_DIR
         self._extra_env = dict(env or {})
+        self.allow_hosts = tuple(allow_hosts)  # checked against the task's blacklist: sandbox_net.allowed_hosts
+        self._proxy = None
         self._scratch = self.root / ".sandbox"
         self._holder: Optional[subprocess.Popen] = None
         self._pid: Optional[int] = None  # the holder's process inside the namespaces (nsenter target)
@@ -137,8 +140,16 @@ class NamespaceSandbox:
                 cmd += ["--ro-bind-data", str(fd), f"{PAPER_DIR}/{p.name}"]
             cmd += ["--size", str(self.limits.disk_mb << 20), "--tmpfs", SUBMISSION_DIR,
                     "--size", str(self.limits.tmp_mb << 20), "--tmpfs", "/tmp", "--remount-ro", "/home",
-                    "--chdir", SUBMISSION_DIR, "--info-fd", str(info_w), "--",
-                    "sh", "-c", "echo ready && exec sleep infinity"]
+                    "--chdir", SUBMISSION_DIR, "--info-fd", str(info_w), "--"]
+            if self.allow_hosts:  # the holder is the forwarder to the allowlist proxy (producers.sandbox_net)
+                from producers.sandbox_net import FORWARDER, PROXY_PORT, AllowlistProxy
+
+                self._proxy = AllowlistProxy(self.allow_hosts)
+                i = cmd.index("--chdir")
+                cmd[i:i] = ["--bind", self._proxy.path, "/run/klong/proxy.sock"]
+                cmd += ["python3", "-c", FORWARDER, "/run/klong/proxy.sock", str(PROXY_PORT)]
+            else:
+                cmd += ["sh", "-c", "echo ready && exec sleep infinity"]
             self._holder = subprocess.Popen(cmd, pass_fds=fds + [info_w], stdin=subprocess.DEVNULL,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                             env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
@@ -178,6 +189,9 @@ class NamespaceSandbox:
         finally:
             _kill_group(holder)
             self._pid = None
+            if self._proxy is not None:
+                self._proxy.close()
+                self._proxy = None
 
     def __enter__(self) -> "NamespaceSandbox":
         return self
@@ -188,9 +202,11 @@ class NamespaceSandbox:
     # ---- running ---------------------------------------------------------------------------------------
 
     def _env(self) -> dict[str, str]:
+        from producers.sandbox_net import proxy_env
+
         return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8",
                 "PYTHONUNBUFFERED": "1", "PAPER_DIR": PAPER_DIR, "SUBMISSION_DIR": SUBMISSION_DIR,
-                **self._extra_env}
+                **proxy_env(self.allow_hosts), **self._extra_env}
 
     def _enter(self, argv: list[str]) -> list[str]:
         """argv run inside the rollout's namespaces, in a new PID namespace of its own."""

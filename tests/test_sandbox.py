@@ -196,3 +196,41 @@ def test_k8s_manifests_carry_the_same_rules():
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and policy["spec"]["egress"] == []
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert config_map["data"] == {"paper.md": "p"}
+
+
+def test_network_allowlist_reaches_only_allowed_hosts(tmp_path):
+    import http.server
+    import threading
+
+    from producers.sandbox_local import NamespaceSandbox
+    from producers.sandbox_net import allowed_hosts
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"hello-through-the-proxy")
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    fetch = "python3 -c \"import urllib.request as u; print(u.urlopen('{}', timeout=20).read().decode())\" 2>&1"
+    try:
+        with pytest.raises(ConfigError, match="blacklisted"):
+            allowed_hosts(["github.com"], blacklist=["https://github.com/org/official-code"])
+        sb = NamespaceSandbox(tmp_path / "r", allow_hosts=allowed_hosts(["localhost"], blacklist=["https://github.com/x"]))
+        sb.setup({})
+        try:
+            assert "hello-through-the-proxy" in sb.run(fetch.format(f"http://localhost:{port}/"), timeout_s=60).output
+            out = sb.run(fetch.format("http://example.com/"), timeout_s=60).output
+            assert "403" in out and "hello" not in out
+            assert "refused" in sb.run(f"echo x > /dev/tcp/127.0.0.1/{port} 2>&1 || echo refused", timeout_s=30).output
+        finally:
+            sb.close()
+    finally:
+        srv.shutdown()
+    with pytest.raises(ConfigError, match="needs --sandbox local"):
+        make_sandbox("unsafe-local", tmp_path, rollout_id="r-2", allow_hosts=("localhost",))
