@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 
 import pytest
 
@@ -89,10 +90,23 @@ def test_fuzzed_messages_never_stop_the_sink(settings):
             (topic, b"pill", b"[" * 5000 + b"]" * 5000), (topic, None, b"{}"), (topic, b"pill", b"\xff\xfe")]
     order = [("ev", ev) for ev in valid] + [("raw", m) for m in raw]
     rng.shuffle(order)
+    assert len(order) == 1000
+    # the sink is up while the messages arrive; it stops once it has read all 1,000 and gone idle
+    sink = Sink(settings, flush_interval_s=0.2)
+    seen = threading.Event()
+    result: dict = {}
+
+    def run_sink():
+        result["stats"] = sink.run(should_stop=seen.is_set,
+                                   progress=lambda st: st.events + st.dead_letters >= 1000 and seen.set())
+
+    thread = threading.Thread(target=run_sink, daemon=True)
+    thread.start()
     produce(settings, [], raw=[(settings.topics.for_event(x), key_of(x).encode(), encode(x)) if k == "ev" else x
                                for k, x in order])
-    assert len(order) == 1000
-    stats = Sink(settings, flush_interval_s=0.2).run(until_idle=True)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and "stats" in result, "the sink stopped reading (a poison pill?)"
+    stats = result["stats"]
     cat = Catalog(settings)
     archived = set(cat.arrow("SELECT event_id FROM rollout_started_events UNION ALL SELECT event_id FROM step_events "
                              "UNION ALL SELECT event_id FROM rollout_ended_events UNION ALL "
