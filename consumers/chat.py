@@ -4,14 +4,16 @@
     spans = chat.message_spans(messages, tools)                    # int32 ids per message, concatenated ==
     np.concatenate(spans) == chat.encode(chat.render(messages, tools))   # apply_chat_template(messages, tools)
     ids = chat.added_ids(history, [tool_message], tools)           # what a new message adds to a live context
+    header = chat.generation_prompt(history, tools)               # `<|im_start|>assistant\\n` before a sample
 
-How a rendering is split: the cut before message i is where `render(messages[:i])` ends, rendered with the
-generation prompt (`<|im_start|>assistant\\n`) when message i is an assistant turn. So an assistant span is
-what the model writes (its text, tool calls, end-of-turn markup), never the role header it was prompted
-with; that header ends the span before it. Every partial rendering must be a prefix of the whole one
+How a rendering is split: the cut before message i is where `render(messages[:i])` ends. So every span is
+one whole message in its markup: an assistant span is its role header (the generation prompt it was
+prompted with), what the model wrote (text, tool calls) and the end-of-turn markup, and a window that
+starts at any message is well-formed ChatML. Every partial rendering must be a prefix of the whole one
 (checked), and the whole rendering is tokenized once: a cut that falls inside a token is an error, so the
 spans concatenated are exactly `apply_chat_template(messages, tools=tools)` (the loss mask then covers
-exactly the assistant spans).
+exactly the assistant spans). The token-in/token-out runner (`producers.agent`) records its assistant
+steps the same way: the header ids, the sampled ids, the template's end-of-turn ids.
 
 `fingerprint` = sha256 of tokenizer.json and the template: rollouts whose ids come from different
 vocabularies or templates never share a dataset (`consumers.materialize`). Nothing is downloaded.
@@ -93,7 +95,7 @@ class ChatTokenizer:
         full = self.render(messages, tools)
         cuts = [0]
         for i in range(1, len(messages)):
-            part = self.render(messages[:i], tools, add_generation_prompt=messages[i].get("role") == "assistant")
+            part = self.render(messages[:i], tools)
             if not full.startswith(part) or len(part) < cuts[-1]:
                 raise TemplateError(f"message {i}: the template renders the messages before it differently once it "
                                     "follows (the rendering is not append-only), so it has no span of its own")
@@ -112,7 +114,7 @@ class ChatTokenizer:
         return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def added_text(self, history: Sequence[dict], new: Sequence[dict], tools: Optional[Sequence[dict]] = None,
-                   add_generation_prompt: bool = True, history_generation_prompt: bool = False) -> str:
+                   add_generation_prompt: bool = False, history_generation_prompt: bool = False) -> str:
         """The text the template adds after `history` for the messages `new` (checked append-only)."""
         before = self.render(history, tools, history_generation_prompt) if history else ""
         after = self.render(list(history) + list(new), tools, add_generation_prompt)
@@ -121,8 +123,12 @@ class ChatTokenizer:
                                 "a live token context cannot be extended by appending")
         return after[len(before):]
 
+    def generation_prompt(self, history: Sequence[dict], tools: Optional[Sequence[dict]] = None) -> np.ndarray:
+        """The ids the template puts after `history` to prompt an assistant turn."""
+        return self.encode(self.added_text(history, [], tools, add_generation_prompt=True))
+
     def added_ids(self, history: Sequence[dict], new: Sequence[dict], tools: Optional[Sequence[dict]] = None,
-                  add_generation_prompt: bool = True) -> np.ndarray:
+                  add_generation_prompt: bool = False) -> np.ndarray:
         """Token ids the messages `new` add to a context that rendered `history` (ChatML: each message
         starts at a special token, so encoding the added text alone gives the ids it has in the whole)."""
         return self.encode(self.added_text(history, new, tools, add_generation_prompt))

@@ -14,6 +14,10 @@ The loop (one tool call per assistant message; tools in `producers.agent_tools`)
   "continue" nudge. A time reminder is added every `reminder_every_turns` turns.
 - A context-length error prunes the context the model sees (the prefix always stays;
   `agent_policy.prune`) and calls again; the recorded trajectory keeps every step.
+- Token-in/token-out (`AgentConfig.model_dir`, the policy's model directory): the context is kept as
+  token ids and sent to vLLM's /v1/completions; sampled ids are recorded as sampled, observations as
+  the ids the chat template adds for them, prunes as `context_start` (`producers.agent_context`).
+  Without it the chat API is used and observation steps are text-only.
 - `timeout_s` bounds the rollout's wall time: a policy or tool call is cut at the deadline and the
   rollout ends `timeout`, its steps kept. `RolloutControl` lets a scheduler carry the rollout into
   a new iteration/policy (a `rollout_resumed` event, later steps carry the new policy_version) or
@@ -34,6 +38,7 @@ from typing import Literal, Optional
 
 from klong.settings import Settings
 from producers import agent_prompts as prompts
+from producers.agent_context import TokenContext, chat_tokenizer
 from producers.agent_policy import (ContextLengthExceeded, PolicyClient, PolicyEndpoint, PolicyTimeout, prune)
 from producers.agent_tools import TOOLS, ReadingTracker, ToolOutput, execute, parse_arguments, ToolError
 from producers.judge_requests import store_snapshot
@@ -66,6 +71,11 @@ class AgentConfig:
     max_tokens: Optional[int] = None  # per completion
     max_transient_errors: int = 3  # consecutive policy failures (after the client's retries) before 'error'
     snapshot_every_turns: int = 0  # extra snapshots during the rollout (0: only at the end)
+    # The policy's model directory (tokenizer + chat template, `klong model import`): token-in/token-out through
+    # /v1/completions (producers.agent_context). None: the chat API, observation steps text-only.
+    model_dir: Optional[str] = None
+    seed: Optional[int] = None  # sampling seed sent with every policy call (reproducible tests)
+    max_turns: Optional[int] = None  # end the rollout after this many policy turns (status timeout: truncated)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_time_fraction <= 1.0:
@@ -151,6 +161,7 @@ class _Loop:
                  config: AgentConfig, timeout_s: float, reading: Optional[ReadingTracker]):
         self.rec, self.sandbox, self.client, self.control, self.config = rec, sandbox, client, control, config
         self.timeout_s, self.reading = timeout_s, reading
+        self.ctx = TokenContext(chat_tokenizer(config.model_dir), TOOLS) if config.model_dir else None
         self.t0 = time.monotonic()
         self.messages: list[dict] = []
         self.n_prefix = 0  # messages of the pinned prefix (kept by pruning)
@@ -164,10 +175,17 @@ class _Loop:
         return self.reading is None or self.reading.done
 
     def observe(self, content: str, role: str, pinned: bool, tool_call_id: Optional[str] = None) -> None:
-        self.rec.observation(content, role=role, pinned=pinned, tool_call_id=tool_call_id)
         msg = {"role": role, "content": content}
         if tool_call_id is not None:
             msg["tool_call_id"] = tool_call_id
+        if self.ctx is not None:  # token-in/token-out: the ids the template adds for this message
+            step = self.rec.n_steps
+            start = self.ctx.context_start(step)
+            ids = self.ctx.observe(msg, step_idx=step, pinned=pinned)
+            self.rec.observation(content, role=role, pinned=pinned, tool_call_id=tool_call_id, token_ids=ids,
+                                 context_start=start)
+            return
+        self.rec.observation(content, role=role, pinned=pinned, tool_call_id=tool_call_id)
         self.messages.append(msg)
         self.n_prefix += pinned
 
@@ -188,22 +206,17 @@ class _Loop:
                 if carried[2] is not None:
                     self.client.close()
                     self.client = PolicyClient(carried[2], request_token_ids=cfg.request_token_ids,
-                                               temperature=cfg.temperature, max_tokens=cfg.max_tokens)
+                                               temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed)
             if cfg.reminder_every_turns and since_reading and since_reading % cfg.reminder_every_turns == 0 \
                     and reminded != since_reading:  # once per turn count, not again after a pruned retry
                 reminded = since_reading
                 self.observe(prompts.reminder(time.monotonic() - self.t0, self.timeout_s), "user", False)
             try:
-                c = self.client.complete(self.messages, tools=TOOLS, timeout_s=self.left(),
-                                         rollout_id=self.rec.rollout_id)
+                c = self.sample(not self.reading_done)
                 failures = 0
             except ContextLengthExceeded as e:
-                pruned = prune(self.messages, self.n_prefix, cfg.prune_ratio)
-                if pruned is None:
+                if not self.prune():
                     return "error", f"context length exceeded with only the pinned prefix left: {e}"
-                log.info("rollout %s: context length exceeded, pruned %d -> %d messages", self.rec.rollout_id,
-                         len(self.messages), len(pruned))
-                self.messages, self.prunes = pruned, self.prunes + 1
                 continue
             except PolicyTimeout as e:
                 if self.left() <= 0.5:
@@ -226,22 +239,51 @@ class _Loop:
             status = self.act(c, pinned)
             if status:
                 return status, None
+            if cfg.max_turns and self.turns >= cfg.max_turns:
+                return "timeout", None
             if cfg.snapshot_every_turns and self.turns % cfg.snapshot_every_turns == 0:
                 snapshot(self.rec, self.sandbox)
+
+    def sample(self, pinned: bool):
+        """One policy call: a Completion (chat API) or, token-in/token-out, an agent_context.Turn."""
+        if self.ctx is not None:
+            return self.ctx.sample(self.client, step_idx=self.rec.n_steps, pinned=pinned, timeout_s=self.left(),
+                                   rollout_id=self.rec.rollout_id)
+        return self.client.complete(self.messages, tools=TOOLS, timeout_s=self.left(), rollout_id=self.rec.rollout_id)
+
+    def prune(self) -> bool:
+        """Drops the oldest part of the context after the prefix (a context-length error); False: nothing left."""
+        before = len(self.ctx) if self.ctx is not None else len(self.messages)
+        if self.ctx is not None:
+            if not self.ctx.prune(self.config.prune_ratio):
+                return False
+        else:
+            pruned = prune(self.messages, self.n_prefix, self.config.prune_ratio)
+            if pruned is None:
+                return False
+            self.messages = pruned
+        self.prunes += 1
+        log.info("rollout %s: context pruned %d -> %d %s", self.rec.rollout_id, before,
+                 len(self.ctx) if self.ctx is not None else len(self.messages),
+                 "tokens" if self.ctx is not None else "messages")
+        return True
 
     def act(self, c, pinned: bool) -> Optional[str]:
         """Records the assistant step, runs its tool call, records the output. A status ends the rollout."""
         call = c.tool_calls[0] if c.tool_calls else None
-        self.rec.action(c.content, tool_call=(call[1], call[2]) if call else None, token_ids=c.token_ids,
-                        logprobs=c.logprobs, pinned=pinned)
-        msg: dict = {"role": "assistant", "content": c.content}
-        if call:  # only the call that runs is kept: every tool_call in a message needs an answer
-            msg["tool_calls"] = [{"id": call[0], "type": "function", "function": {"name": call[1], "arguments": call[2]}}]
-        self.messages.append(msg)
-        self.n_prefix += pinned
-        if c.finish_reason == "length" and not call:  # cut off by the context: next call gets a pruned one
-            self.messages = prune(self.messages, self.n_prefix, self.config.prune_ratio) or self.messages
-            self.prunes += 1
+        text = c.text if self.ctx is not None else c.content  # token steps: the text exactly as sampled
+        self.rec.action(text, tool_call=(call[1], call[2]) if call else None, token_ids=c.token_ids,
+                        logprobs=c.logprobs, pinned=pinned,
+                        context_start=c.context_start if self.ctx is not None else None)
+        if self.ctx is None:
+            msg: dict = {"role": "assistant", "content": c.content}
+            if call:  # only the call that runs is kept: every tool_call in a message needs an answer
+                msg["tool_calls"] = [{"id": call[0], "type": "function",
+                                      "function": {"name": call[1], "arguments": call[2]}}]
+            self.messages.append(msg)
+            self.n_prefix += pinned
+        if c.finish_reason == "length" and not call and self.config.max_tokens is None:
+            self.prune()  # cut off by the context (not by a max_tokens cap): the next call gets a pruned one
         if call is None:
             self.observe(prompts.CONTINUE, "user", pinned)
             return None
@@ -322,11 +364,12 @@ def run_agent(outbox: Outbox, settings: Settings, task_id: str, policy: PolicyEn
     control = control or RolloutControl(iteration=iteration, policy_version=policy_version, stage=stage)
     rec = RolloutRecorder(outbox, task_id=task_id, group_id=group_id, timeout_s=timeout_s, rollout_id=rollout_id,
                           stage=stage, iteration=iteration, policy_version=policy_version, scaffold=SCAFFOLD,
-                          model=policy.model)
+                          model=policy.model,
+                          tokenizer=chat_tokenizer(config.model_dir).fingerprint if config.model_dir else "")
     control.rollout_id = rec.rollout_id
     sandbox = _make_sandbox(config, settings, rec.rollout_id, payload.blacklist)
     client = PolicyClient(policy, request_token_ids=config.request_token_ids, temperature=config.temperature,
-                          max_tokens=config.max_tokens)
+                          max_tokens=config.max_tokens, seed=config.seed)
     loop, status, error, ref, request_id = None, "error", None, None, None
     try:
         rec.start()

@@ -1,10 +1,20 @@
-"""The reference agent's side of the policy endpoint: one chat completion with tools, token ids and
-logprobs when the server returns them, context-length errors recognised, and context pruning.
+"""The reference agent's side of the policy endpoint: token-in/token-out completions (vLLM), or one chat
+completion with tools; context-length errors recognised, and context pruning.
 
     client = PolicyClient(PolicyEndpoint("http://gpu-1:8000/v1", "klong-policy"), request_token_ids=True)
-    c = client.complete(messages, tools=TOOLS, timeout_s=600, rollout_id=rid)
+    t = client.complete_tokens(prompt_ids, timeout_s=600, rollout_id=rid)   # /v1/completions, prompt = ids
+    t.token_ids, t.logprobs, t.text, t.finish_reason                        # sampled ids exactly as sampled
+    content, calls = parse_hermes(t.text)                                   # vLLM's hermes tool-call parsing
+    c = client.complete(messages, tools=TOOLS, timeout_s=600, rollout_id=rid)   # the chat API instead
     c.content, c.tool_calls, c.token_ids, c.logprobs       # ids/logprobs None for text-only endpoints
     messages = prune(messages, n_prefix=12)                 # after ContextLengthExceeded
+
+Token-in/token-out (`complete_tokens`, what `producers.agent` uses with a model directory): the prompt is
+the rollout's context as token ids, kept by the runner, so nothing is re-tokenized; vLLM returns the
+sampled ids (`return_token_ids`) and their logprobs. Tool calls are read from the sampled text with the
+regex and rules of vLLM's `hermes` tool parser (importing vLLM's class would need vLLM and a tokenizer
+object in every runner): every `<tool_call>{"name", "arguments"}</tool_call>` must be JSON, else the reply
+has no tool call at all.
 
 Token ids come from vLLM's extras: `return_token_ids` (`choices[0].token_ids`, vLLM >= 0.10) or,
 with `return_tokens_as_token_ids`, logprob tokens spelled `token_id:N`. Plain OpenAI endpoints
@@ -15,8 +25,11 @@ text-only and the dataset builder tokenizes them). The rollout id travels in the
 
 from __future__ import annotations
 
+import json
+import re
+import secrets
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from schemas.errors import TerminalError, TransientError
 
@@ -55,6 +68,34 @@ class Completion:
     finish_reason: str
 
 
+@dataclass(frozen=True)
+class TokenCompletion:
+    token_ids: list[int]  # int32 [n] as sampled (ends with the end-of-turn id when the model stopped)
+    logprobs: list[float]  # float32 [n], the behaviour logprob of each sampled id
+    text: str  # the server's detokenization (special tokens kept)
+    finish_reason: str  # stop | length
+    prompt_token_ids: Optional[list[int]] = None  # what the server says it was given
+
+
+HERMES_CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)  # vLLM's hermes parser
+
+
+def parse_hermes(text: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """(content, [(call id, name, arguments JSON)]) the way vLLM's hermes parser reads a reply: the content
+    is the text before the first `<tool_call>`; one unparsable call and the whole text is content."""
+    if "<tool_call>" not in text:
+        return text, []
+    try:
+        raw = [json.loads(a or b) for a, b in HERMES_CALL.findall(text)]
+        calls = [(f"call_{secrets.token_hex(6)}", c["name"], json.dumps(c["arguments"], ensure_ascii=False))
+                 for c in raw]
+    except (ValueError, KeyError, TypeError):
+        return text, []
+    if not all(isinstance(name, str) and name for _, name, _ in calls):
+        return text, []
+    return text[:text.find("<tool_call>")], calls
+
+
 def _tokens(choice: dict) -> tuple[Optional[list[int]], Optional[list[float]]]:
     content = ((choice.get("logprobs") or {}).get("content")) or []
     lps = [float(t["logprob"]) for t in content] or None
@@ -68,29 +109,45 @@ def _tokens(choice: dict) -> tuple[Optional[list[int]], Optional[list[float]]]:
 
 class PolicyClient:
     def __init__(self, policy: PolicyEndpoint, *, request_token_ids: bool = True, temperature: float = 1.0,
-                 max_tokens: Optional[int] = None, max_retries: int = 2):
+                 max_tokens: Optional[int] = None, max_retries: int = 2, seed: Optional[int] = None):
         import openai
 
         self.policy, self.request_token_ids = policy, request_token_ids
-        self.temperature, self.max_tokens = temperature, max_tokens
+        self.temperature, self.max_tokens, self.seed = temperature, max_tokens, seed
         self._client = openai.OpenAI(base_url=policy.base_url, api_key=policy.api_key or "EMPTY",
                                      max_retries=max_retries, timeout=policy.request_timeout_s)
 
     def close(self) -> None:
         self._client.close()
 
-    def complete(self, messages: list[dict], *, tools: list[dict], timeout_s: float, rollout_id: str) -> Completion:
+    def complete_tokens(self, prompt_ids: list[int], *, timeout_s: float, rollout_id: str) -> TokenCompletion:
+        """One sample from `/v1/completions` with a token-id prompt (vLLM): the sampled ids and logprobs."""
+        extra: dict = {"return_token_ids": True, "skip_special_tokens": False}
+        if self.seed is not None:
+            extra["seed"] = self.seed
+        resp = self._call(lambda client, timeout: client.completions.create(
+            model=self.policy.model, prompt=[int(i) for i in prompt_ids], temperature=self.temperature,
+            max_tokens=self.max_tokens, logprobs=0, extra_body=extra,
+            extra_headers={"X-Klong-Rollout-Id": rollout_id}, timeout=timeout), timeout_s)
+        if not resp.choices:
+            raise TransientError(f"policy {self.policy.model} returned no choices")
+        choice = resp.choices[0].model_dump()
+        ids, lps = choice.get("token_ids"), ((choice.get("logprobs") or {}).get("token_logprobs"))
+        if ids is None or lps is None or len(lps) != len(ids):
+            raise PolicyFailed(f"policy endpoint {self.policy.base_url} did not return the sampled token ids and "
+                               "their logprobs (`return_token_ids`, vLLM >= 0.10): token-in/token-out needs a vLLM "
+                               "server; use the chat API path (no model directory) for other endpoints")
+        return TokenCompletion([int(i) for i in ids], [float(x) for x in lps], choice.get("text") or "",
+                               choice.get("finish_reason") or "", choice.get("prompt_token_ids"))
+
+    def _call(self, request: Callable[[Any, float], Any], timeout_s: float) -> Any:
+        """Runs `request(client, timeout)`, mapping the client's errors onto ours."""
         import openai
 
-        extra = {"return_token_ids": True, "return_tokens_as_token_ids": True} if self.request_token_ids else None
         # Near the rollout's deadline the client must not retry a timed-out call (it would overrun it).
         client = self._client if timeout_s >= self.policy.request_timeout_s else self._client.with_options(max_retries=0)
         try:
-            resp = client.chat.completions.create(
-                model=self.policy.model, messages=messages, tools=tools, tool_choice="auto",
-                temperature=self.temperature, max_tokens=self.max_tokens, logprobs=True,
-                extra_body=extra, extra_headers={"X-Klong-Rollout-Id": rollout_id},
-                timeout=max(0.1, min(timeout_s, self.policy.request_timeout_s)))
+            return request(client, max(0.1, min(timeout_s, self.policy.request_timeout_s)))
         except openai.APITimeoutError as e:
             raise PolicyTimeout(f"policy {self.policy.model} at {self.policy.base_url} did not answer "
                                 f"within {timeout_s:.1f} s") from e
@@ -103,6 +160,13 @@ class PolicyClient:
                                "(check --base-url, --model and OPENAI_API_KEY)") from e
         except openai.APIError as e:  # connection errors, 429 and 5xx after the client's own retries
             raise TransientError(f"policy endpoint {self.policy.base_url}: {str(e)[:300]}") from e
+
+    def complete(self, messages: list[dict], *, tools: list[dict], timeout_s: float, rollout_id: str) -> Completion:
+        extra = {"return_token_ids": True, "return_tokens_as_token_ids": True} if self.request_token_ids else None
+        resp = self._call(lambda client, timeout: client.chat.completions.create(
+            model=self.policy.model, messages=messages, tools=tools, tool_choice="auto",
+            temperature=self.temperature, max_tokens=self.max_tokens, logprobs=True,
+            extra_body=extra, extra_headers={"X-Klong-Rollout-Id": rollout_id}, timeout=timeout), timeout_s)
         if not resp.choices:
             raise TransientError(f"policy {self.policy.model} returned no choices")
         choice = resp.choices[0].model_dump()

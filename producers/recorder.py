@@ -63,8 +63,8 @@ def _logprobs(values: Optional[ArrayLike], n_tokens: Optional[int], what: str) -
     arr = np.asarray(values, dtype=np.float32)
     if arr.ndim != 1 or len(arr) != n_tokens:
         raise ValidationError(f"{what}: {arr.size} logprobs for {n_tokens} token_ids (need one per token)")
-    if not np.isfinite(arr).all():
-        raise ValidationError(f"{what}: logprobs contain NaN or infinity")
+    if np.isinf(arr).any() or (arr > 0).any():  # NaN: a token the template added, not sampled (no logprob)
+        raise ValidationError(f"{what}: logprobs must be <= 0 (NaN for tokens the policy did not sample)")
     return arr
 
 
@@ -81,13 +81,14 @@ class RolloutRecorder:
     def __init__(self, outbox: Outbox, *, task_id: str, group_id: str, timeout_s: float,
                  rollout_id: Optional[str] = None, stage: int = 1, iteration: int = 0, policy_version: int = 0,
                  scaffold: str = "", model: str = "", blob_store: Optional[BlobStore] = None,
-                 next_step_idx: Optional[int] = None, elapsed_offset_s: float = 0.0) -> None:
+                 next_step_idx: Optional[int] = None, elapsed_offset_s: float = 0.0, tokenizer: str = "") -> None:
         """`next_step_idx` set: the rollout already exists (started earlier, maybe elsewhere): entering
         emits `rollout_resumed` and numbering continues there. `elapsed_offset_s`: time already used."""
         self.outbox, self.task_id, self.group_id, self.timeout_s = outbox, task_id, group_id, timeout_s
         self.rollout_id = rollout_id or uuid7()
         self.stage, self.iteration, self.policy_version = stage, iteration, policy_version
         self.scaffold, self.model = scaffold, model
+        self.tokenizer = tokenizer  # fingerprint of the ids recorded (consumers.chat), "" unknown
         self.blob_store = blob_store or BlobStore(outbox.settings.blob_dir)
         self._existing = next_step_idx is not None
         self._next = next_step_idx or 0
@@ -127,6 +128,7 @@ class RolloutRecorder:
             self._emit(RolloutStarted, RolloutStartedPayload(
                 task_id=self.task_id, group_id=self.group_id, stage=self.stage, iteration=self.iteration,
                 timeout_s=self.timeout_s, policy_version=self.policy_version, scaffold=self.scaffold,
+                tokenizer=self.tokenizer,
                 model=self.model))
 
     def resume(self, iteration: int, policy_version: int, stage: Optional[int] = None) -> None:
@@ -160,8 +162,9 @@ class RolloutRecorder:
 
     def observation(self, content: str, *, role: str = "tool", token_ids: Optional[ArrayLike] = None,
                     pinned: bool = False, tool_call_id: Optional[str] = None,
-                    elapsed_s: Optional[float] = None, logprobs: None = None) -> int:
-        """A system prompt, user message or tool output. Returns its step_idx."""
+                    elapsed_s: Optional[float] = None, logprobs: None = None,
+                    context_start: Optional[int] = None) -> int:
+        """A system prompt, user message or tool output. Returns its step_idx. `context_start`: see action()."""
         if role not in ("tool", "user", "system"):
             raise ValidationError(f"observation role must be tool, user or system, not {role!r} "
                                   "(assistant output is recorded with action())")
@@ -169,17 +172,19 @@ class RolloutRecorder:
         if logprobs is not None:  # accepted only to say why: the policy did not sample these tokens
             raise ValidationError(f"{what}: logprobs belong on assistant steps (action()), not on {role} steps")
         return self._step(what, role=role, content=content, token_ids=_tokens(token_ids, what), pinned=pinned,
-                          tool_call_id=tool_call_id, elapsed_s=elapsed_s)
+                          tool_call_id=tool_call_id, elapsed_s=elapsed_s, context_start=context_start)
 
     def action(self, content: str, *, tool_call: Optional[ToolCallLike] = None,
                token_ids: Optional[ArrayLike] = None, logprobs: Optional[ArrayLike] = None,
-               pinned: bool = False, elapsed_s: Optional[float] = None) -> int:
-        """An assistant turn (text and/or a tool call) with its behaviour-policy logprobs. Returns step_idx."""
+               pinned: bool = False, elapsed_s: Optional[float] = None, context_start: Optional[int] = None) -> int:
+        """An assistant turn (text and/or a tool call) with its behaviour-policy logprobs (NaN for ids the chat
+        template added around the sampled ones). Returns step_idx. `context_start`: the model was given steps
+        [0, P) ++ [context_start, this step) (P: the pinned prefix), for token-in/token-out scaffolds."""
         what = f"rollout {self.rollout_id} step {self._next} (assistant)"
         tokens = _tokens(token_ids, what)
         lps = _logprobs(logprobs, None if tokens is None else len(tokens), what)
         return self._step(what, role="assistant", content=content, token_ids=tokens, logprobs=lps, pinned=pinned,
-                          tool_call=_tool_call(tool_call, what), elapsed_s=elapsed_s)
+                          tool_call=_tool_call(tool_call, what), elapsed_s=elapsed_s, context_start=context_start)
 
     def snapshot(self, ref: str, n_files: int = 0, n_bytes: int = 0) -> int:
         """The submission state after the last step, to be judged. Returns that step_idx."""

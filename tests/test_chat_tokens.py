@@ -36,7 +36,7 @@ def _reference(chat: ChatTokenizer, messages, tools=None) -> np.ndarray:
 
 
 def _assistant_texts(messages) -> list[str]:
-    """What each assistant turn writes after its `<|im_start|>assistant\\n` header, spelled out by hand."""
+    """Each assistant turn in its markup (header, text, tool calls, end of turn), spelled out by hand."""
     out = []
     for m in messages:
         if m["role"] != "assistant":
@@ -45,7 +45,7 @@ def _assistant_texts(messages) -> list[str]:
         parts += ['<tool_call>\n{"name": "%s", "arguments": %s}\n</tool_call>' % (c["function"]["name"],
                                                                                 c["function"]["arguments"])
                   for c in m.get("tool_calls") or []]
-        out.append("\n".join(parts) + "<|im_end|>\n")
+        out.append("<|im_start|>assistant\n" + "\n".join(parts) + "<|im_end|>\n")
     return out
 
 
@@ -61,10 +61,11 @@ def test_message_spans_concatenate_to_apply_chat_template(chat):
     assert np.array_equal(np.concatenate(spans), _reference(chat, row["messages"], TOOLS_ROW_TOOLS))
     asst = [chat.decode(s) for s, m in zip(spans, row["messages"]) if m["role"] == "assistant"]
     assert asst == _assistant_texts(row["messages"])
-    # what a new message adds to a live context: the same ids as its span, generation prompt included
+    # what a new message adds to a live context: the same ids as its span
     added = chat.added_ids(row["messages"][:3], [row["messages"][3]], TOOLS_ROW_TOOLS)
-    assert np.array_equal(added, spans[3])
-    assert chat.decode(added).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert np.array_equal(added, spans[3]) and chat.decode(added).startswith("<|im_start|>tool\n")
+    header = chat.generation_prompt(row["messages"][:4], TOOLS_ROW_TOOLS)
+    assert chat.decode(header) == "<|im_start|>assistant\n" and np.array_equal(header, spans[4][:len(header)])
 
 
 def test_a_template_that_rewrites_earlier_messages_is_refused(smollm2_dir, tmp_path):
@@ -113,7 +114,7 @@ def test_imported_window_is_apply_chat_template_and_the_loss_is_on_assistant_tok
     contents = [render(m) for m in parse_messages(plain["messages"])]  # the importer's step contents
     steps = [{"role": m["role"], "content": c} for m, c in zip(plain["messages"], contents)]
     assert np.array_equal(ids, _reference(chat, steps))
-    assert [chat.decode(ids[a:b]) for a, b in _runs(mask)] == [c + "<|im_end|>\n" for m, c in
+    assert [chat.decode(ids[a:b]) for a, b in _runs(mask)] == [f"<|im_start|>assistant\n{c}<|im_end|>\n" for m, c in
                                                                 zip(plain["messages"], contents) if m["role"] == "assistant"]
 
     # ids of the model's tokenizer never share a dataset with byte-tokenized text-only steps
