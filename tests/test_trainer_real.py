@@ -79,3 +79,68 @@ def test_sft_on_template_rendered_trajectories_lowers_the_real_models_loss(make_
         after = model(input_ids=ids, labels=labels).loss.item()
     assert after < losses[2] < losses[0]  # the saved weights are the trained ones (one more update than step 3 saw)
     assert np.isfinite(after)
+
+
+def record_completions(settings, server, chat, prompts_scores) -> None:
+    """One-turn rollouts recorded token-in/token-out through the real vLLM server: the prompt is the chat
+    template's ids of [system, user] + the generation header, sent as ids to /v1/completions; the assistant step
+    holds the header ids (no behaviour logprob) and the sampled ids with their logprobs exactly as served.
+    Every step says the model was given [0, P) ++ [2, step) (context_start=2): the window is its context."""
+    from urllib import request
+
+    from schemas.arrow import encode_array
+    from schemas.events import (JudgeResult, JudgeResultPayload, RolloutEnded, RolloutEndedPayload, RolloutStarted,
+                                RolloutStartedPayload, Step, StepPayload, new_event)
+
+    events = [task_event("fre")]
+    for i, (prompt, score) in enumerate(prompts_scores):
+        rid = f"vllm-{i}"
+        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+        spans = chat.message_spans(msgs)
+        header = [int(x) for x in chat.generation_prompt(msgs)]
+        ids = [int(x) for s in spans for x in s] + header
+        body = {"model": server.model_name, "prompt": ids, "max_tokens": 24, "temperature": 1.0, "seed": i,
+                "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False}
+        req = request.Request(f"{server.base_url}/completions", data=json.dumps(body).encode(),
+                              headers={"Content-Type": "application/json"})
+        choice = json.load(request.urlopen(req, timeout=600))["choices"][0]
+        out, lps = choice["token_ids"], choice["logprobs"]["token_logprobs"]
+        assert len(out) == len(lps) > 0
+        events.append(new_event(RolloutStarted, rollout_id=rid, payload=RolloutStartedPayload(
+            task_id="fre", group_id="g", timeout_s=600.0, tokenizer=chat.fingerprint)))
+        for k, (m, span) in enumerate(zip(msgs, spans)):
+            events.append(new_event(Step, rollout_id=rid, payload=StepPayload(
+                step_idx=k, role=m["role"], content=m["content"], pinned=True, context_start=2,
+                token_ids=encode_array(np.asarray(span, np.int32), "int32"))))
+        events.append(new_event(Step, rollout_id=rid, payload=StepPayload(
+            step_idx=2, role="assistant", content=chat.decode(out), context_start=2,
+            token_ids=encode_array(np.asarray(header + out, np.int32), "int32"),
+            logprobs=encode_array(np.asarray([np.nan] * len(header) + lps, np.float32), "float32"))))
+        events.append(new_event(JudgeResult, rollout_id=rid, payload=JudgeResultPayload(
+            request_id=f"{rid}-j", step_idx=2, judge_model="test", score=score, valid=True)))
+        events.append(new_event(RolloutEnded, rollout_id=rid, payload=RolloutEndedPayload(status="finished", n_steps=3)))
+    produce(settings, events)
+
+
+@pytest.mark.timeout(1200)
+def test_first_rl_step_on_vllm_rollouts_has_ratio_one_and_the_trainer_reproduces_vllms_logprobs(
+        make_settings, smollm2_dir, policy_server, capsys):
+    from consumers.chat import ChatTokenizer
+
+    s = make_settings()
+    chat = ChatTokenizer(smollm2_dir)
+    record_completions(s, policy_server, chat, [("Name a colour.", 1.0), ("Say one word.", 0.0),
+                                                ("Count to three.", 0.5)])
+    sink(s)
+    out = build_version(s.home, "vllm-rl", "rl", {"max_tokens": 1024, "tokenizer": str(smollm2_dir)})
+    assert out.manifest["counts"]["samples"] == 3
+    capsys.readouterr()
+    assert main(klong(s, "train", "--dataset", out.ref, "--config", "rl_smollm2", f"model.name={smollm2_dir}",
+                      "data.micro_batch_tokens=1024", "data.shuffle=false", "train.max_steps=1", "lineage=false")) == 0
+    first = steps_of(run_dir_of(capsys.readouterr().out))[1]
+    # old logprobs recomputed by the input policy on the window's own input: r = 1, KL = 0 before any update
+    assert first["ratio_mean"] == pytest.approx(1, abs=1e-3) and first["ratio_max"] == pytest.approx(1, abs=1e-3)
+    assert first["kl"] == pytest.approx(0, abs=1e-6) and first["clip_frac"] == 0
+    # every sampled token sits in its generation context, and a float32 server agrees with the trainer
+    assert first["mismatch_tokens"] >= 3 and first["mismatch"] < 1e-3, first
+    assert first["is_weight_mean"] == pytest.approx(1, abs=1e-2) and first["entropy"] > 0
