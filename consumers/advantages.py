@@ -89,3 +89,14 @@ def _counts(g: np.ndarray, base: np.ndarray, members: Optional[Sequence], reward
     return {"groups": int(trained.sum()), "single_member_groups": int((single & trained).sum()),
             "single_member_windows": int((single[g] & ~base).sum()) if len(g) else 0,
             "baseline_windows": int((base & trained[g]).sum()) if len(g) else 0}
+
+
+def single_rollout_warning(counts: dict) -> Optional[str]:
+    """A line saying why an RL version has no learning signal when every group holds one rollout (its
+    manifest `counts`), else None: A = Q - mean(Q) over one rollout's windows is 0 under reward_mode=final."""
+    groups, single = counts.get("groups", 0), counts.get("single_member_groups", 0)
+    if not groups or single < groups:
+        return None
+    return (f"warning: all {groups} group(s) hold windows of a single rollout, so every group-relative advantage "
+            "(eq. 9: A = Q - mean of its group) is 0 and RL loss and gradients are 0; give each group_id several "
+            "rollouts of the same sample (rollouts_per_sample >= 2 in an RL plan, or shared group_id)")

@@ -164,9 +164,13 @@ def cmd_status(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from klong.demo import demo
+    from klong.demo import demo, demo_simulated
 
-    return demo(_settings(args), rollouts=args.rollouts, seed=args.seed, keep_broker=args.keep_broker, port=args.port)
+    if args.simulated:
+        return demo_simulated(_settings(args), rollouts=args.rollouts, seed=args.seed, keep_broker=args.keep_broker,
+                              port=args.port)
+    return demo(_settings(args), keep=args.keep_broker, port=args.port, timeout_s=args.rollout_timeout,
+                max_tokens=args.max_tokens)
 
 
 # ---- output -----------------------------------------------------------------------------------------
@@ -324,11 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "archived_to = the next offset the sink will read, lag)")
     st.set_defaults(func=cmd_status)
 
-    d = sub.add_parser("demo", parents=[common], help="broker + simulated rollouts + sink + a few SQL answers")
-    d.add_argument("--rollouts", type=int, default=32, help="rollouts to simulate (default 32)")
-    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d = sub.add_parser("demo", parents=[common], help="the main job with the real model: SmolLM2 served by vLLM, "
+                       "rollouts -> dataset -> training -> weight reload -> rollouts (--simulated: ingest only)")
+    d.add_argument("--simulated", action="store_true", help="the ingest demo instead: simulated rollouts -> Kafka -> "
+                                                           "Parquet -> SQL answers (no model)")
+    d.add_argument("--rollout-timeout", type=float, default=60.0, help="seconds per rollout of the main job (default 60)")
+    d.add_argument("--max-tokens", type=int, default=24, help="tokens per policy completion in the main job (default 24)")
+    d.add_argument("--rollouts", type=int, default=32, help="--simulated: rollouts to simulate (default 32)")
+    d.add_argument("--seed", type=int, default=0, help="--simulated: random seed (default 0)")
     d.add_argument("--port", type=int, help="broker port (default 9092, or a free one if taken)")
-    d.add_argument("--keep-broker", action="store_true", help="leave the broker running afterwards")
+    d.add_argument("--keep-broker", "--keep", action="store_true",
+                   help="leave the broker (and the policy server) running afterwards")
     d.set_defaults(func=cmd_demo)
 
     # Commands of the later pipeline stages live in their own modules, each with register(sub, common).

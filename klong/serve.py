@@ -182,6 +182,11 @@ class PolicyServer:
         self.history.append(result)
         return result
 
+    def set_version(self, policy_version: int) -> None:
+        """Records that the weights being served now act as `policy_version` (nothing was trained)."""
+        self.state.policy_version = policy_version
+        self._save()
+
     def _reload_in_place(self, checkpoint: str) -> None:
         root = self.state.root_url
         paused = False

@@ -17,15 +17,25 @@
     judge_timeout: 30m               # after close: wait this long for the archive and the judge
     initial_policy_version: 0        # the policy of iteration 1; +1 per iteration
     agent: {min_time_fraction: 0.5}  # producers.agent.AgentConfig fields for every rollout
-    train:                           # optional hook after each iteration's dataset (shell; blocks the next iteration)
-      command: klong train --dataset {dataset} --mode rl --config rl_tiny && ./reload-policy.sh {next_policy_version}
+    serve: {model: smollm2, device: cpu}   # optional: a managed vLLM policy server (klong.serve); policy: then optional
+    train:                           # optional, after each iteration's dataset (blocks the next iteration)
+      config: rl_smollm2             # train the served checkpoint on it (klong train), then reload the server
+      overrides: {train.max_steps: 1}
       timeout: 2h
+    # or a shell hook instead of config: `train: {command: "klong train ... && ./reload.sh {next_policy_version}"}`
+    judge: checks                    # rubric leaves graded by their `check` commands only (no judge model)
 
 Durations are seconds (a number) or text like "90s", "1.5m", "2h", "1h30m", "500ms". Every error names
 the key (`stages[1].timeout`) and what is wrong. The scheduler owns `iteration` and
 `trainer_policy_version` of the dataset config (one version per iteration), so the plan may not set them.
 The train hook's placeholders: {dataset} (NAME@N), {iteration}, {stage}, {policy_version} (the policy that
 acted), {next_policy_version}, {plan}, {home}; values are shell-quoted.
+
+`serve:` keys (klong.serve.ServeConfig): model (NAME under HOME/models or a directory), device (cpu | cuda),
+dtype (default float32 on cpu, bfloat16 on cuda), max_model_len, port, kv_cache_gib, and home (the data home
+whose server to use; default the run's own). `train.config` (a trainer YAML or a shipped name) with
+`overrides` (a mapping or a list of `key=value`) needs `serve:`: each iteration trains from the checkpoint
+being served (model.name is set by the loop) and reloads the server with the new one.
 """
 
 from __future__ import annotations
@@ -41,7 +51,9 @@ _PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _OWNED_DATASET_KEYS = ("iteration", "trainer_policy_version", "stage")
 TOP_KEYS = {"name", "tasks", "policy", "judge", "stages", "dataset", "max_concurrent_rollouts", "close_fraction",
-            "iteration_timeout", "judge_timeout", "initial_policy_version", "agent", "train"}
+            "iteration_timeout", "judge_timeout", "initial_policy_version", "agent", "train", "serve"}
+SERVE_KEYS = {"model", "device", "dtype", "max_model_len", "port", "kv_cache_gib", "home"}
+CHECKS_JUDGE = "checks"
 TRAIN_FIELDS = ("dataset", "iteration", "stage", "policy_version", "next_policy_version", "plan", "home")
 
 
@@ -121,6 +133,14 @@ class RlPlan:
     judge_concurrency: int = 8
     train_command: Optional[str] = None  # shell command run after each iteration's dataset is built
     train_timeout_s: Optional[float] = None
+    train_config: Optional[str] = None  # trainer YAML (file or shipped name): the loop trains and reloads
+    train_overrides: tuple[str, ...] = ()  # key=value
+    serve: Optional[dict] = None  # ServeConfig fields (+ home): the managed policy server
+
+    @property
+    def checks_only(self) -> bool:
+        """`judge: checks`: leaves graded by their commands, no judge model."""
+        return self.judge is not None and self.judge.model == CHECKS_JUDGE and not self.judge.base_url
 
     @property
     def n_iterations(self) -> int:
@@ -188,10 +208,18 @@ def parse_plan(raw: Any, source: str = "plan") -> RlPlan:
         tasks = tuple(tasks)
     else:
         raise ConfigError(f"tasks must be a non-empty list of task ids or {{split: train}}, got {tasks!r}")
-    if "policy" not in raw:
-        raise ConfigError("policy is required: {base_url: URL, model: NAME} of the OpenAI-compatible policy endpoint")
-    policy, _ = _endpoint(raw["policy"], "policy")
-    judge, judge_extra = _endpoint(raw["judge"], "judge", {"concurrency"}) if raw.get("judge") is not None else (None, {})
+    serve = _serve(raw.get("serve"))
+    if "policy" in raw:
+        policy, _ = _endpoint(raw["policy"], "policy")
+    elif serve is not None:  # the managed server's URL is known once it runs
+        policy = Endpoint("", "policy")
+    else:
+        raise ConfigError("policy is required: {base_url: URL, model: NAME} of the OpenAI-compatible policy endpoint "
+                          "(or serve: {model: ...} for a managed vLLM server)")
+    if raw.get("judge") == CHECKS_JUDGE:
+        judge, judge_extra = Endpoint("", CHECKS_JUDGE), {}
+    else:
+        judge, judge_extra = _endpoint(raw["judge"], "judge", {"concurrency"}) if raw.get("judge") is not None else (None, {})
     stages = raw.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError("stages must be a non-empty list of {timeout, rollouts_per_sample, iterations}")
@@ -216,7 +244,10 @@ def parse_plan(raw: Any, source: str = "plan") -> RlPlan:
     if isinstance(close, bool) or not isinstance(close, (int, float)) or not 0 < close <= 1:
         raise ConfigError(f"close_fraction must be a number in (0, 1], got {close!r}")
     agent = _mapping(raw.get("agent") or {}, "agent")
-    train_command, train_timeout = _train(raw.get("train"))
+    train_command, train_timeout, train_config, train_overrides = _train(raw.get("train"))
+    if train_config and serve is None:
+        raise ConfigError("train.config needs serve: the loop trains the served checkpoint and reloads the server "
+                          "(without a managed server use train.command, a shell hook)")
     return RlPlan(
         name=name, tasks=tasks, split=split, policy=policy, judge=judge, stages=parsed,
         dataset_name=ds["name"], dataset_config=cfg,
@@ -227,15 +258,49 @@ def parse_plan(raw: Any, source: str = "plan") -> RlPlan:
         judge_timeout_s=parse_duration(raw.get("judge_timeout", 1800), "judge_timeout"),
         initial_policy_version=_int(raw, "initial_policy_version", "", 0, 0),
         agent=dict(agent), judge_concurrency=_int(judge_extra, "concurrency", "judge.", 1, 8),
-        train_command=train_command, train_timeout_s=train_timeout)
+        train_command=train_command, train_timeout_s=train_timeout, train_config=train_config,
+        train_overrides=train_overrides, serve=serve)
 
 
-def _train(raw: Any) -> tuple[Optional[str], Optional[float]]:
-    """The optional train hook: `train: CMD` or `train: {command: CMD, timeout: 2h}`."""
+def _serve(raw: Any) -> Optional[dict]:
+    """The optional managed policy server: ServeConfig fields (checked when it starts) + home."""
     if raw is None:
-        return None, None
+        return None
+    raw = _mapping(raw, "serve")
+    _unknown(raw, SERVE_KEYS, "serve.")
+    if not isinstance(raw.get("model"), str) or not raw["model"].strip():
+        raise ConfigError("serve.model is required: a model NAME under HOME/models or a transformers directory")
+    if raw.get("device", "cpu") not in ("cpu", "cuda"):
+        raise ConfigError(f"serve.device must be cpu or cuda, got {raw['device']!r}")
+    for k in ("max_model_len", "port", "kv_cache_gib"):
+        if k in raw:
+            _int(raw, k, "serve.", 1)
+    return dict(raw)
+
+
+def _train(raw: Any) -> tuple[Optional[str], Optional[float], Optional[str], tuple[str, ...]]:
+    """(hook command, timeout, trainer config, overrides): `train: CMD`, `train: {command: CMD, timeout: 2h}`
+    or `train: {config: NAME_OR_FILE, overrides: {key: value} | [key=value], timeout: 2h}`."""
+    if raw is None:
+        return None, None, None, ()
     raw = {"command": raw} if isinstance(raw, str) else _mapping(raw, "train")
-    _unknown(raw, {"command", "timeout"}, "train.")
+    _unknown(raw, {"command", "timeout", "config", "overrides"}, "train.")
+    timeout = parse_duration(raw["timeout"], "train.timeout") if raw.get("timeout") is not None else None
+    if "config" in raw:
+        if "command" in raw:
+            raise ConfigError("train: give config (the loop trains and reloads) or command (a shell hook), not both")
+        if not isinstance(raw["config"], str) or not raw["config"].strip():
+            raise ConfigError("train.config must name a trainer YAML (a file or a shipped config like rl_tiny)")
+        ov = raw.get("overrides") or {}
+        if isinstance(ov, dict):
+            overrides = tuple(f"{k}={_yaml_scalar(v)}" for k, v in ov.items())
+        elif isinstance(ov, list) and all(isinstance(o, str) and "=" in o for o in ov):
+            overrides = tuple(ov)
+        else:
+            raise ConfigError(f"train.overrides must be a mapping or a list of key=value, got {ov!r}")
+        if any(o.split("=", 1)[0] in ("model.name", "dataset", "mode") for o in overrides):
+            raise ConfigError("train.overrides may not set model.name, dataset or mode: the loop sets them")
+        return None, timeout, raw["config"], overrides
     cmd = raw.get("command")
     if not isinstance(cmd, str) or not cmd.strip():
         raise ConfigError("train.command is required: a shell command, e.g. klong train --dataset {dataset} ...")
@@ -244,8 +309,14 @@ def _train(raw: Any) -> tuple[Optional[str], Optional[float]]:
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"train.command: bad placeholder {e} (known: {', '.join('{' + k + '}' for k in TRAIN_FIELDS)}; "
                           "write {{ and }} for literal braces)") from None
-    timeout = parse_duration(raw["timeout"], "train.timeout") if raw.get("timeout") is not None else None
-    return cmd, timeout
+    return cmd, timeout, None, ()
+
+
+def _yaml_scalar(v: Any) -> str:
+    """An override value as `key=value` text the trainer's parser reads back as the same value."""
+    import json
+
+    return json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
 
 
 def load_plan(path: str | Path) -> RlPlan:

@@ -29,11 +29,17 @@ iteration. Iterations are numbered across stages, after the highest iteration al
    whose rollouts end in different iterations gets its advantages within each iteration's part.
    An `rl_iteration` event (dataset_built) records the version; `rl_iterations` / `klong rl status` read them.
 
-Plugging in a trainer: policy_version is a counter; the plan's optional `train:` hook is a shell command
-run after each build (placeholders {dataset} {next_policy_version} ...; see producers.rl_plan), e.g.
-`klong train --dataset {dataset} --mode rl ...` then a script that makes the policy endpoint serve the new
-checkpoint (vLLM weight reload). The next iteration starts when it exits 0 (else the run stops);
-carried-over rollouts keep running meanwhile. Without a hook, train from the per-iteration versions yourself.
+Closing the loop (producers.rl_loop): with `serve:` the scheduler starts (or finds) a managed vLLM server
+(klong.serve) and serves the checkpoint the plan has reached; with `train: {config: ...}` each iteration
+then runs `klong train` on its dataset version from the served checkpoint (policy_version pv -> pv+1) and
+reloads the server's weights in place, before the next iteration starts. Rollouts carried over wait at
+their next policy call until pv+1 is served, so every step carries the version that generated it. The
+`trained` event records the checkpoint and the train and reload times. Without a managed server, the
+optional `train:` shell hook (placeholders {dataset} {next_policy_version} ...; see producers.rl_plan) runs
+after each build instead; the next iteration starts when it exits 0 (else the run stops).
+
+Resume: a run first reads what earlier runs of the same plan finished (`rl_iteration` events) and starts at
+the next iteration of the plan's schedule, with the checkpoint the last one produced.
 
 Services: unless `embedded_sink=False` (an external `klong sink run` archives), a Sink runs in a thread;
 with a `judge:` endpoint in the plan a JudgeWorker runs in a thread (otherwise `klong judge run` must
@@ -96,6 +102,9 @@ class IterationSummary:
     train_s: float = 0.0
     dataset: Optional[str] = None
     n_samples: int = 0
+    checkpoint: Optional[str] = None  # with a managed server: the weights the next iteration is served from
+    reload_s: float = 0.0
+    reload_method: Optional[str] = None
 
 
 class Scheduler:
@@ -115,6 +124,11 @@ class Scheduler:
             raise ConfigError(f"plan {plan.name}: policy.api_key_env names {env}, which is not set in the environment")
         self.policy = agent.PolicyEndpoint(plan.policy.base_url, plan.policy.model,
                                            api_key=os.environ[env] if env else "EMPTY")
+        self.loop = None
+        if plan.serve is not None:  # a managed policy server: its URL once it runs (producers.rl_loop)
+            from producers.rl_loop import PolicyLoop
+
+            self.loop = PolicyLoop(settings, plan, self._say)
         self.progress = progress
         self.run_id = uuid7()
         self._stop = threading.Event()
@@ -144,10 +158,13 @@ class Scheduler:
             pool = ThreadPoolExecutor(plan.max_concurrent_rollouts, thread_name_prefix="klong-rollout")
             try:
                 self._start_services()
+                remaining, checkpoint = self._resume(schedule)
+                if remaining and self.loop is not None:
+                    self.policy = self.loop.start(checkpoint or self.loop.base_checkpoint(), remaining[0][2])
                 base = self.base_iteration()
-                for stage, k, pv in schedule:
-                    self._current = (stage, base + k, pv)
-                    summaries.append(self._iteration(pool, tasks, stage, k, base + k, pv, last=k == len(schedule)))
+                for j, (stage, k, pv) in enumerate(remaining, 1):
+                    self._current = (stage, base + j, pv)
+                    summaries.append(self._iteration(pool, tasks, stage, k, base + j, pv, last=k == len(schedule)))
                 self._flush_archived()
             except BaseException as e:  # Stopped, Ctrl-C, a failed sink/judge/build: abort, keep what is recorded
                 self._abort(str(e) or type(e).__name__)
@@ -156,6 +173,22 @@ class Scheduler:
                 pool.shutdown(wait=True, cancel_futures=True)
                 self._stop_services()
         return summaries
+
+    def _resume(self, schedule: list) -> tuple[list, Optional[str]]:
+        """The part of the schedule earlier runs of this plan did not finish, and the checkpoint they left."""
+        from producers.rl_loop import resume_point
+
+        self._flush_archived(timeout=60.0)  # facts an interrupted run left in the outbox count too
+        point = resume_point(self.settings, self.plan)
+        if point.done >= len(schedule):
+            self._say(f"plan {self.plan.name}: all {len(schedule)} iterations already finished in earlier runs; "
+                      "nothing to do (a new plan name starts over)")
+            return [], point.checkpoint
+        if point.done:
+            self._say(f"resuming plan {self.plan.name} at its iteration {point.done + 1} of {len(schedule)} "
+                      + (f"from {point.checkpoint}" if point.checkpoint else "(earlier runs finished "
+                         f"{point.done})"))
+        return schedule[point.done:], point.checkpoint
 
     def base_iteration(self) -> int:
         """Iterations of a run are numbered after the highest one already in the archive (any plan run or
@@ -216,8 +249,9 @@ class Scheduler:
         # Close: queued rollouts are not started, running ones carry over into the next iteration.
         not_started = [r for r in members if r.future.cancel()]
         running = [r for r in members if not r.future.done()]
+        served = threading.Event() if self.loop is not None and not last else None  # set once pv+1 is served
         for r in running:
-            r.control.carry_over(it + 1, pv + 1)
+            r.control.carry_over(it + 1, pv + 1, served=served)
         ended = [r for r in members if r.future.done() and not r.future.cancelled()]
         results = {r.rollout_id: self._result(r) for r in ended}
         for r in ended:
@@ -263,9 +297,25 @@ class Scheduler:
                   + (f" (left out: {drops})" if drops else "")
                   + f"; rolling {summary.rolling_s:.1f}s, judge wait {summary.judge_wait_s:.1f}s, "
                   f"build {summary.build_s:.1f}s")
-        if plan.train_command:
+        from consumers.advantages import single_rollout_warning
+
+        warning = single_rollout_warning(outcome.manifest["counts"])
+        if warning:
+            self._say(f"iteration {it}: {warning}")
+        if self.loop is not None and plan.train_config:
+            step = self.loop.advance(outcome.ref, summary.n_samples, it, pv, self._check)
+            summary.train_s, summary.checkpoint = step.train_s, step.checkpoint
+            summary.reload_s, summary.reload_method = step.reload_s, step.reload_method
+            self._emit("trained", stage, it, pv, timeout_s=stage.timeout_s, dataset=outcome.ref, train_s=step.train_s,
+                       checkpoint=step.checkpoint, train_run=step.train_run, reload_s=step.reload_s,
+                       reload_method=step.reload_method)
+        elif plan.train_command:
             summary.train_s = self._train(stage, it, pv, outcome.ref)
             self._emit("trained", stage, it, pv, timeout_s=stage.timeout_s, dataset=outcome.ref, train_s=summary.train_s)
+        elif self.loop is not None:  # served but not trained here: the same weights act as the next version
+            self.loop.server.set_version(pv + 1)
+        if served is not None:
+            served.set()
         return summary
 
     def _train(self, stage: Stage, it: int, pv: int, ref: str) -> float:
@@ -389,13 +439,16 @@ class Scheduler:
             sink = Sink(self.settings)
             self._service("sink", lambda stop: sink.run(should_stop=stop.is_set))
         if self.plan.judge is not None:
+            from consumers.checks import ChecksOnlyClient
             from consumers.grading import GraderConfig
             from consumers.judge import JudgeConfig, JudgeWorker
 
             j = self.plan.judge
-            grader = GraderConfig(base_url=j.base_url, model=j.model,
-                                  **({"api_key_env": j.api_key_env} if j.api_key_env else {}))
-            worker = JudgeWorker(self.settings, grader, JudgeConfig(concurrency=self.plan.judge_concurrency))
+            client = ChecksOnlyClient() if self.plan.checks_only else None  # `judge: checks`: no model
+            grader = client.cfg if client else GraderConfig(base_url=j.base_url, model=j.model,
+                                                            **({"api_key_env": j.api_key_env} if j.api_key_env else {}))
+            worker = JudgeWorker(self.settings, grader, JudgeConfig(concurrency=self.plan.judge_concurrency),
+                                 client=client)
             self._service("judge", lambda stop: worker.run(should_stop=stop.is_set))
 
     def _service(self, name: str, target: Callable[[threading.Event], Any]) -> None:

@@ -232,7 +232,9 @@ class RlIterationPayload(msgspec.Struct, frozen=True, kw_only=True):
     iteration, `not_started` were still queued for a slot and were never started; `ended` counts by status
     the rollouts that ended in this iteration; `rolling_s` = start -> close. dataset_built: the iteration's
     RL dataset version (`dataset` NAME@N), after `judge_wait_s` waiting for the archive and the judge.
-    trained: the plan's train hook finished on that version (`train_s`).
+    trained: the plan's train step (trainer config or shell hook) finished on that version (`train_s`); with
+    a managed policy server, `checkpoint` is what the next iteration is served from (`reload_method` reload |
+    restart | skipped, `reload_s`), `train_run` the training run id.
     stopped: the run was interrupted (Ctrl-C) in this iteration; running rollouts were aborted."""
     plan: Id
     run_id: Id  # one `klong rl run` of the plan
@@ -256,6 +258,10 @@ class RlIterationPayload(msgspec.Struct, frozen=True, kw_only=True):
     dataset_hash: Optional[str] = None
     n_samples: Optional[NonNegInt] = None
     error: Optional[str] = None
+    checkpoint: Optional[str] = None  # trained: the new policy's weights (a transformers directory)
+    train_run: Optional[str] = None
+    reload_s: NonNegFloat = 0.0
+    reload_method: Optional[str] = None
 
 
 # ---- events: envelope + payload, tagged by event_type -------------------------------------------

@@ -14,7 +14,9 @@
   `timeout` / `error` / `aborted` = members that *ended in this iteration* (their last iteration after
   resumes is this one), `judged` = those with a valid judge result. `phase` is rolling | closed | built |
   trained | stopped. `rolling_s` is start -> close (up to now while rolling); `judge_wait_s` close ->
-  archive and judge caught up; `build_s` the dataset build; `train_s` the plan's train hook.
+  archive and judge caught up; `build_s` the dataset build; `train_s` the plan's train step; with a managed
+  policy server (`serve:` in the plan) `checkpoint` (the weights served next), `train_run`, `reload_s` and
+  `reload_method` (reload in place | restart | skipped).
 - `rl_rollouts`: one row per rollout a plan run started: the iteration it was planned in and the
   iteration it ended in (after carry-overs), `carried` (resumed at least once), status, score.
 Both exist, empty, on an archive without plan runs.
@@ -40,7 +42,9 @@ VIEWS = {
                arg_max(judge_missing, produced_at) AS judge_missing
         FROM rl_iteration_events WHERE phase = 'dataset_built' GROUP BY plan, run_id, iteration""",
     "_rl_trained": """
-        SELECT plan, run_id, iteration, max(produced_at) AS trained_at, arg_max(train_s, produced_at) AS train_s
+        SELECT plan, run_id, iteration, max(produced_at) AS trained_at, arg_max(train_s, produced_at) AS train_s,
+               arg_max(checkpoint, produced_at) AS checkpoint, arg_max(train_run, produced_at) AS train_run,
+               arg_max(reload_s, produced_at) AS reload_s, arg_max(reload_method, produced_at) AS reload_method
         FROM rl_iteration_events WHERE phase = 'trained' GROUP BY plan, run_id, iteration""",
     "_rl_stopped": """
         SELECT plan, run_id, iteration, max(produced_at) AS stopped_at, arg_max(error, produced_at) AS stop_reason
@@ -91,7 +95,8 @@ VIEWS = {
                b.judge_missing, b.dataset, b.dataset_hash, b.n_samples,
                coalesce(c.rolling_s, CASE WHEN x.stopped_at IS NULL
                    THEN epoch(now() - s.started_at) END) AS rolling_s,
-               b.judge_wait_s, b.build_s, t.train_s, s.started_at, c.closed_at, b.built_at, t.trained_at,
+               b.judge_wait_s, b.build_s, t.train_s, t.reload_s, t.reload_method, t.checkpoint, t.train_run,
+               s.started_at, c.closed_at, b.built_at, t.trained_at,
                x.stopped_at, x.stop_reason
         FROM _rl_started s LEFT JOIN per p USING (plan, run_id, iteration) LEFT JOIN _rl_closed c USING (plan, run_id, iteration)
              LEFT JOIN _rl_built b USING (plan, run_id, iteration) LEFT JOIN _rl_stopped x USING (plan, run_id, iteration)

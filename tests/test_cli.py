@@ -118,7 +118,7 @@ def test_simulate_then_sink_then_sql(settings, capsys):
 
 def test_demo_runs_end_to_end(tmp_path):
     home = tmp_path / "demo"
-    out = subprocess.run([sys.executable, "-m", "klong", "demo", "--home", str(home), "--rollouts", "4",
+    out = subprocess.run([sys.executable, "-m", "klong", "demo", "--simulated", "--home", str(home), "--rollouts", "4",
                           "--port", str(free_port())], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Score by status" in out.stdout and "broker stopped" in out.stdout

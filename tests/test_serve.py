@@ -64,6 +64,7 @@ def perturbed_checkpoint(model_dir: Path, out: Path, seed: int = 0, scale: float
     return out
 
 
+@pytest.mark.timeout(900)  # the first real-model test pays for the session's model import and server start
 def test_serve_status_and_idempotent_start(policy_server, smollm2_dir, tmp_path):
     home = str(policy_server.state_file.parent)
     info = json.loads(klong("serve", "status", "--json", "--home", home).stdout)
@@ -108,6 +109,7 @@ def test_serve_stop_ends_a_starting_server(smollm2_dir, tmp_path):
     assert "no policy server" in klong("serve", "status", "--home", home).stdout
 
 
+@pytest.mark.timeout(900)
 def test_reload_changes_greedy_output_to_the_new_weights(policy_server, smollm2_dir, tmp_path):
     base = Path(policy_server.state.model)
     ids = prompt_ids(smollm2_dir, "Write one sentence about the sea.")
