@@ -24,7 +24,7 @@ def _settings(args):
 def cmd_ui(args) -> int:
     from store.ui.app import create_app, serve
 
-    app = create_app(_settings(args))
+    app = create_app(_settings(args), first_steps=args.first_steps)
     print(f"klong ui: http://127.0.0.1:{args.port}/ (read-only; Ctrl-C stops)", flush=True)
     serve(app, port=args.port)
     return 0
@@ -44,6 +44,8 @@ def register(sub, common) -> None:
     u = sub.add_parser("ui", parents=[common], help="read-only web viewer of rollouts, datasets, judge results "
                        "and plots on 127.0.0.1", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     u.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 to serve on (default 8765)")
+    u.add_argument("--first-steps", type=int, default=200, help="steps of a rollout rendered with its page; the page "
+                   "loads the rest right after (default 200)")
     u.set_defaults(func=cmd_ui)
 
     r = sub.add_parser("report", parents=[common], help="the paper's plots (turns, hours, score per stage; RL "

@@ -110,33 +110,27 @@ class Viewer:
             meta = _rows(con, "SELECT * FROM rollouts WHERE rollout_id = ?", (rollout_id,))
             if not meta:
                 raise NotFound(f"rollout {rollout_id!r} is not in the archive")
-            steps = _rows(con, f"""
-                WITH s AS (SELECT *, length(content) > CASE WHEN role = 'assistant' THEN {ASSISTANT_CHARS}
-                                                             ELSE {COLLAPSE_CHARS} END AS collapsed
-                           FROM steps WHERE rollout_id = ?)
-                SELECT step_idx, role, CASE WHEN collapsed THEN left(content, {HEAD_CHARS}) ELSE content END AS head,
-                       CASE WHEN collapsed THEN right(content, {TAIL_CHARS}) END AS tail,
-                       length(content) AS n_chars, tool_name, tool_arguments, tool_call_id, n_tokens, pinned,
-                       elapsed_s, policy_version, claim_checked
-                FROM s
-                QUALIFY row_number() OVER (PARTITION BY step_idx ORDER BY produced_at) = 1
-                ORDER BY step_idx""", (rollout_id,))
-            resumes = _rows(con, "SELECT iteration, policy_version, stage, next_step_idx, produced_at "
-                                 "FROM rollout_resumes WHERE rollout_id = ? ORDER BY produced_at", (rollout_id,))
+            steps, resumes, hits = _conversation(con, rollout_id)
             judged = _rows(con, "SELECT request_id, step_idx, judge_model, score, valid, n_invalid_leaves, error, "
                                 "latency_s, produced_at FROM judge_results WHERE rollout_id = ? "
                                 "ORDER BY step_idx, produced_at", (rollout_id,))
             trees = self._trees(con, rollout_id, meta[0]["task_id"]) if judged else {}
-            hits = _rows(con, 'SELECT step_idx, role, url, "where", matched FROM blacklist_hits '
-                              "WHERE rollout_id = ? ORDER BY step_idx", (rollout_id,))
             versions = _rows(con, "SELECT d.dataset, d.version, d.kind, d.created_at, s.n_windows FROM datasets d "
                                   "LEFT JOIN (SELECT dataset, version, count(*) AS n_windows FROM samples "
                                   "WHERE rollout_id = ? GROUP BY ALL) s USING (dataset, version) "
                                   "ORDER BY s.n_windows IS NULL, d.dataset, d.version DESC", (rollout_id,))
         for j in judged:
             j["tree"] = trees.get(j["request_id"])
-        return {"meta": meta[0], "steps": annotate(steps, resumes, hits), "resumes": resumes, "judge": judged,
-                "blacklist_hits": hits, "versions": versions}
+        return {"meta": meta[0], "steps": steps, "resumes": resumes, "judge": judged, "blacklist_hits": hits,
+                "versions": versions}
+
+    def conversation(self, rollout_id: str) -> list[dict]:
+        """The rollout's steps alone (annotated as on the page), on a lighter connection: the page's later steps."""
+        with self.catalog.connect("steps rollout_resumes blacklist_hits") as con:
+            steps, _, _ = _conversation(con, rollout_id)
+        if not steps:
+            raise NotFound(f"rollout {rollout_id!r} has no steps in the archive")
+        return steps
 
     def step(self, rollout_id: str, step_idx: int) -> dict:
         """One step with its whole content (NotFound if absent)."""
@@ -165,6 +159,26 @@ class Viewer:
                             "WHERE rollout_id = ?", (rollout_id,)):
             leaves.setdefault(r["request_id"], {})[r["leaf_id"]] = r
         return {rid: rubric_tree(nodes, leaves.get(rid, {})) for rid in request_ids}
+
+
+def _conversation(con, rollout_id: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """(annotated steps, carry-overs, blacklist hits) of one rollout; long contents as head + tail."""
+    steps = _rows(con, f"""
+        WITH s AS (SELECT *, length(content) > CASE WHEN role = 'assistant' THEN {ASSISTANT_CHARS}
+                                                     ELSE {COLLAPSE_CHARS} END AS collapsed
+                   FROM steps WHERE rollout_id = ?)
+        SELECT step_idx, role, CASE WHEN collapsed THEN left(content, {HEAD_CHARS}) ELSE content END AS head,
+               CASE WHEN collapsed THEN right(content, {TAIL_CHARS}) END AS tail,
+               length(content) AS n_chars, tool_name, tool_arguments, tool_call_id, n_tokens, pinned,
+               elapsed_s, policy_version, claim_checked
+        FROM s
+        QUALIFY row_number() OVER (PARTITION BY step_idx ORDER BY produced_at) = 1
+        ORDER BY step_idx""", (rollout_id,))
+    resumes = _rows(con, "SELECT iteration, policy_version, stage, next_step_idx, produced_at "
+                         "FROM rollout_resumes WHERE rollout_id = ? ORDER BY produced_at", (rollout_id,))
+    hits = _rows(con, 'SELECT step_idx, role, url, "where", matched FROM blacklist_hits '
+                      "WHERE rollout_id = ? ORDER BY step_idx", (rollout_id,))
+    return annotate(steps, resumes, hits), resumes, hits
 
 
 def rubric_tree(nodes: list[dict], leaf_scores: dict[str, dict]) -> dict:
@@ -196,9 +210,10 @@ def rubric_tree(nodes: list[dict], leaf_scores: dict[str, dict]) -> dict:
 
 
 def annotate(steps: list[dict], resumes: list[dict], hits: list[dict]) -> list[dict]:
-    """Adds to each step: `prefix` (in the pinned prefix), `turn` (its turn number, None in the prefix and for
-    trailing observations), `dt` (seconds since the previous step), `pv_change` (a policy version other than
-    the previous step's), `resumed` (the carry-over that starts at this step, if any), `hits` (blacklist URLs)."""
+    """Adds to each step: `prefix` (in the pinned prefix), `prefix_end` (its last step), `turn` (its turn number,
+    None in the prefix and for trailing observations), `dt` (seconds since the previous step), `pv_change` (a
+    policy version other than the previous step's), `resumed` (the carry-over that starts at this step, if
+    any), `hits` (blacklist URLs)."""
     if not steps:
         return steps
     roles = [s["role"] for s in steps]
@@ -221,6 +236,7 @@ def annotate(steps: list[dict], resumes: list[dict], hits: list[dict]) -> list[d
     for pos, s in enumerate(steps):
         i = s["step_idx"]
         s["prefix"] = pos < prefix
+        s["prefix_end"] = pos == prefix - 1
         s["turn"] = turn_of.get(pos)
         s["dt"] = None if prev_t is None or s["elapsed_s"] is None else s["elapsed_s"] - prev_t
         s["pv_change"] = pos > 0 and s["policy_version"] != prev_pv

@@ -30,6 +30,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync"]
 ROOT = Path(__file__).resolve().parents[1]
+FIRST_STEPS = 10  # steps rendered with a rollout page (the rest are fetched by its script): the test rollouts have more
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,8 @@ def server(data):
     """`klong ui` as its own process, as a user starts it."""
     settings = data[0]
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "klong", "ui", "--port", str(port), "--home", str(settings.home)],
+    proc = subprocess.Popen([sys.executable, "-m", "klong", "ui", "--port", str(port), "--home", str(settings.home),
+                             "--first-steps", str(FIRST_STEPS)],
                             cwd=settings.home, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -89,6 +91,12 @@ def page(browser):
 
 def rows(cat: Catalog, query: str) -> list[dict]:
     return cat.arrow(query).to_pylist()
+
+
+def open_rollout(page, server: str, rollout_id: str) -> None:
+    """Opens a rollout page and waits until its script has appended the steps after the first FIRST_STEPS."""
+    page.goto(f"{server}/rollouts/{rollout_id}")
+    page.wait_for_selector("#conversation[data-complete='1']", state="attached")
 
 
 def test_rollouts_list_filters_and_sorts(data, server, page):
@@ -135,8 +143,11 @@ def test_rollout_as_a_conversation_with_prefix_tool_calls_timing_and_an_expanded
     rid = ids["long"]
     steps = rows(cat, f"SELECT step_idx, role, content, tool_name, tool_arguments, pinned, elapsed_s FROM steps "
                       f"WHERE rollout_id = {sql_str(rid)} ORDER BY step_idx")
-    page.goto(f"{server}/rollouts/{rid}")
-    assert page.locator("#conversation .step").count() == len(steps)
+    with urllib.request.urlopen(f"{server}/rollouts/{rid}") as r:  # the page itself holds the first steps only
+        html = r.read().decode()
+    assert html.count('<div class="step ') == FIRST_STEPS < len(steps) and 'id="more"' in html
+    open_rollout(page, server, rid)
+    assert page.locator("#conversation .step").count() == len(steps) and page.locator("#more").count() == 0
     prefix = 1 + max(s["step_idx"] for s in steps if s["pinned"])
     assert page.locator(".step.prefix").count() == prefix
     assert "end of the pinned prefix" in page.locator("#prefix-end").text_content()
@@ -169,7 +180,7 @@ def test_carry_overs_and_policy_versions_are_marked(data, server, page):
     resumes = rows(cat, f"SELECT iteration, policy_version, next_step_idx FROM rollout_resumes "
                         f"WHERE rollout_id = {sql_str(rid)} ORDER BY next_step_idx")
     assert resumes
-    page.goto(f"{server}/rollouts/{rid}")
+    open_rollout(page, server, rid)
     assert page.locator(".marker.carry").count() == len(resumes)
     for r in resumes:
         text = page.locator(f"#carry-{r['next_step_idx']}").text_content()
@@ -187,7 +198,7 @@ def test_dataset_overlay_windows_truncations_and_drops(data, server, page):
     wins = rows(cat, f"SELECT window_idx, first_turn, last_turn, first_step, last_step, n_tokens, n_loss_tokens, q, "
                      f"advantage, obs_truncated FROM samples WHERE rollout_id = {sql_str(rid)} "
                      f"AND dataset || '@' || version = {sql_str(ref)} ORDER BY window_idx")
-    page.goto(f"{server}/rollouts/{rid}")
+    open_rollout(page, server, rid)
     page.select_option("#overlay-select", ref)
     page.wait_for_selector("#windows tr.window")
     shown = [r.locator("td").all_text_contents() for r in page.locator("#windows tr.window").all()]
@@ -221,7 +232,7 @@ def test_judge_result_as_a_rubric_tree_with_weights_leaf_scores_and_explanations
                                                  f"WHERE request_id = {sql_str(result['request_id'])}")}
     nodes = {r["node_id"]: r for r in rows(cat, "SELECT node_id, parent_id, weight, requirements, is_leaf "
                                                 "FROM rubric_nodes WHERE task_id = 'ta'")}
-    page.goto(f"{server}/rollouts/{rid}")
+    open_rollout(page, server, rid)
     root = page.locator(f"details.judge[data-request='{result['request_id']}'] > ul.tree > li")
     assert root.locator(":scope > .score").text_content() == f"{result['score']:.2f}"
 
@@ -256,7 +267,7 @@ def test_blacklist_hits_sql_box_csv_and_plots(data, server, page):
     assert hits and {h["rollout_id"] for h in hits} == {ids["leaky"]}
     page.goto(server + "/blacklist")
     assert page.locator("#hits tbody tr").count() == len(hits) and BLACKLISTED in page.locator("#hits").text_content()
-    page.goto(f"{server}/rollouts/{ids['leaky']}")
+    open_rollout(page, server, ids['leaky'])
     assert page.locator(".step.hit").count() == len({h["step_idx"] for h in hits})
     assert BLACKLISTED in page.locator("#hits").text_content()
 

@@ -6,7 +6,8 @@
 
 Pages: `/` rollouts (filter by task, stage, iteration, status, score; sort by any column),
 `/rollouts/<rollout_id>` one rollout as a conversation (judge results as rubric trees, blacklist hits, a
-dataset version's windows overlaid), `/sql` a SQL box over the same read-only views (`/sql.csv`
+dataset version's windows overlaid; its first FIRST_STEPS steps come with the page, its script fetches the
+rest from `/rollouts/<rollout_id>/steps?start=N` as HTML), `/sql` a SQL box over the same read-only views (`/sql.csv`
 downloads the result), `/plots` the report's figures (`/plots/<name>.png`), `/blacklist` every hit.
 JSON for the page's script: `/api/rollouts/<id>/steps/<idx>` (a step's whole content) and
 `/api/rollouts/<id>/overlay?ref=NAME@N`. Every query goes through store.catalog.Catalog; user SQL through
@@ -41,6 +42,7 @@ from store.viewer import ROLLOUT_COLUMNS, STATUSES, NotFound, RolloutFilter, Vie
 
 HERE = Path(__file__).parent
 SQL_ROWS_SHOWN = 1000  # the page shows this many rows; the CSV download has them all
+FIRST_STEPS = 200  # steps rendered with a rollout page; the rest come from /rollouts/<id>/steps?start=N
 
 
 def _opt(value: Optional[str], cast=str):
@@ -53,7 +55,11 @@ def _opt(value: Optional[str], cast=str):
         raise ConfigError(f"bad filter value {value!r}: expected a {cast.__name__}") from None
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, first_steps: int = FIRST_STEPS) -> FastAPI:
+    """The app over `settings.home`; a rollout page renders its first `first_steps` steps, its script loads the rest
+    right after (so a 700-turn rollout shows at once and is whole a moment later)."""
+    if first_steps < 1:
+        raise ConfigError(f"first_steps {first_steps} must be >= 1")
     catalog = Catalog(settings)
     viewer = Viewer(catalog)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -64,6 +70,18 @@ def create_app(settings: Settings) -> FastAPI:
     def page(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
         return templates.TemplateResponse(request, name, {"home": str(settings.home), **context},
                                           status_code=status_code)
+
+    later: dict[tuple, list] = {}  # (rollout_id, flush directories) -> the steps a rollout page just read
+    figures: dict[tuple, bytes] = {}  # (name, plan, archive state) -> PNG: a figure is drawn once per state
+
+    def flushes() -> tuple:
+        """The archive's flush directories: immutable, so the same list means the same events (new data adds a
+        directory, a quarantined one leaves)."""
+        return tuple(str(d.path) for d in list_flushes(settings.archive_dir))
+
+    def archive_state() -> tuple:
+        """What the figures depend on: the archive's flushes and the dataset versions (immutable too)."""
+        return flushes(), tuple(sorted(m["ref"] for m in all_manifests(settings.home)))
 
     @app.exception_handler(NotFound)
     def not_found(request: Request, e: NotFound):
@@ -99,7 +117,16 @@ def create_app(settings: Settings) -> FastAPI:
     def rollout(request: Request, rollout_id: str):
         t0 = time.perf_counter()
         data = viewer.rollout(rollout_id)
-        return page(request, "rollout.html", r=data, query_s=time.perf_counter() - t0)
+        if len(data["steps"]) > first_steps:  # the script asks for the rest in a moment: keep them at hand
+            while len(later) >= 8:
+                later.pop(next(iter(later)))
+            later[(rollout_id, flushes())] = data["steps"]
+        return page(request, "rollout.html", r=data, query_s=time.perf_counter() - t0, first_steps=first_steps)
+
+    @app.get("/rollouts/{rollout_id}/steps", response_class=HTMLResponse)
+    def later_steps(request: Request, rollout_id: str, start: int = 0):
+        steps = later.get((rollout_id, flushes())) or viewer.conversation(rollout_id)
+        return templates.TemplateResponse(request, "_steps.html", {"steps": steps[start:]})
 
     @app.get("/api/rollouts/{rollout_id}/steps/{step_idx}")
     def step(rollout_id: str, step_idx: int):
@@ -135,14 +162,6 @@ def create_app(settings: Settings) -> FastAPI:
     def plots(request: Request, plan: str = ""):
         plans = [r["plan"] for r in catalog.arrow("SELECT DISTINCT plan FROM rl_iterations ORDER BY 1").to_pylist()]
         return page(request, "plots.html", figures=list(FIGURES), plan=plan, plans=plans)
-
-    figures: dict[tuple, bytes] = {}  # (name, plan, archive state) -> PNG: a figure is drawn once per state
-
-    def archive_state() -> tuple:
-        """What the figures depend on: the archive's flush directories (immutable: new data adds one, a
-        quarantined one leaves) and the dataset versions (immutable too)."""
-        return (tuple(str(d.path) for d in list_flushes(settings.archive_dir)),
-                tuple(sorted(m["ref"] for m in all_manifests(settings.home))))
 
     @app.get("/plots/{name}.png")
     def plot(name: str, plan: str = ""):

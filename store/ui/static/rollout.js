@@ -5,6 +5,20 @@ const conv = document.getElementById("conversation");
 const rid = conv.dataset.rollout;
 const api = `/api/rollouts/${encodeURIComponent(rid)}`;
 
+// The page holds the first steps; the rest are fetched as HTML and appended (a long rollout shows at once).
+const ready = (async () => {
+  const more = document.getElementById("more");
+  if (more) {
+    const res = await fetch(`/rollouts/${encodeURIComponent(rid)}/steps?start=${more.dataset.start}`);
+    if (!res.ok) { more.textContent = `the later steps could not be loaded (HTTP ${res.status})`; return; }
+    more.insertAdjacentHTML("beforebegin", await res.text());
+    more.remove();
+    const target = location.hash && document.getElementById(location.hash.slice(1));
+    if (target) target.scrollIntoView();
+  }
+  conv.dataset.complete = "1";
+})();
+
 conv.addEventListener("click", async (ev) => {
   const btn = ev.target.closest("button.expand");
   if (!btn) return;
@@ -39,6 +53,7 @@ function highlight(steps) {
 }
 
 async function showOverlay(ref) {
+  await ready;  // chips go on every step
   clearOverlay();
   if (!ref) return;
   const info = document.getElementById("overlay-info");
