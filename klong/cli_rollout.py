@@ -43,11 +43,21 @@ def _config(args):
                            sandbox=args.sandbox, limits=limits, workdir=args.workdir, allow_hosts=tuple(args.allow_host),
                            request_token_ids=not args.no_token_ids, k8s_image=args.k8s_image,
                            k8s_namespace=args.k8s_namespace, temperature=args.temperature, max_tokens=args.max_tokens,
-                           snapshot_every_turns=args.snapshot_every)
+                           snapshot_every_turns=args.snapshot_every, model_dir=_model_dir(args))
     except ConfigError:
         raise
     except Exception as e:  # AgentConfig names the bad key
         raise ConfigError(str(e)) from e
+
+
+def _model_dir(args) -> str | None:
+    """--model-dir (a directory, or a NAME under HOME/models), for token-in/token-out."""
+    if not args.model_dir:
+        return None
+    from klong.settings import Settings
+    from trainer.model_import import resolve_model_dir
+
+    return str(resolve_model_dir(args.model_dir, Settings.load(args.home).home))
 
 
 def _outbox(s):
@@ -149,6 +159,10 @@ def register(sub, common) -> None:
     run.add_argument("--request-timeout", type=float, default=600.0, help="seconds per policy call (default 600)")
     run.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the policy (default 1.0)")
     run.add_argument("--max-tokens", type=int, help="completion tokens per policy call (default: the server's)")
+    run.add_argument("--model-dir", default=env("KLONG_POLICY_MODEL_DIR", None), metavar="DIR|NAME",
+                     help="the policy's model directory (or NAME under HOME/models; env KLONG_POLICY_MODEL_DIR): "
+                          "token-in/token-out through vLLM's /v1/completions, every step's exact ids recorded "
+                          "(default: the chat API, observation steps text-only)")
     run.add_argument("--no-token-ids", action="store_true", help="do not ask for vLLM's token-id extras "
                      "(needed for endpoints that reject unknown parameters; steps are then text-only)")
     run.add_argument("--no-judge", action="store_true", help="snapshot the submission but request no judgment")

@@ -24,6 +24,7 @@ to know where the window's context equals the generation context (`consumers.mat
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -117,7 +118,16 @@ class TokenContext:
         return sum(len(x) for x in self.ids)
 
 
-@lru_cache(maxsize=4)
+_LOAD = threading.Lock()
+
+
 def chat_tokenizer(model_dir: str) -> ChatTokenizer:
-    """One ChatTokenizer per model directory, shared by the rollouts of a process (loading takes ~1 s)."""
+    """One ChatTokenizer per model directory, shared by the rollouts of a process (loading takes ~1 s). Loaded
+    under a lock: rollouts start in many threads at once, and transformers' lazy imports are not thread-safe."""
+    with _LOAD:
+        return _cached(str(model_dir))
+
+
+@lru_cache(maxsize=4)
+def _cached(model_dir: str) -> ChatTokenizer:
     return ChatTokenizer(model_dir)

@@ -102,3 +102,33 @@ def test_prune_keeps_recorded_ids_and_moves_context_start(smollm2_dir):
     assert ctx.context_start(12) == ctx.steps[2]
     assert all(ids.tolist() == before[s] for s, ids in zip(ctx.steps, ctx.ids))  # nothing re-tokenized
     assert ctx.prompt_ids == [t for s in ctx.steps for t in before[s]]
+
+
+def test_same_context_flags_follow_context_start_across_windows():
+    from consumers.materialize import same_context
+    from consumers.split import SplitConfig, split_rollout
+
+    roles = ["system", "user"] + ["assistant", "tool"] * 6 + ["assistant"]
+    n_tok = np.array([5, 5] + [3, 2] * 6 + [3])
+    res = split_rollout(roles, [True, True] + [False] * 13, n_tok, SplitConfig(5 + 5 + 12, 1))
+    assert len(res.windows) > 2 and res.windows[0].first_step == 2
+    # no prune: every step was generated after steps [0, 2) ++ [2, step): only the first window has that context
+    no_prune = np.array([0, 1] + [2] * 13)
+    flags = [same_context(w, no_prune, n_tok) for w in res.windows]
+    assert flags[0].all() and not any(f.any() for f in flags[1:])
+    # a prune before step 8 kept steps [6, ...): from step 8 on, the window starting at step 6 is the context
+    pruned = np.where(np.arange(15) >= 8, 6, no_prune)
+    for w in res.windows:
+        f = same_context(w, pruned, n_tok)
+        steps = w.spans[:, 0]
+        assert f.tolist() == [bool(w.first_step == 2 and s < 8) or bool(w.first_step == 6 and s >= 8) for s in steps]
+    assert not same_context(res.windows[0], np.full(15, -1), n_tok).any()  # not recorded: never flagged
+
+
+def test_rollout_run_model_dir_must_exist(settings, capsys):
+    from klong.cli import main
+
+    assert main(["rollout", "run", "--task", "t", "--base-url", "http://127.0.0.1:9/v1", "--model", "m",
+                 "--model-dir", "nope", "--home", str(settings.home), "--bootstrap-servers",
+                 settings.bootstrap_servers, "--topic-prefix", settings.topics.prefix]) == 2
+    assert "klong model import" in capsys.readouterr().err
