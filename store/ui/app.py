@@ -71,6 +71,7 @@ def create_app(settings: Settings, first_steps: int = FIRST_STEPS) -> FastAPI:
         return templates.TemplateResponse(request, name, {"home": str(settings.home), **context},
                                           status_code=status_code)
 
+    lock = threading.Lock()  # requests run in a thread pool: the two caches below change under it
     later: dict[tuple, list] = {}  # (rollout_id, flush directories) -> the steps a rollout page just read
     figures: dict[tuple, bytes] = {}  # (name, plan, archive state) -> PNG: a figure is drawn once per state
 
@@ -118,9 +119,10 @@ def create_app(settings: Settings, first_steps: int = FIRST_STEPS) -> FastAPI:
         t0 = time.perf_counter()
         data = viewer.rollout(rollout_id)
         if len(data["steps"]) > first_steps:  # the script asks for the rest in a moment: keep them at hand
-            while len(later) >= 8:
-                later.pop(next(iter(later)))
-            later[(rollout_id, flushes())] = data["steps"]
+            with lock:
+                while len(later) >= 8:
+                    later.pop(next(iter(later)))
+                later[(rollout_id, flushes())] = data["steps"]
         return page(request, "rollout.html", r=data, query_s=time.perf_counter() - t0, first_steps=first_steps)
 
     @app.get("/rollouts/{rollout_id}/steps", response_class=HTMLResponse)
@@ -168,11 +170,14 @@ def create_app(settings: Settings, first_steps: int = FIRST_STEPS) -> FastAPI:
         if name not in FIGURES:
             raise NotFound(f"no figure {name!r} (figures: {', '.join(FIGURES)})")
         key = (name, plan, archive_state())
-        if key not in figures:
-            if len(figures) >= 64:
-                figures.clear()
-            figures[key] = render(name, catalog, plan or None)
-        return Response(figures[key], media_type="image/png")
+        png = figures.get(key)
+        if png is None:
+            png = render(name, catalog, plan or None)
+            with lock:
+                if len(figures) >= 64:
+                    figures.clear()
+                figures[key] = png
+        return Response(png, media_type="image/png")
 
     @app.get("/blacklist", response_class=HTMLResponse)
     def blacklist(request: Request):
