@@ -80,6 +80,17 @@ def test_sft_on_template_rendered_trajectories_lowers_the_real_models_loss(make_
     assert after < losses[2] < losses[0]  # the saved weights are the trained ones (one more update than step 3 saw)
     assert np.isfinite(after)
 
+    # the same weights with another chat template made other ids: refused, naming both tokenizers
+    other = tmp_path / "other-template"
+    other.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        if (Path(smollm2_dir) / name).exists():
+            (other / name).symlink_to(Path(smollm2_dir) / name)
+    (other / "chat_template.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    assert main(klong(s, "train", "--dataset", out.ref, "--config", "sft_smollm2", f"model.name={other}",
+                      "train.max_steps=1", "lineage=false")) == 2
+    assert f"dataset {out.ref} holds token ids from tokenizer" in capsys.readouterr().err
+
 
 def record_completions(settings, server, chat, prompts_scores) -> None:
     """One-turn rollouts recorded token-in/token-out through the real vLLM server: the prompt is the chat

@@ -89,6 +89,25 @@ def load_model(cfg: ModelConfig, max_positions: int, seed: int = 0,
     return model, ModelInfo(src, version, model.get_output_embeddings().weight.shape[0], max_positions, stand_in)
 
 
+def check_tokenizer(info: ModelInfo, manifest: dict) -> None:
+    """A real model trains only on ids its own tokenizer and chat template made: the dataset's
+    `counts.token_ids_from` fingerprint (consumers.chat) must be the model directory's. Unknown sources
+    (rollouts recorded without a fingerprint) pass; the vocabulary range is checked by the reader either way."""
+    source = manifest.get("counts", {}).get("token_ids_from") or ""
+    if info.stand_in or not source:
+        return
+    from consumers.chat import ChatTokenizer
+
+    try:
+        mine = ChatTokenizer(info.source).fingerprint
+    except ConfigError:  # no tokenizer.json / chat template next to the weights: nothing to compare
+        return
+    if source != mine:
+        raise ConfigError(f"dataset {manifest['ref']} holds token ids from tokenizer {source[:19]}..., but model.name="
+                          f"{info.source} has tokenizer {mine[:19]}... (its tokenizer.json + chat template): train the "
+                          "model the dataset was recorded or built with (tokenizer=MODEL_DIR at build)")
+
+
 def body(model: torch.nn.Module) -> torch.nn.Module:
     """The transformer without its output layer (input_ids -> last_hidden_state, final norm applied)."""
     return model.base_model

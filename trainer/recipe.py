@@ -109,7 +109,7 @@ class TrainRecipe:
 
         from trainer.data import BatchPlan, DatasetReader, Position
         from trainer.engine import Engine, init_distributed
-        from trainer.model import load_model, read_state
+        from trainer.model import check_tokenizer, load_model, read_state
         from trainer.objective import Objective
 
         _quiet_libraries()
@@ -119,6 +119,7 @@ class TrainRecipe:
         torch.manual_seed(cfg.seed)
         model, self.model_info = load_model(cfg.model, manifest["config"]["max_tokens"], seed=cfg.seed,
                                             home=self.settings.home)
+        check_tokenizer(self.model_info, manifest)
         self.rl = cfg.mode == "rl"
         recompute = self.rl and cfg.loss.old_logprobs == "recompute"
         self.reader = DatasetReader(self.settings.home, cfg.dataset, verify=cfg.data.verify and self.dist.main,
