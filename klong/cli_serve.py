@@ -3,7 +3,7 @@
     klong serve start --model HOME/models/smollm2          # float32 eager on CPU; returns when healthy
     klong serve start --model DIR --device cuda             # bfloat16 on a GPU (package `vllm`)
     klong serve status [--json]                             # model, checkpoint, policy_version, last reload
-    klong serve reload RUN_DIR/checkpoints/step-2 --policy-version 1  
+    klong serve reload RUN_DIR/checkpoints/step-2 --policy-version 1
     klong serve stop
 """
 
