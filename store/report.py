@@ -9,7 +9,8 @@ columns `series` returns):
 - `stages` (KLong Fig. 6, 9): per stage and iteration, mean assistant turns, running hours and judge score
   of the rollouts that ended in it (`rollouts.last_iteration`: a carried-over rollout counts where it ended).
 - `rl_curves` (Fig. 7): per iteration, mean score, mean assistant turns, and the policy's entropy estimated
-  from the behaviour logprobs (mean -log p of the sampled action tokens; `step_tokens`), beside the
+  from the behaviour logprobs (mean -log p of the sampled action tokens; `step_tokens`; the NaN of ids the
+  chat template put in an assistant step are not sampled and left out), beside the
   trainer's `entropy` metric of runs trained on that iteration's dataset when there is one.
 - `training` (Fig. 8): training loss per step of every run, and a panel per further metric the runs
   recorded among TRAIN_METRICS (metrics are read by name; absent ones are skipped).
@@ -65,9 +66,10 @@ def rl_series(cat: Catalog, plan: Optional[str]) -> dict[str, list]:
         WITH r AS ({_scope(plan)}),
         per AS (SELECT last_iteration AS iteration, avg(final_score) AS score, avg(n_turns) AS turns
                 FROM r GROUP BY ALL),
-        lp AS (SELECT r.last_iteration AS iteration, -sum(list_sum(t.logprobs)) / sum(len(t.logprobs)) AS entropy
-               FROM step_tokens t JOIN r USING (rollout_id)
-               WHERE t.role = 'assistant' AND len(t.logprobs) > 0 GROUP BY ALL),  -- a mean over tokens, no unnest
+        lp AS (SELECT r.last_iteration AS iteration, -sum(list_sum(t.lp)) / sum(len(t.lp)) AS entropy
+               FROM (SELECT rollout_id, list_filter(logprobs, lambda x: NOT isnan(x)) AS lp FROM step_tokens
+                     WHERE role = 'assistant') t JOIN r USING (rollout_id)
+               WHERE len(t.lp) > 0 GROUP BY ALL),  -- a mean over sampled tokens (NaN: template ids), no unnest
         tr AS (SELECT i.iteration, avg(m.value) AS train_entropy
                FROM training_metrics m JOIN training_runs t USING (run_id) JOIN rl_iterations i ON i.dataset = t.dataset
                WHERE m.metric = 'entropy' {plan_cond} GROUP BY ALL)
