@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/alignment.py [--model HOME/models/smollm2] [--loss-tokens 8192] [--sft-steps 4]
 
+(a), (b) Rollouts recorded through the runner (token-in/token-out) with SmolLM2 served by vLLM, built into an
+    RL dataset: the share of sampled tokens whose training context equals their generation context where
+    it must, and mean |logp_trainer - logp_vllm| on them (bench/alignment_ab.py has the details).
+
 (c) Peak memory of one RL loss step at 8k tokens, the trainer's way (log-probs and entropies in chunks of
     `loss.logit_chunk_tokens` positions under activation checkpointing, trainer.losses.head_logprobs) beside
     the full-logits way (one [1, T, V] float32 logits tensor per model, cross-entropy and entropy on it).
@@ -137,17 +141,18 @@ CHATS = [
 
 
 def write_chat_archive(settings: Settings, model_dir: Path, rollouts: int, turns: int) -> None:
-    """Conversations as archived events: each step's token_ids = what the chat template adds for that message
-    (the rendering with it minus the rendering without it), assistant steps with logprobs."""
+    """Conversations as archived events: each step's token_ids = its span of the model directory's chat template
+    rendering (consumers.chat), assistant steps with (placeholder) logprobs."""
     import numpy as np
-    from transformers import AutoTokenizer
 
+    from consumers.chat import ChatTokenizer
     from schemas.arrow import encode_array, to_table
     from schemas.events import (JudgeResult, JudgeResultPayload, RolloutEnded, RolloutEndedPayload, RolloutStarted,
-                                RolloutStartedPayload, Step, StepPayload, TaskPayload, TaskRegistered, new_event)
+                                RolloutStartedPayload, Step, StepPayload, TaskPayload, TaskRegistered, event_type,
+                                new_event)
     from store.archive import write_flush
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    chat = ChatTokenizer(model_dir)
     t0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
     events = [new_event(TaskRegistered, produced_at=t0, payload=TaskPayload(task_id="chat", title="chat", split="train"))]
     for r in range(rollouts):
@@ -157,13 +162,9 @@ def write_chat_archive(settings: Settings, model_dir: Path, rollouts: int, turns
             q, a = CHATS[(r * turns + k) % len(CHATS)]
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         events.append(new_event(RolloutStarted, rollout_id=rid, produced_at=t0, payload=RolloutStartedPayload(
-            task_id="chat", group_id=f"g{r // 2}", timeout_s=60.0, policy_version=0)))
-        prev: list[int] = []
-        for i, m in enumerate(msgs):
-            ids = tok.apply_chat_template(msgs[:i + 1], tokenize=True, return_dict=False)
-            assert ids[:len(prev)] == prev, "the chat template re-rendered an earlier message"
-            new = np.array(ids[len(prev):], np.int32)
-            prev = list(ids)
+            task_id="chat", group_id=f"g{r // 2}", timeout_s=60.0, policy_version=0, tokenizer=chat.fingerprint)))
+        for i, (m, span) in enumerate(zip(msgs, chat.message_spans(msgs))):
+            new = np.asarray(span, np.int32)
             events.append(new_event(Step, rollout_id=rid, produced_at=t0 + dt.timedelta(seconds=i), payload=StepPayload(
                 step_idx=i, role=m["role"], content=m["content"], token_ids=encode_array(new, "int32"),
                 logprobs=encode_array(np.full(len(new), -1.0, np.float32), "float32") if m["role"] == "assistant"
@@ -173,8 +174,6 @@ def write_chat_archive(settings: Settings, model_dir: Path, rollouts: int, turns
                                                            judge_model="bench", score=r % 2 * 1.0, valid=True)))
         events.append(new_event(RolloutEnded, rollout_id=rid, produced_at=t0 + dt.timedelta(minutes=5),
                                 payload=RolloutEndedPayload(status="finished", n_steps=len(msgs))))
-    from schemas.events import event_type
-
     by_topic: dict = {}
     for ev in events:
         by_topic.setdefault(settings.topics.for_event(ev), []).append(ev)
@@ -276,7 +275,7 @@ def main() -> int:
     p.add_argument("--chunk", type=int, default=1024, help="(c) positions per chunk (loss.logit_chunk_tokens)")
     p.add_argument("--sft-steps", type=int, default=4, help="(d) optimizer steps of each loop (the first is warm-up)")
     p.add_argument("--sft-tokens", type=int, default=1024, help="(d) micro-batch budget (padded tokens)")
-    p.add_argument("--only", choices=["c", "d"], help="run one part")
+    p.add_argument("--only", choices=["ab", "c", "d"], help="run one part (ab: the recorded rollouts, bench/alignment_ab.py)")
     p.add_argument("--_loss-step", dest="loss_step", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     model = args.model or default_model()
@@ -285,6 +284,10 @@ def main() -> int:
     if args.loss_step is not None:  # the subprocess of (c)
         print(loss_step(model, args.loss_tokens, args.loss_step))
         return 0
+    if args.only in (None, "ab"):
+        from alignment_ab import report as report_alignment  # parts (a), (b): rollouts through vLLM
+
+        report_alignment(model, say)
     if args.only in (None, "c"):
         report_memory(model, args.loss_tokens, args.chunk)
     if args.only in (None, "d"):

@@ -22,6 +22,7 @@ vocabularies or templates never share a dataset (`consumers.materialize`). Nothi
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -56,6 +57,8 @@ class ChatTokenizer:
                               "`klong model import` to install one")
         self.path = model_dir
         self.template = template
+        # A Rust tokenizer called from two threads at once fails ("Already borrowed"): rollouts share one.
+        self._lock = threading.RLock()
         self.eos_id: Optional[int] = self.tok.eos_token_id
         self.vocab_size = len(self.tok)
         digest = hashlib.sha256((model_dir / "tokenizer.json").read_bytes())
@@ -66,21 +69,26 @@ class ChatTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         """int32 ids of `text`, no special tokens added (markup in the text is read as special tokens)."""
-        return np.asarray(self.tok(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+        with self._lock:
+            return np.asarray(self.tok(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [np.asarray(ids, dtype=np.int32) for ids in self.tok(list(texts), add_special_tokens=False)["input_ids"]]
+        with self._lock:
+            out = self.tok(list(texts), add_special_tokens=False)["input_ids"]
+        return [np.asarray(ids, dtype=np.int32) for ids in out]
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        with self._lock:
+            return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     # -- the template --------------------------------------------------------------------------------
 
     def render(self, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None,
                add_generation_prompt: bool = False) -> str:
         try:
-            return self.tok.apply_chat_template(list(messages), tools=list(tools) if tools else None, tokenize=False,
-                                                add_generation_prompt=add_generation_prompt)
+            with self._lock:
+                return self.tok.apply_chat_template(list(messages), tools=list(tools) if tools else None, tokenize=False,
+                                                    add_generation_prompt=add_generation_prompt)
         except Exception as e:  # jinja raises TemplateError, TypeError, KeyError, ... on odd messages
             raise TemplateError(f"the chat template of {self.path} cannot render these messages: "
                                 f"{type(e).__name__}: {e}") from e
@@ -100,7 +108,8 @@ class ChatTokenizer:
                 raise TemplateError(f"message {i}: the template renders the messages before it differently once it "
                                     "follows (the rendering is not append-only), so it has no span of its own")
             cuts.append(len(part))
-        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        with self._lock:
+            enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(enc["input_ids"], dtype=np.int32)
         starts = np.array([a for a, _ in enc["offset_mapping"]] + [len(full)], dtype=np.int64)
         bounds = []

@@ -50,7 +50,7 @@ import datetime as dt
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, get_args
 
@@ -103,7 +103,7 @@ class DatasetConfig:
     drop_constant_groups: bool = False
     max_staleness: Optional[int] = None  # policy versions; None: keep every window
     trainer_policy_version: Optional[int] = None  # staleness is measured from it (None: newest in the dataset)
-    tokenizer: str = "bytes"  # for text-only steps: "bytes" or a local tokenizer.json
+    tokenizer: str = "bytes"  # for text-only steps: "bytes", a tokenizer.json, a model directory or NAME (HOME/models)
     stage: Optional[tuple[int, ...]] = None  # only rollouts of these stages (None: all)
     iteration: Optional[tuple[int, ...]] = None
     tasks: Optional[tuple[str, ...]] = None  # only these (train) tasks
@@ -123,7 +123,8 @@ class DatasetConfig:
         if tpv is not None and (not isinstance(tpv, int) or isinstance(tpv, bool) or tpv < 0):
             raise ConfigError(f"trainer_policy_version must be an integer >= 0 (or null), got {tpv!r}")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise ConfigError(f"tokenizer must be 'bytes' or a path to tokenizer.json, got {self.tokenizer!r}")
+            raise ConfigError("tokenizer must be 'bytes', a tokenizer.json, a model directory or a NAME under "
+                              f"HOME/models, got {self.tokenizer!r}")
         object.__setattr__(self, "stage", _ints("stage", self.stage, 1))
         object.__setattr__(self, "iteration", _ints("iteration", self.iteration, 0))
         tasks = self.tasks
@@ -731,6 +732,8 @@ def build_version(home: Path | str, name: str, kind: str, config: Mapping[str, A
         raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
     cfg = config if isinstance(config, DatasetConfig) else DatasetConfig.from_mapping(config)
     home = Path(home)
+    if cfg.tokenizer != "bytes" and not Path(cfg.tokenizer).exists() and (home / "models" / cfg.tokenizer).is_dir():
+        cfg = replace(cfg, tokenizer=str((home / "models" / cfg.tokenizer).resolve()))  # tokenizer=NAME: HOME/models
     inputs = InputSet.scan(home / "archive")
     if not inputs.flushes:
         raise ConfigError(f"the archive in {home} holds no rollout events: nothing to build "

@@ -110,6 +110,11 @@ def test_imported_window_is_apply_chat_template_and_the_loss_is_on_assistant_tok
     sink(other)
     built = build_version(other.home, "teacher", "sft", {"max_tokens": 8192, "tokenizer": str(smollm2_dir),
                                                          "prefix_loss": "always"})
+    (other.home / "models").mkdir()
+    (other.home / "models" / "smollm2").symlink_to(smollm2_dir)  # tokenizer=NAME: HOME/models/NAME, the same build
+    again = build_version(other.home, "teacher", "sft", {"max_tokens": 8192, "tokenizer": "smollm2",
+                                                         "prefix_loss": "always"})
+    assert again.existing and again.ref == built.ref
     ids, mask = DatasetReader(other.home, built.ref).sample(0)
     contents = [render(m) for m in parse_messages(plain["messages"])]  # the importer's step contents
     steps = [{"role": m["role"], "content": c} for m, c in zip(plain["messages"], contents)]
