@@ -88,7 +88,9 @@ def test_imported_window_is_apply_chat_template_and_the_loss_is_on_assistant_tok
     produce(settings, [task_event("fre")])
     row = paperbench_row(chunks=2, work=2, id="t-1", tools=TOOLS_ROW_TOOLS)
     (tmp_path / "t.jsonl").write_text(json.dumps(row) + "\n")
-    assert cli(settings, "import", "trajectories", str(tmp_path / "t.jsonl"), "--tokenizer", str(smollm2_dir)) == 0
+    (settings.home / "models").mkdir()
+    (settings.home / "models" / "smollm2").symlink_to(smollm2_dir)  # --tokenizer NAME: HOME/models/NAME
+    assert cli(settings, "import", "trajectories", str(tmp_path / "t.jsonl"), "--tokenizer", "smollm2") == 0
     sink(settings)
     # prefix_loss=always: every assistant message (the paper reading in the prefix too) carries loss
     out = build_version(settings.home, "teacher", "sft", {"max_tokens": 8192, "tokenizer": str(smollm2_dir),
