@@ -170,7 +170,7 @@ def cmd_demo(args) -> int:
         return demo_simulated(_settings(args), rollouts=args.rollouts, seed=args.seed, keep_broker=args.keep_broker,
                               port=args.port)
     return demo(_settings(args), keep=args.keep_broker, port=args.port, timeout_s=args.rollout_timeout,
-                max_tokens=args.max_tokens)
+                max_tokens=args.max_tokens, max_turns=args.max_turns)
 
 
 # ---- output -----------------------------------------------------------------------------------------
@@ -332,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "rollouts -> dataset -> training -> weight reload -> rollouts (--simulated: ingest only)")
     d.add_argument("--simulated", action="store_true", help="the ingest demo instead: simulated rollouts -> Kafka -> "
                                                            "Parquet -> SQL answers (no model)")
-    d.add_argument("--rollout-timeout", type=float, default=60.0, help="seconds per rollout of the main job (default 60)")
+    d.add_argument("--max-turns", type=int, default=3, help="policy turns per rollout of the main job (default 3)")
+    d.add_argument("--rollout-timeout", type=float, default=300.0,
+                   help="seconds a rollout of the main job may take at most (default 300)")
     d.add_argument("--max-tokens", type=int, default=24, help="tokens per policy completion in the main job (default 24)")
     d.add_argument("--rollouts", type=int, default=32, help="--simulated: rollouts to simulate (default 32)")
     d.add_argument("--seed", type=int, default=0, help="--simulated: random seed (default 0)")

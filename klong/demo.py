@@ -97,17 +97,18 @@ def demo_simulated(settings: Settings, rollouts: int = 32, seed: int = 0, keep_b
 DEMO_TASK = "hello-file"
 
 
-def demo_plan(model_dir: Path, timeout_s: float = 60.0, max_tokens: int = 24) -> dict:
-    """The main job's plan: 2 iterations of 2 short rollouts on one shipped task, one training step each."""
+def demo_plan(model_dir: Path, timeout_s: float = 300.0, max_tokens: int = 24, max_turns: int = 3) -> dict:
+    """The main job's plan: 2 iterations of 2 short rollouts (max_turns policy turns, or timeout_s) on one
+    shipped task, one training step each."""
     return {
         "name": "demo", "tasks": [DEMO_TASK],
         "serve": {"model": str(model_dir), "max_model_len": 4096},
         "judge": "checks",  # the shipped rubrics are graded by their check commands
-        "stages": [{"timeout": f"{timeout_s:g}s", "rollouts_per_sample": 2, "iterations": 2}],
-        "dataset": {"name": "demo-rl", "config": {"max_tokens": 4096, "tokenizer": str(model_dir / "tokenizer.json")}},
+        "stages": [{"timeout": f"{timeout_s:g}s", "rollouts_per_sample": 2, "iterations": 2}],  # or max_turns
+        "dataset": {"name": "demo-rl", "config": {"max_tokens": 4096, "tokenizer": str(model_dir)}},
         # a 135M model seldom reads the paper with a tool call first: the reading rule would leave no turn to train
         "agent": {"min_time_fraction": 0.0, "reminder_every_turns": 0, "max_tokens": max_tokens,
-                  "mandatory_reading": False},
+                  "mandatory_reading": False, "max_turns": max_turns, "temperature": 0.7},
         "judge_timeout": "5m",
         "train": {"config": "rl_tiny", "timeout": "30m",
                   "overrides": {"train.max_steps": 1, "loss.beta": 0, "engine.cpu_threads": 2,
@@ -126,8 +127,8 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def demo(settings: Settings, keep: bool = False, port: int | None = None, timeout_s: float = 60.0,
-         max_tokens: int = 24) -> int:
+def demo(settings: Settings, keep: bool = False, port: int | None = None, timeout_s: float = 300.0,
+         max_tokens: int = 24, max_turns: int = 3) -> int:
     """The main job (see the module docstring)."""
     import yaml
 
@@ -161,9 +162,9 @@ def demo(settings: Settings, keep: bool = False, port: int | None = None, timeou
         plan = import_tasks(settings, sorted(p for p in tasks.iterdir() if (p / "rubric.json").is_file()), "train")
         say(f"shipped tasks registered ({len(plan.to_emit)} new, {len(plan.unchanged)} unchanged): "
             f"the demo runs {DEMO_TASK}")
-        raw = demo_plan(model_dir, timeout_s, max_tokens)
+        raw = demo_plan(model_dir, timeout_s, max_tokens, max_turns)
         (settings.home / "demo-plan.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-        say(f"RL plan {settings.home / 'demo-plan.yaml'}: 2 iterations x 2 rollouts of {timeout_s:g}s; each iteration "
+        say(f"RL plan {settings.home / 'demo-plan.yaml'}: 2 iterations x 2 rollouts of {max_turns} turns; each iteration "
             "-> judge (rubric checks) -> archive -> dataset version -> klong train (1 step) -> weight reload")
         summaries = Scheduler(settings, parse_plan(raw), progress=lambda line: print(line, flush=True)).run()
         cat = Catalog(settings)

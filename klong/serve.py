@@ -288,7 +288,7 @@ def _launch(home: Path, cfg: ServeConfig, weights: str | None, port: int, policy
     server = PolicyServer(home / "serve.json", state)
     server._save()  # recorded before it is healthy, so `klong serve stop` can end a slow start
     deadline = time.monotonic() + cfg.start_timeout_s
-    while not server.healthy():
+    while not (server.healthy() and _serves(server, weights or model)):  # ours, not another server on the port
         if proc.poll() is not None:
             server.state_file.unlink(missing_ok=True)
             raise ServeError(f"vLLM exited with code {proc.returncode} while starting; see {log_path}:\n"
@@ -298,6 +298,17 @@ def _launch(home: Path, cfg: ServeConfig, weights: str | None, port: int, policy
             raise ServeError(f"vLLM did not answer /health within {cfg.start_timeout_s:.0f}s; see {log_path}")
         time.sleep(0.5)
     return server
+
+
+def _serves(server: PolicyServer, path: str) -> bool:
+    """True when the server answering on the port serves `path` (its /v1/models root): on a shared machine
+    another process can take the port between our check and vLLM's bind, and would answer /health."""
+    try:
+        status, body = _http("GET", f"{server.state.root_url}/v1/models", timeout=10)
+        models = json.loads(body).get("data") or []
+    except (OSError, urlerror.URLError, ValueError):
+        return False
+    return status == 200 and any(m.get("root") == path for m in models)
 
 
 def _terminate(pid: int, timeout: float) -> None:

@@ -129,6 +129,10 @@ class Scheduler:
             from producers.rl_loop import PolicyLoop
 
             self.loop = PolicyLoop(settings, plan, self._say)
+            if not self.agent_config.model_dir:  # token-in/token-out with the served model's tokenizer and template
+                from dataclasses import replace
+
+                self.agent_config = replace(self.agent_config, model_dir=self.loop.config.model)
         self.progress = progress
         self.run_id = uuid7()
         self._stop = threading.Event()

@@ -69,6 +69,8 @@ def policy_server(smollm2_dir, tmp_path_factory):
     from klong import serve
 
     home = tmp_path_factory.mktemp("policy-server")
-    server = serve.start(Settings(home=home), serve.ServeConfig(model=str(smollm2_dir), max_model_len=4096))
+    # a port of its own: vLLM listens with SO_REUSEPORT, so two servers on one port would share its connections
+    server = serve.start(Settings(home=home), serve.ServeConfig(model=str(smollm2_dir), max_model_len=4096,
+                                                                port=free_port()))
     yield server
     server.stop()

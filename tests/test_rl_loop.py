@@ -27,17 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def loop_plan(model_dir: Path, serve_home: Path) -> dict:
-    """Tiny settings: one shipped task, 2 rollouts of 60 s, 24-token completions, one training step."""
+    """Tiny settings: one shipped task, 2 rollouts of 2 turns of at most 24 tokens, one training step."""
     return {
         "name": "loop",
         "tasks": ["hello-file"],
         "serve": {"model": str(model_dir), "home": str(serve_home), "max_model_len": 4096},
         "judge": "checks",
-        "stages": [{"timeout": "60s", "rollouts_per_sample": 2, "iterations": 2}],
-        "dataset": {"name": "loop-rl", "config": {"max_tokens": 4096, "tokenizer": str(model_dir / "tokenizer.json")}},
+        "stages": [{"timeout": "10m", "rollouts_per_sample": 2, "iterations": 2}],  # max_turns ends them
+        "dataset": {"name": "loop-rl", "config": {"max_tokens": 4096, "tokenizer": str(model_dir)}},
         # SmolLM2-135M rarely calls read_file_chunk: with the paper-reading rule every step would stay in the
         # pinned prefix (no turn to train on), so the rule is off here
-        "agent": {"min_time_fraction": 0.0, "reminder_every_turns": 0, "max_tokens": 24, "mandatory_reading": False},
+        "agent": {"min_time_fraction": 0.0, "reminder_every_turns": 0, "max_tokens": 24, "mandatory_reading": False,
+                  "max_turns": 2, "temperature": 0.7},
         "judge_timeout": "180s",
         "train": {"config": "rl_tiny", "timeout": "15m",
                   "overrides": {"train.max_steps": 1, "loss.beta": 0, "engine.cpu_threads": 2,
@@ -147,3 +148,13 @@ def test_rl_build_warns_when_every_group_holds_one_rollout(settings, capsys):
     Sink(settings).run(until_idle=True, idle_s=0.3)
     assert main(["dataset", "build", "ds", "--kind", "rl", "max_tokens=100000", *args]) == 0
     assert "single rollout" not in capsys.readouterr().err
+
+
+def test_demo_plan_is_a_valid_loop_plan(tmp_path):
+    """`klong demo` runs this plan (the run itself is the two-iteration test's path, on the same model)."""
+    from klong.demo import demo_plan
+
+    plan = parse_plan(demo_plan(tmp_path / "models" / "smollm2"))
+    assert plan.serve and plan.train_config and plan.checks_only and plan.n_iterations == 2
+    assert plan.stages[0].rollouts_per_sample >= 2  # groups of several rollouts: advantages can be non-zero
+    assert all((ROOT / "tasks" / t / "rubric.json").is_file() for t in plan.tasks)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from klong import serve
+from klong.broker import free_port
 from klong.procs import pid_alive
 
 
@@ -93,7 +94,7 @@ def test_serve_stop_ends_a_starting_server(smollm2_dir, tmp_path):
     whole process group; `status` then says none is recorded."""
     home = str(tmp_path / "h")
     starter = subprocess.Popen([sys.executable, "-m", "klong", "serve", "start", "--model", str(smollm2_dir),
-                                "--home", home], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                "--home", home, "--port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     state = Path(home) / "serve.json"
     deadline = time.monotonic() + 120
