@@ -92,66 +92,46 @@ def test_sft_on_template_rendered_trajectories_lowers_the_real_models_loss(make_
     assert f"dataset {out.ref} holds token ids from tokenizer" in capsys.readouterr().err
 
 
-def record_completions(settings, server, chat, prompts_scores) -> None:
-    """One-turn rollouts recorded token-in/token-out through the real vLLM server: the prompt is the chat
-    template's ids of [system, user] + the generation header, sent as ids to /v1/completions; the assistant step
-    holds the header ids (no behaviour logprob) and the sampled ids with their logprobs exactly as served.
-    Every step says the model was given [0, P) ++ [2, step) (context_start=2): the window is its context."""
-    from urllib import request
+def record_rollouts(settings, tmp_path, smollm2_dir, server, scores) -> None:
+    """Rollouts of the reference runner, token-in/token-out through the real vLLM server (producers.agent with
+    model_dir: the context kept as ids, the sampled ids and logprobs as sampled), 2 turns of <= 12 sampled tokens
+    each, one group; then a judge result per rollout with the given scores."""
+    from producers.agent import AgentConfig, PolicyEndpoint, run_agent
+    from producers.outbox import Outbox
+    from producers.tasks import import_tasks
+    from schemas.events import JudgeResult, JudgeResultPayload, new_event
+    from tests.test_tasks import make_task
 
-    from schemas.arrow import encode_array
-    from schemas.events import (JudgeResult, JudgeResultPayload, RolloutEnded, RolloutEndedPayload, RolloutStarted,
-                                RolloutStartedPayload, Step, StepPayload, new_event)
-
-    events = [task_event("fre")]
-    for i, (prompt, score) in enumerate(prompts_scores):
-        rid = f"vllm-{i}"
-        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
-        spans = chat.message_spans(msgs)
-        header = [int(x) for x in chat.generation_prompt(msgs)]
-        ids = [int(x) for s in spans for x in s] + header
-        body = {"model": server.model_name, "prompt": ids, "max_tokens": 24, "temperature": 1.0, "seed": i,
-                "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False}
-        req = request.Request(f"{server.base_url}/completions", data=json.dumps(body).encode(),
-                              headers={"Content-Type": "application/json"})
-        choice = json.load(request.urlopen(req, timeout=600))["choices"][0]
-        out, lps = choice["token_ids"], choice["logprobs"]["token_logprobs"]
-        assert len(out) == len(lps) > 0
-        events.append(new_event(RolloutStarted, rollout_id=rid, payload=RolloutStartedPayload(
-            task_id="fre", group_id="g", timeout_s=600.0, tokenizer=chat.fingerprint)))
-        for k, (m, span) in enumerate(zip(msgs, spans)):
-            events.append(new_event(Step, rollout_id=rid, payload=StepPayload(
-                step_idx=k, role=m["role"], content=m["content"], pinned=True, context_start=2,
-                token_ids=encode_array(np.asarray(span, np.int32), "int32"))))
-        events.append(new_event(Step, rollout_id=rid, payload=StepPayload(
-            step_idx=2, role="assistant", content=chat.decode(out), context_start=2,
-            token_ids=encode_array(np.asarray(header + out, np.int32), "int32"),
-            logprobs=encode_array(np.asarray([np.nan] * len(header) + lps, np.float32), "float32"))))
-        events.append(new_event(JudgeResult, rollout_id=rid, payload=JudgeResultPayload(
-            request_id=f"{rid}-j", step_idx=2, judge_model="test", score=score, valid=True)))
-        events.append(new_event(RolloutEnded, rollout_id=rid, payload=RolloutEndedPayload(status="finished", n_steps=3)))
-    produce(settings, events)
+    import_tasks(settings, [make_task(tmp_path / "tasks", "tiny", paper="A tiny paper.\n")], "train")
+    results = []
+    with Outbox(settings) as outbox:
+        for i, _ in enumerate(scores):
+            config = AgentConfig(model_dir=str(smollm2_dir), mandatory_reading=False, max_turns=2, max_tokens=12,
+                                 temperature=1.0, seed=i, sandbox="unsafe-local", reminder_every_turns=0)
+            results.append(run_agent(outbox, settings, "tiny", PolicyEndpoint(server.base_url, server.model_name),
+                                     timeout_s=900, group_id="g", config=config, judge=False))
+    assert all(r.n_prunes == 0 and r.n_turns >= 1 for r in results), results
+    produce(settings, [new_event(JudgeResult, rollout_id=r.rollout_id, payload=JudgeResultPayload(
+        request_id=f"{r.rollout_id}-j", step_idx=0, judge_model="test", score=q, valid=True))
+        for r, q in zip(results, scores)])
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1500)
 def test_first_rl_step_on_vllm_rollouts_has_ratio_one_and_the_trainer_reproduces_vllms_logprobs(
-        make_settings, smollm2_dir, policy_server, capsys):
-    from consumers.chat import ChatTokenizer
-
+        make_settings, smollm2_dir, policy_server, tmp_path, capsys):
     s = make_settings()
-    chat = ChatTokenizer(smollm2_dir)
-    record_completions(s, policy_server, chat, [("Name a colour.", 1.0), ("Say one word.", 0.0),
-                                                ("Count to three.", 0.5)])
+    record_rollouts(s, tmp_path, smollm2_dir, policy_server, [1.0, 0.0])
     sink(s)
-    out = build_version(s.home, "vllm-rl", "rl", {"max_tokens": 1024, "tokenizer": str(smollm2_dir)})
-    assert out.manifest["counts"]["samples"] == 3
+    out = build_version(s.home, "vllm-rl", "rl", {"max_tokens": 4096, "tokenizer": str(smollm2_dir),
+                                                  "statuses": ["finished", "timeout"]})
+    assert out.manifest["counts"]["samples"] == 2
     capsys.readouterr()
     assert main(klong(s, "train", "--dataset", out.ref, "--config", "rl_smollm2", f"model.name={smollm2_dir}",
-                      "data.micro_batch_tokens=1024", "data.shuffle=false", "train.max_steps=1", "lineage=false")) == 0
+                      "data.micro_batch_tokens=4096", "data.shuffle=false", "train.max_steps=1", "lineage=false")) == 0
     first = steps_of(run_dir_of(capsys.readouterr().out))[1]
     # old logprobs recomputed by the input policy on the window's own input: r = 1, KL = 0 before any update
     assert first["ratio_mean"] == pytest.approx(1, abs=1e-3) and first["ratio_max"] == pytest.approx(1, abs=1e-3)
     assert first["kl"] == pytest.approx(0, abs=1e-6) and first["clip_frac"] == 0
-    # every sampled token sits in its generation context, and a float32 server agrees with the trainer
-    assert first["mismatch_tokens"] >= 3 and first["mismatch"] < 1e-3, first
+    # the sampled tokens sit in their generation context, and a float32 server agrees with the trainer there
+    assert first["mismatch_tokens"] >= 4 and first["mismatch"] < 1e-3, first
     assert first["is_weight_mean"] == pytest.approx(1, abs=1e-2) and first["entropy"] > 0

@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from klong.settings import Settings, read_yaml
 from schemas.errors import ConfigError
@@ -165,7 +165,9 @@ class TrainRecipe:
 
     # ---- train ----------------------------------------------------------------------------------
 
-    def train(self) -> dict:
+    def train(self, after_step: Optional[Callable[[dict], None]] = None) -> dict:
+        """The run's steps; `after_step(metrics)` (optional) runs after each one, outside its timing
+        (bench/alignment.py interleaves a peer's steps with it)."""
         import torch
 
         from trainer.losses import Norm
@@ -210,6 +212,8 @@ class TrainRecipe:
                 self._log_step(step, m)
             if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
+            if after_step is not None:
+                after_step(m)
         if not self.checkpoints or read_step(self.checkpoints[-1]) != self.step:
             self.save_checkpoint()
         return last
