@@ -306,7 +306,8 @@ def readme_commands() -> list[list[str]]:
     """The commands of README's "Importing teacher trajectories" block, as argv lists."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = text.split("### Importing teacher trajectories", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
-    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    return [shlex.split(line, comments=True) for line in block.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]  # its first line marks it an example
 
 
 def test_readme_import_and_blacklist_commands(settings, tmp_path):
