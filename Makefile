@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/judge.py
 	$(PY) bench/export.py
 	$(PY) bench/ui.py
+	$(PY) bench/loop.py
 
 clean:
 	rm -rf $(VENV) klong-data
