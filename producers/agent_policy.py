@@ -96,6 +96,24 @@ def parse_hermes(text: str) -> tuple[str, list[tuple[str, str, str]]]:
     return text[:text.find("<tool_call>")], calls
 
 
+_JSON_STR = r'"([^"\\\n]|\\["\\/nt])*"'  # a JSON string on one line: no raw quote, backslash or newline
+_JSON_TYPE = {"string": _JSON_STR, "integer": r"-?[0-9]{1,9}"}
+
+
+def tool_call_regex(tools: list[dict]) -> str:
+    """A regex of exactly one hermes tool call `<tool_call>\n{"name": N, "arguments": {...}}\n</tool_call>` to
+    one of `tools` with its required arguments in schema order: vLLM's structured outputs (`structured_outputs:
+    {"regex": ...}`) then sample only well-formed calls. The recorded logprobs stay the model's own (vLLM
+    returns raw logprobs), so the trainer's recomputed ones agree; the grammar only cuts off malformed text."""
+    calls = []
+    for tool in tools:
+        fn, params = tool["function"], tool["function"].get("parameters") or {}
+        props = params.get("properties") or {}
+        args = [rf'"{re.escape(k)}": {_JSON_TYPE[props[k].get("type", "string")]}' for k in params.get("required", [])]
+        calls.append(r'\{"name": "' + re.escape(fn["name"]) + r'", "arguments": \{' + ", ".join(args) + r"\}\}")
+    return r"<tool_call>\n(" + "|".join(calls) + r")\n</tool_call>"
+
+
 def _tokens(choice: dict) -> tuple[Optional[list[int]], Optional[list[float]]]:
     content = ((choice.get("logprobs") or {}).get("content")) or []
     lps = [float(t["logprob"]) for t in content] or None
@@ -109,11 +127,13 @@ def _tokens(choice: dict) -> tuple[Optional[list[int]], Optional[list[float]]]:
 
 class PolicyClient:
     def __init__(self, policy: PolicyEndpoint, *, request_token_ids: bool = True, temperature: float = 1.0,
-                 max_tokens: Optional[int] = None, max_retries: int = 2, seed: Optional[int] = None):
+                 max_tokens: Optional[int] = None, max_retries: int = 2, seed: Optional[int] = None,
+                 tool_call_regex: Optional[str] = None):
         import openai
 
         self.policy, self.request_token_ids = policy, request_token_ids
         self.temperature, self.max_tokens, self.seed = temperature, max_tokens, seed
+        self.tool_call_regex = tool_call_regex  # complete_tokens: sample only calls this regex matches
         self._client = openai.OpenAI(base_url=policy.base_url, api_key=policy.api_key or "EMPTY",
                                      max_retries=max_retries, timeout=policy.request_timeout_s)
 
@@ -125,6 +145,8 @@ class PolicyClient:
         extra: dict = {"return_token_ids": True, "skip_special_tokens": False}
         if self.seed is not None:
             extra["seed"] = self.seed
+        if self.tool_call_regex:
+            extra["structured_outputs"] = {"regex": self.tool_call_regex}
         resp = self._call(lambda client, timeout: client.completions.create(
             model=self.policy.model, prompt=[int(i) for i in prompt_ids], temperature=self.temperature,
             max_tokens=self.max_tokens, logprobs=0, extra_body=extra,

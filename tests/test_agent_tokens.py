@@ -132,3 +132,30 @@ def test_rollout_run_model_dir_must_exist(settings, capsys):
                  "--model-dir", "nope", "--home", str(settings.home), "--bootstrap-servers",
                  settings.bootstrap_servers, "--topic-prefix", settings.topics.prefix]) == 2
     assert "klong model import" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(900)
+def test_tool_call_grammar_makes_every_reply_one_well_formed_call(make_settings, tmp_path, smollm2_dir,
+                                                                  policy_server):
+    """agent.tool_call_grammar: vLLM samples under agent_policy.tool_call_regex, so each assistant step of the
+    real model is exactly one call the runner parses and executes (without it SmolLM2 seldom calls a tool)."""
+    settings = make_settings()
+    import_tasks(settings, [make_task(tmp_path / "tasks", "tiny", paper="Write hello.txt.\n")], "train")
+    config = AgentConfig(model_dir=str(smollm2_dir), mandatory_reading=False, max_turns=2, max_tokens=96,
+                         temperature=1.0, seed=3, sandbox="unsafe-local", reminder_every_turns=0,
+                         min_time_fraction=1.0, tool_call_grammar=True)  # end_task refused: two turns
+    with Outbox(settings) as outbox:
+        res = run_agent(outbox, settings, "tiny", PolicyEndpoint(policy_server.base_url, policy_server.model_name),
+                        timeout_s=900, group_id="g", config=config, judge=False)
+    Sink(settings).run(until_idle=True, idle_s=0.3)
+    steps = Catalog(settings).arrow(
+        f"SELECT s.role, s.content, s.tool_name, t.logprobs AS lps FROM steps s JOIN step_tokens t "
+        f"USING (rollout_id, step_idx) WHERE s.rollout_id = '{res.rollout_id}' ORDER BY step_idx").to_pylist()
+    assistant = [s for s in steps if s["role"] == "assistant"]
+    assert res.n_turns == 2 and len(assistant) == 2, (res, steps)
+    names = {t["function"]["name"] for t in TOOLS}
+    for s in assistant:
+        # the grammar starts every reply as a call; one not cut at max_tokens is a whole call the runner ran
+        assert s["content"].startswith('<tool_call>\n{"name": "'), s
+        if int(np.sum(~np.isnan(np.array(s["lps"], np.float64)))) < config.max_tokens:
+            assert s["tool_name"] in names, s
