@@ -134,23 +134,6 @@ class SubprocessSandbox:
                 "TMPDIR": str(self._scratch / "tmp"), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
                 "PAPER_DIR": self.paper_dir, "SUBMISSION_DIR": self.submission_dir}
 
-    def _ulimits(self) -> str:
-        """bash `ulimit` flags for the limits. Set by the launching bash, not a preexec_fn: preexec_fn
-        can deadlock the child when many rollout threads fork at once. A limit above the current hard
-        limit is lowered to it (raising a hard limit needs privileges)."""
-        lim = self.limits
-        flags = []
-        for flag, res, value, unit in (("-t", resource.RLIMIT_CPU, lim.cpu_s, 1),
-                                       ("-v", resource.RLIMIT_AS, lim.memory_mb, 1024),
-                                       ("-f", resource.RLIMIT_FSIZE, lim.file_size_mb, 1024),
-                                       ("-u", resource.RLIMIT_NPROC, lim.max_procs, 1)):
-            value *= unit  # bash's units: seconds, KiB, KiB, processes
-            hard = resource.getrlimit(res)[1]
-            if hard != resource.RLIM_INFINITY:
-                value = min(value, hard // (1024 if unit == 1024 else 1))
-            flags.append(f"{flag} {value}")
-        return "ulimit " + " ".join(flags)
-
     def run(self, command: str, *, timeout_s: float, stdin: Optional[str] = None) -> ExecResult:
         self._scratch.mkdir(parents=True, exist_ok=True)
         out_path = self._scratch / f"out-{os.getpid()}-{time.monotonic_ns()}"
