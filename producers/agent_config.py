@@ -1,0 +1,114 @@
+"""What configures and steers one agent rollout: `AgentConfig`, `RolloutControl` and the `AgentResult`.
+
+    >>> control = RolloutControl(iteration=3, policy_version=3)
+    >>> control.carry_over(4, 4, PolicyEndpoint(url, "klong@4"))   # taken by the loop at its next turn
+    >>> control.stop()                                             # ends it 'aborted' at the next turn
+
+`AgentConfig` is frozen and checked at construction (a bad value raises `ConfigError`). `RolloutControl`
+is the thread-safe handle a scheduler shares with a running rollout: a pending carry-over (new iteration,
+policy version and endpoint) is taken by the loop (`producers.agent_loop`) under a lock at a turn boundary.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from producers.agent_policy import PolicyEndpoint
+from producers.sandbox import SANDBOX_KINDS, SandboxLimits
+from schemas.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    min_time_fraction: float = 0.5  # end_task refused before this fraction of timeout_s
+    reminder_every_turns: int = 5  # a time reminder every N turns after the reading (0: never)
+    prune_ratio: float = 0.3  # share of the non-prefix context dropped on a context-length error
+    mandatory_reading: bool = True  # paper.md (+ addendum.md) read in full before other tools
+    sandbox: Literal["local", "unsafe-local", "k8s"] = "local"  # producers.sandbox: local = isolated namespaces
+    limits: SandboxLimits = field(default_factory=SandboxLimits)
+    allow_hosts: tuple[str, ...] = ()  # local sandbox: HTTP(S) to these hosts only (never a blacklisted one)
+    workdir: Optional[str] = None  # parent of the per-rollout sandbox dirs (default HOME/rollouts)
+    python: str = "python3"  # interpreter of the python tool inside the sandbox
+    k8s_image: str = "python:3.11-slim"
+    k8s_namespace: str = "default"
+    request_token_ids: bool = True  # ask for vLLM's token-id extras (off for plain OpenAI endpoints)
+    temperature: float = 1.0
+    max_tokens: Optional[int] = None  # per completion
+    max_transient_errors: int = 3  # consecutive policy failures (after the client's retries) before 'error'
+    snapshot_every_turns: int = 0  # extra snapshots during the rollout (0: only at the end)
+    # The policy's model directory (tokenizer + chat template, `klong model import`): token-in/token-out through
+    # /v1/completions (producers.agent_context). None: the chat API, observation steps text-only.
+    model_dir: Optional[str] = None
+    seed: Optional[int] = None  # sampling seed sent with every policy call (reproducible tests)
+    max_turns: Optional[int] = None  # end the rollout after this many policy turns (status timeout: truncated)
+    # token-in/token-out: every reply is one well-formed tool call (vLLM structured outputs with
+    # agent_policy.tool_call_regex): a small model that seldom calls tools then acts every turn
+    tool_call_grammar: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_time_fraction <= 1.0:
+            raise ConfigError(f"min_time_fraction must be in [0, 1], got {self.min_time_fraction}")
+        if not 0.0 < self.prune_ratio < 1.0:
+            raise ConfigError(f"prune_ratio must be in (0, 1), got {self.prune_ratio}")
+        if self.sandbox not in SANDBOX_KINDS:
+            raise ConfigError(f"sandbox must be one of {', '.join(SANDBOX_KINDS)}, got {self.sandbox!r}")
+
+
+class RolloutControl:
+    """Thread-safe handle shared between the scheduler and one running rollout (agent loop in a thread)."""
+
+    def __init__(self, *, iteration: int = 0, policy_version: int = 0, stage: int = 1) -> None:
+        self._lock = threading.Lock()
+        self.iteration, self.policy_version, self.stage = iteration, policy_version, stage
+        self._pending: Optional[tuple[int, int, Optional[PolicyEndpoint]]] = None
+        self._served: Optional[threading.Event] = None  # see carry_over
+        self._stop = threading.Event()
+        self.rollout_id: Optional[str] = None  # set once the rollout has started
+        self.done = threading.Event()  # set when run_agent returns
+
+    def carry_over(self, iteration: int, policy_version: int, policy: Optional[PolicyEndpoint] = None,
+                   served: Optional[threading.Event] = None) -> None:
+        """The iteration closed while this rollout runs: before its next policy call the agent emits
+        rollout_resumed(iteration, policy_version) and later steps carry the new policy_version
+        (`policy`: a new endpoint to sample from, e.g. the new checkpoint's server). Not killed.
+        `served`: set once the endpoint serves `policy_version` (the scheduler trains and reloads
+        meanwhile); the next policy call waits for it, so every step carries the version that made it."""
+        with self._lock:
+            self._pending = (iteration, policy_version, policy)
+            self._served = served
+
+    def wait_served(self) -> None:
+        """Blocks until the policy taken with the last carry-over is served (or the rollout is stopped)."""
+        served = self._served
+        while served is not None and not served.wait(0.5) and not self.stopped:
+            pass
+
+    def stop(self) -> None:
+        """End the rollout at the next turn boundary with status 'aborted'."""
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def _take(self) -> Optional[tuple[int, int, Optional[PolicyEndpoint]]]:
+        with self._lock:
+            pending, self._pending = self._pending, None
+            if pending:
+                self.iteration, self.policy_version = pending[0], pending[1]
+            return pending
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    rollout_id: str
+    status: str  # finished | timeout | error | aborted
+    n_steps: int
+    elapsed_s: float
+    snapshot_ref: Optional[str]
+    judge_request_id: Optional[str]
+    error: Optional[str] = None
+    n_turns: int = 0
+    n_prunes: int = 0
