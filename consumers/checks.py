@@ -10,17 +10,20 @@ How: the submission's files (the snapshot the judge loaded: text files, as `load
 are written to a scratch directory and the command runs there, as its working directory, in the isolated
 sandbox (`producers.sandbox_local.run_in_sandbox`: own namespaces, no network, no data home; writes are
 thrown away) with a wall-time limit of `CHECK_TIMEOUT_S` (a leaf's `check_timeout` overrides it). Where the
-machine cannot isolate (no bubblewrap or user namespaces) it runs in the subprocess sandbox over the
-scratch copy, with rlimits, and the explanation says so.
+machine cannot isolate (no bubblewrap or user namespaces) grading stops with an error saying why, like the
+runner: a check runs the agent's files, and only `KLONG_CHECKS_SANDBOX=unsafe-local` lets it run them
+unisolated (the subprocess sandbox over the scratch copy, with rlimits; the explanation says so).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
 from consumers.grading import LeafGrade, Submission
+from schemas.errors import TerminalError
 
 log = logging.getLogger("klong.judge")
 
@@ -53,6 +56,9 @@ def run_command(directory: Path, command: str, timeout_s: float):
         problem = "the isolated sandbox is not available"
     if problem is None:
         return run_in_sandbox(directory, command, timeout_s=timeout_s), "sandbox"
+    if os.environ.get("KLONG_CHECKS_SANDBOX") != "unsafe-local":
+        raise TerminalError(f"rubric checks cannot run isolated on this machine: {problem}; they run the agent's "
+                            "files, so set KLONG_CHECKS_SANDBOX=unsafe-local only to run them unisolated anyway")
     from producers.sandbox import SubprocessSandbox
 
     sb = SubprocessSandbox(directory.parent)

@@ -101,3 +101,18 @@ def test_a_leaf_without_check_under_checks_only_is_invalid_not_fatal():
 
     g = grade_leaf(ChecksOnlyClient(), "system", sub({}), leaf("needs a model"))
     assert (g.score, g.valid) == (0.0, False) and "no judge model" in g.explanation
+
+
+def test_checks_refuse_to_run_unisolated_unless_told(monkeypatch):
+    """A machine that cannot isolate (stood in for by the probe's answer) stops grading with the reason;
+    KLONG_CHECKS_SANDBOX=unsafe-local runs the check in the rlimited subprocess sandbox and says so."""
+    import producers.sandbox_local as sandbox_local
+    from schemas.errors import TerminalError
+
+    monkeypatch.setattr(sandbox_local, "isolation_problem", lambda: "bwrap not found")
+    hello = sub({"hello.txt": "hello\n"})
+    with pytest.raises(TerminalError, match="cannot run isolated on this machine: bwrap not found"):
+        grade_check(hello, {"id": "x", "check": "grep -qx hello hello.txt"})
+    monkeypatch.setenv("KLONG_CHECKS_SANDBOX", "unsafe-local")
+    g = grade_check(hello, {"id": "x", "check": "grep -qx hello hello.txt"})
+    assert g.score == 1.0 and "subprocess (bwrap not found)" in g.explanation
