@@ -27,3 +27,29 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def run_supervised(cmd, *, env: dict, timeout_s: "float | None", check, what: str, shell: bool = False,
+                   poll_s: float = 0.2) -> int:
+    """Runs `cmd` in its own process group until it exits (returns its exit status), calling `check()` every
+    `poll_s` (it raises to stop, e.g. on Ctrl-C); past `timeout_s` (None: no limit) raises TerminalError naming
+    `what`. Whatever ends the wait, the whole group is terminated."""
+    import signal
+    import subprocess
+    import time
+
+    from schemas.errors import TerminalError
+
+    proc = subprocess.Popen(cmd, shell=shell, env=env, start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        while proc.poll() is None:
+            if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+                raise TerminalError(f"{what} ran past train.timeout ({timeout_s:g}s)")
+            check()
+            time.sleep(poll_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+    return proc.returncode

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from klong import serve
+from klong.procs import run_supervised
 from klong.settings import Settings
 from producers.rl_plan import RlPlan
 from schemas.errors import ConfigError, TerminalError
@@ -147,18 +146,8 @@ class PolicyLoop:
                "KLONG_TOPIC_PREFIX": self.settings.topics.prefix}
         self.say(f"training: klong train --dataset {dataset} --config {cfg_name} --run-id {run_id} "
                  + " ".join(overrides))
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        t0, limit = time.monotonic(), plan.train_timeout_s
-        try:
-            while proc.poll() is None:
-                if limit is not None and time.monotonic() - t0 > limit:
-                    raise TerminalError(f"training ran past train.timeout ({limit:g}s): run {run_id}")
-                check()
-                time.sleep(0.2)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait()
-        if proc.returncode != 0:
-            raise TerminalError(f"training exited with status {proc.returncode}: run {run_id} in {run_dir}")
+        status = run_supervised(cmd, env=env, timeout_s=plan.train_timeout_s, check=check,
+                                what=f"training (run {run_id})")
+        if status != 0:
+            raise TerminalError(f"training exited with status {status}: run {run_id} in {run_dir}")
         return latest_checkpoint(run_dir)

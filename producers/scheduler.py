@@ -53,14 +53,13 @@ from __future__ import annotations
 import math
 import os
 import shlex
-import signal
-import subprocess
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from klong.procs import run_supervised
 from klong.settings import Settings
 from producers.outbox import Outbox
 from producers.recorder import publish
@@ -331,20 +330,11 @@ class Scheduler:
         env = {**os.environ, "KLONG_HOME": str(self.settings.home), "KLONG_BOOTSTRAP_SERVERS": self.settings.bootstrap(),
                "KLONG_TOPIC_PREFIX": self.settings.topics.prefix}
         self._say(f"iteration {it}: train hook: {cmd}")
-        t0, limit = time.monotonic(), self.plan.train_timeout_s
-        proc = subprocess.Popen(cmd, shell=True, env=env, start_new_session=True)
-        try:
-            while proc.poll() is None:
-                if limit is not None and time.monotonic() - t0 > limit:
-                    raise TerminalError(f"train hook ran past train.timeout ({limit:g}s): {cmd}")
-                self._check()
-                time.sleep(0.1)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait()
-        if proc.returncode != 0:
-            raise TerminalError(f"train hook exited with status {proc.returncode}: {cmd}")
+        t0 = time.monotonic()
+        status = run_supervised(cmd, shell=True, env=env, timeout_s=self.plan.train_timeout_s, check=self._check,
+                                what=f"train hook {cmd}", poll_s=0.1)
+        if status != 0:
+            raise TerminalError(f"train hook exited with status {status}: {cmd}")
         self._say(f"iteration {it}: trained in {time.monotonic() - t0:.1f}s")
         return time.monotonic() - t0
 
