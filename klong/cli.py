@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-turns", type=int, default=3, help="policy turns per rollout of the main job (default 3)")
     d.add_argument("--rollout-timeout", type=float, default=300.0,
                    help="seconds a rollout of the main job may take at most (default 300)")
-    d.add_argument("--max-tokens", type=int, default=48, help="tokens per policy completion in the main job (default 48: room for one tool call)")
+    d.add_argument("--max-tokens", type=int, default=96, help="tokens per policy completion in the main job (default 96: room for one tool call)")
     d.add_argument("--rollouts", type=int, default=32, help="--simulated: rollouts to simulate (default 32)")
     d.add_argument("--seed", type=int, default=0, help="--simulated: random seed (default 0)")
     d.add_argument("--port", type=int, help="broker port (default 9092, or a free one if taken)")

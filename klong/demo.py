@@ -97,7 +97,7 @@ def demo_simulated(settings: Settings, rollouts: int = 32, seed: int = 0, keep_b
 DEMO_TASK = "hello-file"
 
 
-def demo_plan(model_dir: Path, timeout_s: float = 300.0, max_tokens: int = 48, max_turns: int = 3) -> dict:
+def demo_plan(model_dir: Path, timeout_s: float = 300.0, max_tokens: int = 96, max_turns: int = 3) -> dict:
     """The main job's plan: 2 iterations of 2 short rollouts (max_turns policy turns, or timeout_s) on one
     shipped task, one training step each."""
     return {
@@ -129,7 +129,7 @@ def smollm2_gguf() -> Path:
 
 
 def demo(settings: Settings, keep: bool = False, port: int | None = None, timeout_s: float = 300.0,
-         max_tokens: int = 48, max_turns: int = 3) -> int:
+         max_tokens: int = 96, max_turns: int = 3) -> int:
     """The main job (see the module docstring)."""
     import yaml
 

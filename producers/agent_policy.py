@@ -96,20 +96,21 @@ def parse_hermes(text: str) -> tuple[str, list[tuple[str, str, str]]]:
     return text[:text.find("<tool_call>")], calls
 
 
-_JSON_STR = r'"([^"\\\n]|\\["\\/nt])*"'  # a JSON string on one line: no raw quote, backslash or newline
-_JSON_TYPE = {"string": _JSON_STR, "integer": r"-?[0-9]{1,9}"}
-
-
-def tool_call_regex(tools: list[dict]) -> str:
+def tool_call_regex(tools: list[dict], max_chars: int = 120) -> str:
     """A regex of exactly one hermes tool call `<tool_call>\n{"name": N, "arguments": {...}}\n</tool_call>` to
-    one of `tools` with its required arguments in schema order: vLLM's structured outputs (`structured_outputs:
-    {"regex": ...}`) then sample only well-formed calls. The recorded logprobs stay the model's own (vLLM
-    returns raw logprobs), so the trainer's recomputed ones agree; the grammar only cuts off malformed text."""
+    one of `tools` with its required arguments in schema order, each string one line of at most `max_chars`
+    characters (so a call fits a small max_tokens instead of being cut): vLLM's structured outputs
+    (`structured_outputs: {"regex": ...}`) then sample only well-formed calls. vLLM returns the logprobs of
+    that constrained distribution (a forced token has logprob 0), so the recorded behaviour logprobs are the
+    true sampling probabilities, not the bare model's: they differ from the trainer's (its `mismatch` metric
+    shows by how much), and only `loss.old_logprobs: recompute` (the default) keeps both sides of the ratio
+    on one model."""
+    json_type = {"string": r'"([^"\\\n]|\\["\\/nt]){0,%d}"' % max_chars, "integer": r"-?[0-9]{1,9}"}
     calls = []
     for tool in tools:
         fn, params = tool["function"], tool["function"].get("parameters") or {}
         props = params.get("properties") or {}
-        args = [rf'"{re.escape(k)}": {_JSON_TYPE[props[k].get("type", "string")]}' for k in params.get("required", [])]
+        args = [rf'"{re.escape(k)}": {json_type[props[k].get("type", "string")]}' for k in params.get("required", [])]
         calls.append(r'\{"name": "' + re.escape(fn["name"]) + r'", "arguments": \{' + ", ".join(args) + r"\}\}")
     return r"<tool_call>\n(" + "|".join(calls) + r")\n</tool_call>"
 
