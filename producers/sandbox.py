@@ -35,7 +35,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Protocol
+from typing import Callable, Literal, Optional, Protocol
 
 from schemas.errors import ConfigError
 from schemas.events import path_safe_id
@@ -112,6 +112,21 @@ def ulimit_flags(lim: SandboxLimits) -> str:
     return " ".join(flags)
 
 
+def run_to_file(argv: list[str], out_path: Path, *, env: dict[str, str], stdin: Optional[str], timeout_s: float,
+                kill: Callable[[subprocess.Popen], None], cwd: Optional[str] = None) -> tuple[Optional[int], bool]:
+    """Runs `argv` in a new session, stdout and stderr into `out_path`, `stdin` fed as text; past `timeout_s`
+    `kill(proc)` ends it. (exit code, or None when killed by the timeout; timed out)."""
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.communicate(stdin.encode() if stdin is not None else None, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            kill(proc)
+            return None, True
+    return proc.returncode, False
+
+
 class SubprocessSandbox:
     """`--sandbox unsafe-local`: a working directory on this machine; commands run as rlimited
     subprocesses of the runner's user, unisolated (see the module docstring)."""
@@ -138,22 +153,14 @@ class SubprocessSandbox:
         self._scratch.mkdir(parents=True, exist_ok=True)
         out_path = self._scratch / f"out-{os.getpid()}-{time.monotonic_ns()}"
         timeout_s = max(0.05, min(timeout_s, self.limits.tool_timeout_s))
-        with open(out_path, "wb") as out:
-            launcher = f'ulimit {ulimit_flags(self.limits)} || exit 126; exec bash -c "$1"'
-            proc = subprocess.Popen(["bash", "-c", launcher, "klong-sandbox", command], cwd=self.submission_dir,
-                                    env=self._env(), stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            timed_out = False
-            try:
-                proc.communicate(stdin.encode() if stdin is not None else None, timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                self._kill(proc)
+        launcher = f'ulimit {ulimit_flags(self.limits)} || exit 126; exec bash -c "$1"'
+        code, timed_out = run_to_file(["bash", "-c", launcher, "klong-sandbox", command], out_path, env=self._env(),
+                                      stdin=stdin, timeout_s=timeout_s, kill=self._kill, cwd=self.submission_dir)
         try:
             text, size = _read_capped(out_path, 4 * self.limits.max_output_bytes)
         finally:
             out_path.unlink(missing_ok=True)
-        return ExecResult(text, None if timed_out else proc.returncode, timed_out, size)
+        return ExecResult(text, code, timed_out, size)
 
     @staticmethod
     def _kill(proc: subprocess.Popen) -> None:

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from producers.sandbox import ExecResult, SandboxLimits, _read_capped, ulimit_flags
+from producers.sandbox import ExecResult, SandboxLimits, _read_capped, run_to_file, ulimit_flags
 from schemas.errors import ConfigError, TransientError
 
 PAPER_DIR, SUBMISSION_DIR = "/home/paper", "/home/submission"
@@ -229,17 +229,9 @@ class NamespaceSandbox:
         out_path = self._scratch / f"out-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
         timeout_s = max(0.05, min(timeout_s, self.limits.tool_timeout_s))
         launcher = f"ulimit {ulimit_flags(self.limits)} || exit 126; cd {SUBMISSION_DIR} || exit 126; exec bash -c \"$1\""
-        with open(out_path, "wb") as out:
-            proc = subprocess.Popen(self._enter(["bash", "-c", launcher, "klong-sandbox", command]), env=self._env(),
-                                    stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            timed_out = False
-            try:
-                proc.communicate(stdin.encode() if stdin is not None else None, timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc)
-        return out_path, None if timed_out else proc.returncode, timed_out
+        code, timed_out = run_to_file(self._enter(["bash", "-c", launcher, "klong-sandbox", command]), out_path,
+                                      env=self._env(), stdin=stdin, timeout_s=timeout_s, kill=_kill_group)
+        return out_path, code, timed_out
 
     def read_text(self, path: str) -> str:
         """A file as the sandbox sees it (read inside it: a symlink cannot point the runner elsewhere)."""
