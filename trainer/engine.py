@@ -108,6 +108,10 @@ class Engine:
         }
         self.ds, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                              lr_scheduler=scheduler, config=ds_config)
+        if dist.world_size == 1 and e.zero_stage == 0:
+            # Alone, DeepSpeed's gradient all-reduce only copies every gradient into buckets and back (~5% of a
+            # 135M model's step on CPU): nothing to reduce, so it is off.
+            self.ds.enable_backward_allreduce = False
 
     @property
     def module(self) -> torch.nn.Module:

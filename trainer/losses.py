@@ -9,9 +9,12 @@ Everything is aligned to the *target* token: column t - 1 of the shifted tensors
 Log-probs in chunks. `head_logprobs` takes the model's last hidden states [b, T, H] and its output layer,
 and computes the log-probability of each next token (and the entropy of each next-token distribution)
 `chunk` positions at a time under activation checkpointing: the float32 logits of one chunk [chunk, V]
-exist at a time, in the forward pass and again, recomputed, in the backward pass. No [b, T, V] tensor is
-held (at 32k tokens x 150k vocabulary that tensor alone is ~20 GB). `chunk=0` takes all positions at
-once (the classical full-logits way; `bench/alignment.py` compares the two).
+exist at a time, in the forward pass and again, recomputed, in the backward pass. The last chunk is not
+checkpointed: its logits stay from forward to backward (one chunk's worth, which the backward pass would
+recompute anyway), so a micro-batch that fits one chunk computes the output layer once, as a plain loop
+does. No [b, T, V] tensor is held (at 32k tokens x 150k vocabulary that tensor alone is ~20 GB). `chunk=0`
+takes all positions at once (the classical full-logits way; `bench/alignment.py` compares the two).
+The log-prob of a chunk is torch's fused cross entropy, whose backward is one pass over the chunk's logits.
 
 Reduction (`loss.reduction`), over one optimizer step (all ranks and accumulation micro-batches, via
 `Norm`, so a step's loss does not depend on how it is split across processes):
@@ -64,12 +67,11 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
 def _chunk_logprobs(head: Callable, entropy: bool, h: torch.Tensor, target: torch.Tensor):
     """One chunk: hidden [n, H], target [n] -> (logp [n], entropy [n] or an empty tensor), float32."""
     logits = head(h).float()
-    lse = torch.logsumexp(logits, -1)
-    logp = logits.gather(-1, target[:, None]).squeeze(-1) - lse
+    logp = -F.cross_entropy(logits, target, reduction="none")  # fused: one [n, V] pass back, like the model's loss
     if not entropy:
         return logp, logits.new_zeros(0)
     with torch.no_grad():  # a metric: no gradient, nothing saved for backward
-        ent = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+        ent = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
     return logp, ent
 
 
@@ -87,7 +89,8 @@ def head_logprobs(hidden: torch.Tensor, head: Callable, input_ids: torch.Tensor,
     logps, ents = [], []
     for lo in range(0, n, max(step, 1)):
         args = (head, entropy, h[lo:lo + step], target[lo:lo + step])
-        lp, ent = (checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad and chunk > 0
+        last = lo + step >= n  # its logits may stay for backward: recomputed, they would exist then anyway
+        lp, ent = (checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad and chunk > 0 and not last
                    else _chunk_logprobs(*args))
         logps.append(lp)
         ents.append(ent)
