@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/loop.py [--model DIR] [--max-turns 3] [--max-tokens 24]
 
-In a fresh data home (embedded broker, the shipped task `hello-file`, SmolLM2 imported unless --model gives a
+In a fresh data home (embedded broker, the demo's shipped tasks, SmolLM2 imported unless --model gives a
 directory): starts the policy server (klong.serve), then measures
   - vLLM standalone: generation tokens/s of 2 concurrent token-prompt completions (the rollouts' concurrency);
   - one loop iteration (producers.scheduler with serve: and train:): generation (rollouts, `rolling_s`),
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from klong import serve  # noqa: E402
 from klong.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
-from klong.demo import demo_plan, smollm2_gguf  # noqa: E402
+from klong.demo import DEMO_TASKS, demo_plan, smollm2_gguf  # noqa: E402
 from klong.settings import Settings  # noqa: E402
 
 
@@ -76,7 +76,7 @@ def main() -> int:
     try:
         ensure_topics(settings)
         model = Path(args.model) if args.model else import_model(smollm2_gguf(), "smollm2", home / "models")
-        import_tasks(settings, [ROOT / "tasks" / "hello-file"], "train")
+        import_tasks(settings, [ROOT / "tasks" / t for t in DEMO_TASKS], "train")
         raw = demo_plan(model, args.rollout_timeout, args.max_tokens, args.max_turns)
         raw.update(name="bench-loop", stages=[{**raw["stages"][0], "iterations": 1}])
         t0 = time.monotonic()

@@ -109,10 +109,15 @@ def run_agent(outbox: Outbox, settings: Settings, task_id: str, policy: PolicyEn
         reading = ReadingTracker({p: len(files[p.rsplit("/", 1)[1]].splitlines()) for p in required}) \
             if config.mandatory_reading else None
         loop = AgentLoop(rec, sandbox, client, control, config, timeout_s, reading)
-        loop.observe(prompts.system_prompt(), "system", True)
-        loop.observe(prompts.task_prompt(sandbox.paper_dir, sandbox.submission_dir, timeout_s, config.min_time_fraction,
-                                         required, reading.status() if reading else "", "addendum.md" in files),
-                     "user", True)
+        if config.prompt == "inline":
+            loop.observe(prompts.INLINE_SYSTEM, "system", True)
+            loop.observe(prompts.inline_task(resolved.paper_md, resolved.addendum or "", sandbox.submission_dir),
+                         "user", True)
+        else:
+            loop.observe(prompts.system_prompt(), "system", True)
+            loop.observe(prompts.task_prompt(sandbox.paper_dir, sandbox.submission_dir, timeout_s,
+                                             config.min_time_fraction, required, reading.status() if reading else "",
+                                             "addendum.md" in files), "user", True)
         status, error = loop.run()
         # A carry-over the loop did not take (it ended inside a tool or policy call after the close) is taken
         # now: the rollout ends in the iteration the scheduler counts it in, not in one already built.

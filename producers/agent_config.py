@@ -46,12 +46,17 @@ class AgentConfig:
     # token-in/token-out: every reply is one well-formed tool call (vLLM structured outputs with
     # agent_policy.tool_call_regex): a small model that seldom calls tools then acts every turn
     tool_call_grammar: bool = False
+    # paperbench: PaperBench's system and task messages, the paper read through tools (real papers);
+    # inline: a short system message and the task text itself in the user message (short tasks, small models)
+    prompt: Literal["paperbench", "inline"] = "paperbench"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_time_fraction <= 1.0:
             raise ConfigError(f"min_time_fraction must be in [0, 1], got {self.min_time_fraction}")
         if not 0.0 < self.prune_ratio < 1.0:
             raise ConfigError(f"prune_ratio must be in (0, 1), got {self.prune_ratio}")
+        if self.prompt not in ("paperbench", "inline"):
+            raise ConfigError(f"prompt must be paperbench or inline, got {self.prompt!r}")
         if self.sandbox not in SANDBOX_KINDS:
             raise ConfigError(f"sandbox must be one of {', '.join(SANDBOX_KINDS)}, got {self.sandbox!r}")
 

@@ -4,6 +4,10 @@ additions (mandatory paper reading, end_task banned early, periodic time reminde
     system_prompt()                                        # the pinned system message
     task_prompt(paper_dir, submission_dir, hours=2.0)      # the pinned user message
     reminder(elapsed_s=600, timeout_s=7200)                # every few turns
+
+`agent.prompt: inline` (short tasks, small models) swaps both pinned messages for `INLINE_SYSTEM` and
+`inline_task(paper_md, addendum, submission_dir)`: the task text itself in the user message, instead of a
+pointer to a paper the agent must first open with read_file_chunk (a 135M model never does).
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ ADDITIONAL NOTES
 - Very Important: Before you write code or reproduce the paper, you MUST read all content in {required}! Other tools are refused until you have.
 {reading_status}"""
 
+INLINE_SYSTEM = """You are an agent that completes tasks with tool calls. Each message makes exactly one function call; you see its result in the next message. When the task is done, call end_task."""
+
+INLINE_TASK = """{paper}
+{addendum}
+Your working directory is the submission directory {submission_dir}/."""
+
 CONTINUE = "Please proceed to the next step using your best judgement. If you believe you are finished, double check your work to continue to refine and improve your submission."
 
 
@@ -62,6 +72,11 @@ def task_prompt(paper_dir: str, submission_dir: str, timeout_s: float, min_fract
                        addendum_note=", with an addendum at " + paper_dir + "/addendum.md" if has_addendum else "",
                        required=" and ".join(required) if required else "the paper directory",
                        reading_status=reading_status)
+
+
+def inline_task(paper_md: str, addendum: str, submission_dir: str) -> str:
+    return INLINE_TASK.format(paper=paper_md.strip() + "\n", addendum=addendum.strip() + "\n" if addendum.strip() else "",
+                              submission_dir=submission_dir)
 
 
 def reminder(elapsed_s: float, timeout_s: float) -> str:
