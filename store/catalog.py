@@ -6,7 +6,8 @@
 Views: `tasks`, `rollouts`, `steps`, `step_tokens`, `snapshots`, `judge_requests`, `judge_results`,
 `rollout_resumes`, `training_runs`, `dead_letters`, and `<event_type>_events` for every raw event
 table. The catalog is built fresh on each connection (a handful of view definitions over the
-archived files), so what the sink renamed into the archive a moment ago is visible.
+archived files), so what the sink renamed into the archive a moment ago is visible. Files archived before
+a column existed read it as NULL (`parquet_source`), so an older archive is queryable as it is.
 
 Queries can only read the data. Every connection is locked down once its views stand: DuckDB reads
 files only under the archive and the datasets directory (`allowed_directories`,
@@ -32,7 +33,7 @@ from schemas.arrow import SCHEMAS, as_list_array
 from schemas.errors import TerminalError
 from store.archive import DEAD_LETTER_SCHEMA, DEAD_LETTERS, archived_files
 
-VIEW_EXTENSIONS = ["store.datasets", "store.tasks", "store.training", "store.rl", "store.blacklist"]
+VIEW_EXTENSIONS = ["store.dataset_views", "store.tasks", "store.training", "store.rl", "store.blacklist"]
 READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 DERIVED_VIEWS = {
@@ -109,6 +110,23 @@ def sql_str(value: str | Path) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def parquet_source(con: duckdb.DuckDBPyConnection, name: str, files: list, schema: pa.Schema,
+                   options: str = "") -> str:
+    """A FROM-clause source over the Parquet `files` that has every column of `schema`, however old the files.
+
+    The files are read by column name (`union_by_name`): a column some file lacks (written before the
+    column existed) reads as NULL there. Unioned by name under an empty table of `schema` (registered as
+    `_empty_<name>`), the source also has the columns no file has yet, in `schema`'s order, and an empty
+    `files` gives an empty source with every column. `options`: more read_parquet arguments ("filename=true")."""
+    con.register(f"_empty_{name}", schema.empty_table())
+    if not files:
+        return f"_empty_{name}"
+    listed = ", ".join(sql_str(f) for f in files)
+    more = f", {options}" if options else ""
+    return (f"(SELECT * FROM _empty_{name} UNION ALL BY NAME "
+            f"SELECT * FROM read_parquet([{listed}], union_by_name=true{more}))")
+
+
 def register_array_functions(con: duckdb.DuckDBPyConnection) -> None:
     """SQL functions `int32s(blob) -> INTEGER[]` and `float32s(blob) -> FLOAT[]` for archived token arrays."""
     def int32s(col):
@@ -182,13 +200,9 @@ class Catalog:
         archived = archived_files(archive)
         for name, schema in [*SCHEMAS.items(), (DEAD_LETTERS, DEAD_LETTER_SCHEMA)]:
             raw = f"_raw_{name}"
-            files = archived.get(name)
-            if files:  # an explicit list: renamed flush directories never go away, temp ones do
-                listed = ", ".join(sql_str(f) for f in files)
-                con.execute(f"CREATE VIEW {raw} AS SELECT * FROM read_parquet([{listed}], union_by_name=true)")
-            else:  # an empty archive still has every view, with its columns
-                con.register(f"_empty_{name}", pa.table({f.name: pa.array([], f.type) for f in schema}))
-                con.execute(f"CREATE VIEW {raw} AS SELECT * FROM _empty_{name}")
+            # an explicit list: renamed flush directories never go away, temp ones do
+            source = parquet_source(con, name, archived.get(name, []), schema)
+            con.execute(f"CREATE VIEW {raw} AS SELECT * FROM {source}")
             if name != DEAD_LETTERS:  # producer resends: keep one row per event_id
                 con.execute(f"CREATE VIEW {name}_events AS SELECT DISTINCT ON (event_id) * FROM {raw}")
         for name, body in DERIVED_VIEWS.items():

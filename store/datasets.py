@@ -28,13 +28,12 @@ fingerprint, counts, drops, pending rollouts) as sorted-key JSON, then a digest 
 sorted by rollout_id) and of `samples` (sorted by rollout_id, window_idx), each column serialized as
 little-endian values + lengths + null flags. A rebuild from the same events gives the same hash.
 
-SQL views (`register_views`, on every catalog connection): `datasets` (one row per version) and
-`samples` (one row per window of every version); both exist, empty, when there is no dataset.
+SQL views `datasets` (one row per version) and `samples` (one row per window of every version):
+store.dataset_views.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
@@ -78,14 +77,6 @@ SAMPLES_SCHEMA = pa.schema([
     ("span_loss", pa.list_(pa.bool_())),
     # the window gives span k (prefix: every prefix step) the context it was generated in (consumers.materialize)
     ("span_same_ctx", pa.list_(pa.bool_())), ("prefix_same_ctx", pa.bool_()),
-])
-SAMPLES_VIEW_COLUMNS = [f.name for f in SAMPLES_SCHEMA if not f.name.startswith("span_")]
-DATASETS_VIEW_SCHEMA = pa.schema([
-    ("dataset", pa.string()), ("version", pa.int64()), ("ref", pa.string()), ("kind", pa.string()),
-    ("content_hash", pa.string()), ("created_at", pa.timestamp("us", tz="UTC")), ("n_samples", pa.int64()),
-    ("n_rollouts", pa.int64()), ("n_tokens", pa.int64()), ("n_loss_tokens", pa.int64()), ("n_pending", pa.int64()),
-    ("n_dropped", pa.int64()), ("n_input_flushes", pa.int64()), ("config", pa.string()), ("drops", pa.string()),
-    ("path", pa.string()),
 ])
 
 
@@ -410,46 +401,3 @@ def open_version(home: Path | str, ref: str, verify: bool = True) -> DatasetVers
     if verify:
         v.verify()
     return v
-
-
-# ---- SQL views ----------------------------------------------------------------------------------
-
-
-def _datasets_table(home: Path) -> pa.Table:
-    rows = []
-    for m in all_manifests(home):
-        c = m["counts"]
-        rows.append({
-            "dataset": m["name"], "version": m["version"], "ref": m["ref"], "kind": m["kind"],
-            "content_hash": m["content_hash"], "created_at": dt.datetime.fromisoformat(m["created_at"]),
-            "n_samples": c["samples"], "n_rollouts": c["rollouts"], "n_tokens": c["tokens"],
-            "n_loss_tokens": c["loss_tokens"], "n_pending": len(m["pending"]),
-            "n_dropped": sum(d["count"] for d in m["drops"].values()), "n_input_flushes": len(m["input"]["flushes"]),
-            "config": json.dumps(m["config"], sort_keys=True), "drops": json.dumps(m["drops"], sort_keys=True),
-            "path": str(version_dir(home, m["name"], m["version"])),
-        })
-    return pa.Table.from_pylist(rows, schema=DATASETS_VIEW_SCHEMA)
-
-
-VIEW_NAMES = ("datasets", "samples")  # what register_views creates (the catalog skips it for queries naming neither)
-
-
-def register_views(con, settings) -> None:
-    """Creates the `datasets` and `samples` views on a catalog connection."""
-    home = Path(settings.home)
-    table = _datasets_table(home)
-    con.register("_datasets", table)
-    con.execute("CREATE VIEW datasets AS SELECT * FROM _datasets")
-    files = [(r["dataset"], r["version"], str(Path(r["path"]) / SAMPLES)) for r in table.to_pylist()]
-    cols = ", ".join(f"s.{c}" for c in SAMPLES_VIEW_COLUMNS)
-    if files:
-        con.register("_sample_files", pa.table({"dataset": [f[0] for f in files], "version": [f[1] for f in files],
-                                                "filename": [f[2] for f in files]}))
-        paths = ", ".join("'" + f[2].replace("'", "''") + "'" for f in files)
-        con.execute(f"CREATE VIEW samples AS SELECT f.dataset, f.version, {cols} "
-                    f"FROM read_parquet([{paths}], filename=true) s JOIN _sample_files f USING (filename)")
-    else:
-        empty = pa.table({f.name: pa.array([], f.type) for f in SAMPLES_SCHEMA if f.name in SAMPLES_VIEW_COLUMNS})
-        con.register("_samples_empty", empty)
-        con.execute(f"CREATE VIEW samples AS SELECT ''::VARCHAR AS dataset, 0::BIGINT AS version, {cols} "
-                    "FROM _samples_empty s WHERE false")
