@@ -236,7 +236,7 @@ def interleaved_sft(settings: Settings, ref: str, model_dir: Path, steps: int, b
 
     cfg = load_config(None, ["mode=sft", f"dataset={ref}", f"model.name={model_dir}", "lineage=false",
                              f"data.micro_batch_tokens={budget}", "data.shuffle=false", f"train.max_steps={steps}",
-                             "train.epochs=100", f"optim.lr={lr:.12f}", "optim.grad_clip=1.0", "train.log_every=1000"])
+                             "train.epochs=100", "engine.zero_stage=1", f"optim.lr={lr:.12f}", "optim.grad_clip=1.0", "train.log_every=1000"])
     run_dir = settings.home / "runs" / "bench-sft"
     plain = PlainLoop(settings, ref, model_dir, budget, lr)
     recipe = TrainRecipe(settings, cfg, "bench-sft", run_dir, out=open(os.devnull, "w"))

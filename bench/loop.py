@@ -94,7 +94,7 @@ def main() -> int:
         tokens = manifest["counts"]["tokens"]
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-m", "klong", "train", "--dataset", it.dataset, "--mode", "rl", "--config",
-                        "rl_tiny", "--home", str(home), "--bootstrap-servers", broker.bootstrap,
+                        parse_plan(raw).train_config, "--home", str(home), "--bootstrap-servers", broker.bootstrap,
                         f"model.name={model}", *parse_plan(raw).train_overrides],
                        check=True, capture_output=True)
         train_wall = time.monotonic() - t0

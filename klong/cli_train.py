@@ -135,7 +135,8 @@ def register(sub, common) -> None:
     t.__class__ = IntermixedParser  # the parser class comes from klong.cli's subparsers; only this one intermixes
     t.add_argument("--dataset", help="NAME@N (NAME alone: its latest version)")
     t.add_argument("--mode", choices=["sft", "rl"], help="sft: eq. 6; rl: eq. 7 (PPO clip + KL)")
-    t.add_argument("--config", help="run YAML, or a shipped one by name: sft_tiny, rl_tiny")
+    t.add_argument("--config", help="run YAML, or a shipped one by name (trainer/configs/): sft_smollm2, rl_smollm2 "
+                   "for the real model, sft_tiny, rl_tiny for the tiny stand-in")
     t.add_argument("--launcher", choices=["local", "deepspeed", "k8s"], default="local",
                    help="local: this process; deepspeed: --nproc processes here; k8s: a Job (default local)")
     t.add_argument("--nproc", type=int, help="processes (deepspeed) or GPUs per pod (k8s, overrides k8s.gpus)")

@@ -112,9 +112,10 @@ def demo_plan(model_dir: Path, timeout_s: float = 300.0, max_tokens: int = 96, m
                   "mandatory_reading": False, "max_turns": max_turns, "temperature": 0.7,
                   "tool_call_grammar": True, "prompt": "inline"},
         "judge_timeout": "5m",
-        "train": {"config": "rl_tiny", "timeout": "30m",
-                  "overrides": {"train.max_steps": 1, "loss.beta": 0, "engine.cpu_threads": 2,
-                                "data.micro_batch_tokens": 4096, "model.fold_token_ids": False}},
+        # the real model's RL config (lr 1e-6, ratio on recomputed old logprobs); no truncated IS weight: under the
+        # grammar the behaviour logprobs are the constrained distribution's, not the model's
+        "train": {"config": "rl_smollm2", "timeout": "30m",
+                  "overrides": {"train.max_steps": 1, "loss.tis_cap": None, "engine.cpu_threads": 2}},
     }
 
 

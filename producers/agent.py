@@ -107,7 +107,7 @@ def run_agent(outbox: Outbox, settings: Settings, task_id: str, policy: PolicyEn
         sandbox.setup(files)
         required = [f"{sandbox.paper_dir}/{n}" for n in ("paper.md", "addendum.md") if files.get(n, "").strip()]
         reading = ReadingTracker({p: len(files[p.rsplit("/", 1)[1]].splitlines()) for p in required}) \
-            if config.mandatory_reading else None
+            if config.mandatory_reading and config.prompt == "paperbench" else None  # inline: the prompt holds it
         loop = AgentLoop(rec, sandbox, client, control, config, timeout_s, reading)
         if config.prompt == "inline":
             loop.observe(prompts.INLINE_SYSTEM, "system", True)

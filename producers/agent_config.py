@@ -47,7 +47,8 @@ class AgentConfig:
     # agent_policy.tool_call_regex): a small model that seldom calls tools then acts every turn
     tool_call_grammar: bool = False
     # paperbench: PaperBench's system and task messages, the paper read through tools (real papers);
-    # inline: a short system message and the task text itself in the user message (short tasks, small models)
+    # inline: a short system message and the task text itself in the user message (short tasks, small models;
+    # the paper is then read by construction: no mandatory_reading rule)
     prompt: Literal["paperbench", "inline"] = "paperbench"
 
     def __post_init__(self) -> None:

@@ -224,7 +224,7 @@ def test_inline_prompt_puts_the_task_text_in_the_user_message(task_home):
     """agent.prompt: inline: a short system message, paper.md and addendum.md in the pinned user message,
     the task done from the first turn (no reading rule); PaperBench's pointer to the paper is not sent."""
     s = task_home
-    cfg = AgentConfig(prompt="inline", mandatory_reading=False, min_time_fraction=0.0)
+    cfg = AgentConfig(prompt="inline", min_time_fraction=0.0)  # mandatory_reading (default) has nothing to do
     with PolicyStub([bash("echo hello > hello.txt"), end()]) as stub, Outbox(s) as outbox:
         res = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "stub-policy"), timeout_s=30,
                         group_id="g-1", config=cfg, judge=False)

@@ -40,9 +40,8 @@ def loop_plan(model_dir: Path, serve_home: Path) -> dict:
         "agent": {"min_time_fraction": 0.0, "reminder_every_turns": 0, "max_tokens": 24, "mandatory_reading": False,
                   "max_turns": 2, "temperature": 0.7},
         "judge_timeout": "180s",
-        "train": {"config": "rl_tiny", "timeout": "15m",
-                  "overrides": {"train.max_steps": 1, "loss.beta": 0, "engine.cpu_threads": 2,
-                                "data.micro_batch_tokens": 4096, "model.fold_token_ids": False}},
+        "train": {"config": "rl_smollm2", "timeout": "15m",
+                  "overrides": {"train.max_steps": 1, "loss.tis_cap": None, "engine.cpu_threads": 2}},
     }
 
 
@@ -56,14 +55,14 @@ def rl_run(settings, plan: Path) -> subprocess.Popen:
 def test_plan_keys_serve_train_config_and_checks_judge():
     raw = loop_plan(Path("/m"), Path("/h"))
     plan = parse_plan(raw)
-    assert plan.checks_only and plan.serve["model"] == "/m" and plan.train_config == "rl_tiny"
+    assert plan.checks_only and plan.serve["model"] == "/m" and plan.train_config == "rl_smollm2"
     assert "train.max_steps=1" in plan.train_overrides and plan.policy.base_url == ""
     for bad, match in [({"serve": None, "policy": {"base_url": "http://h:1/v1", "model": "p"}}, "train.config needs serve"),
                        ({"serve": None}, "policy is required"),
                        ({"serve": {"model": "m", "gpu": 1}}, "unknown key serve.gpu"),
                        ({"serve": {"model": "m", "device": "tpu"}}, "serve.device"),
-                       ({"train": {"config": "rl_tiny", "command": "x"}}, "not both"),
-                       ({"train": {"config": "rl_tiny", "overrides": {"model.name": "x"}}}, "may not set model.name")]:
+                       ({"train": {"config": "rl_smollm2", "command": "x"}}, "not both"),
+                       ({"train": {"config": "rl_smollm2", "overrides": {"model.name": "x"}}}, "may not set model.name")]:
         with pytest.raises(ConfigError, match=match):
             parse_plan({**raw, **bad})
 

@@ -14,6 +14,11 @@ all-reduce kernel at first use (~75 s of C++); plain gloo is what runs here, so 
 Loss scaling: the losses are already normalized by the whole step's totals (trainer.losses.Norm), so the
 engine must *sum* micro-batch gradients over ranks and accumulation steps: `backward` passes
 scale_wrt_gas=False and multiplies by the world size to undo DeepSpeed's data-parallel averaging.
+ZeRO partitions optimizer state (1), gradients (2) and parameters (3) across data-parallel ranks. A process
+alone has nothing to partition, so world size 1 runs stage 0 whatever the YAML says: measured on SmolLM2
+(bench/alignment.py (d)), stage 1 alone ran at 0.53x a plain transformers loop, stage 0 at 0.99x; and at
+stage 0 alone DeepSpeed's gradient all-reduce, which would only copy every gradient into buckets and back,
+is off. `Engine.zero_stage` is the stage that runs (recorded and printed by the recipe).
 Checkpoints: the engine's own format (`engine.save_checkpoint`: optimizer, scheduler, ZeRO partitions)
 for resuming, next to the safetensors weights (trainer.model) that everything else reads.
 """
@@ -93,14 +98,18 @@ class Engine:
 
         o, e = cfg.optim, cfg.engine
         self.dist, self.accumulation = dist, e.gradient_accumulation_steps
+        self.zero_stage = e.zero_stage if dist.world_size > 1 else 0
+        # fp32 at stage 0: DeepSpeed clips but keeps no norm, so the engine clips (and keeps the norm) itself
+        self.own_clip = self.zero_stage == 0 and cfg.model.dtype != "bfloat16"
+        self.grad_clip, self._grad_norm = o.grad_clip, float("nan")
         model.to(dist.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, total_steps, o.schedule))
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,  # rows vary by micro-batch (token budget); DeepSpeed only counts
             "gradient_accumulation_steps": e.gradient_accumulation_steps,
-            "gradient_clipping": o.grad_clip,
-            "zero_optimization": {"stage": e.zero_stage},
+            "gradient_clipping": 0.0 if self.own_clip else o.grad_clip,
+            "zero_optimization": {"stage": self.zero_stage},
             "zero_allow_untested_optimizer": True,  # torch AdamW: no compiled DeepSpeed optimizer on CPU
             "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
             "steps_per_print": 1 << 62,
@@ -108,10 +117,8 @@ class Engine:
         }
         self.ds, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                              lr_scheduler=scheduler, config=ds_config)
-        if dist.world_size == 1 and e.zero_stage == 0:
-            # Alone, DeepSpeed's gradient all-reduce only copies every gradient into buckets and back (~5% of a
-            # 135M model's step on CPU): nothing to reduce, so it is off.
-            self.ds.enable_backward_allreduce = False
+        if dist.world_size == 1:
+            self.ds.enable_backward_allreduce = False  # nothing to reduce alone (~5% of a SmolLM2 step on CPU)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -122,9 +129,15 @@ class Engine:
 
     def step(self) -> None:
         """After each micro-batch; DeepSpeed steps the optimizer (and scheduler) every `accumulation` calls."""
+        if self.own_clip and self.ds.is_gradient_accumulation_boundary():  # gradients are whole (reduced) here
+            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(),
+                                                                   self.grad_clip if self.grad_clip > 0 else math.inf))
         self.ds.step()
 
     def grad_norm(self) -> float:
+        """The 2-norm of the last optimizer step's gradients (before clipping)."""
+        if self.own_clip:
+            return self._grad_norm
         n = self.ds.get_global_grad_norm()
         return float(n) if n is not None else float("nan")
 

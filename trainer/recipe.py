@@ -157,10 +157,10 @@ class TrainRecipe:
                 self.events.started(dataset=self.reader.ref, dataset_hash=self.reader.content_hash, mode=cfg.mode,
                                     policy_version_in=self.policy_version_in, step=self.step,
                                     config={**cfg.to_dict(), "run_dir": str(self.run_dir),
-                                            "world_size": self.dist.world_size,
+                                            "world_size": self.dist.world_size, "zero_stage_run": self.engine.zero_stage,
                                             "resumed_from": str(self.resume) if self.resume else None})
             self._say(f"run {self.run_id}: {cfg.mode} on {self.reader.ref} ({len(self.reader)} samples, "
-                      f"{per_epoch} steps/epoch), {self.dist.world_size} process(es), ZeRO-{cfg.engine.zero_stage}, "
+                      f"{per_epoch} steps/epoch), {self.dist.world_size} process(es), ZeRO-{self.engine.zero_stage}, "
                       f"{self.total_steps} steps" + (f", resumed at step {self.step}" if self.resume else ""))
 
     # ---- train ----------------------------------------------------------------------------------
