@@ -20,8 +20,10 @@
     a plain transformers training loop (model(input_ids, labels) with the same mask, torch AdamW, the same
     learning rate and gradient clipping) over the same micro-batches of the same dataset version, same
     threads, one plain step after each trainer step so both meet the same load; each side's figure is its
-    fastest step after the first (warm-up) one, as contention on a shared machine only ever slows a step down. Goal: trainer >= 0.9x plain. The first-step losses
-    of both are printed: they must agree (same model, same tokens, same mask).
+    fastest step after the first (warm-up) one, as contention on a shared machine only ever slows a step
+    down. The trainer runs with `engine.zero_stage=1`, as the shipped SmolLM2 configs say (alone, the engine
+    runs stage 0: trainer.engine). Goal: trainer >= 0.9x plain. The first-step losses of both are printed:
+    they must agree (same model, same tokens, same mask).
 
 The dataset for (d): an SFT version of a few short conversations, each step's token ids as the model
 directory's chat template renders it (written straight into an archive, as bench/materialize.py does, then
