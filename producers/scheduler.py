@@ -18,9 +18,10 @@ iteration. Iterations are numbered across stages, after the highest iteration al
    They keep the stage they started in and its timeout T(m), which bounds their total wall time. Rollouts
    still queued for a free slot are never started (`not_started`: the trainer has moved on). The plan's
    last iteration has nothing to carry into, so it waits for all its rollouts.
-3. wait (`judge_timeout`, progress every few seconds) until the archive holds the `rollout_ended` of
-   every rollout that ended in the iteration and the judge result of every judgment they requested;
-   on timeout the build goes ahead (the missing ones are counted, their windows `unrewarded`).
+3. wait (`judge_timeout`, progress every few seconds; producers.iteration) until the archive holds the
+   `rollout_ended` of every rollout that ended in the iteration and the judge result of every judgment
+   they requested; on timeout the build goes ahead (the missing ones are counted, their windows
+   `unrewarded`).
 4. build the RL dataset version of the iteration: `build_version(home, dataset.name, "rl",
    {**dataset.config, iteration: [i], trainer_policy_version: pv})`. The trainer of iteration i starts
    from pv, so windows acted by pv have staleness 0 and those a carried-over rollout acted under pv-1
@@ -35,75 +36,45 @@ then runs `klong train` on its dataset version from the served checkpoint (polic
 reloads the server's weights in place, before the next iteration starts. Rollouts carried over wait at
 their next policy call until pv+1 is served, so every step carries the version that generated it. The
 `trained` event records the checkpoint and the train and reload times. Without a managed server, the
-optional `train:` shell hook (placeholders {dataset} {next_policy_version} ...; see producers.rl_plan) runs
+optional `train:` shell hook (placeholders {dataset} {next_policy_version} ...; producers.train_hook) runs
 after each build instead; the next iteration starts when it exits 0 (else the run stops).
 
 Resume: a run first reads what earlier runs of the same plan finished (`rl_iteration` events) and starts at
-the next iteration of the plan's schedule, with the checkpoint the last one produced.
+the next iteration of the plan's schedule, with the checkpoint the last one produced (producers.rl_start).
 
-Services: unless `embedded_sink=False` (an external `klong sink run` archives), a Sink runs in a thread;
-with a `judge:` endpoint in the plan a JudgeWorker runs in a thread (otherwise `klong judge run` must
-run). Events go through the durable outbox `HOME/outbox/rl-<plan>`. `stop()` (Ctrl-C): queued rollouts
-are cancelled, running ones stopped at their next turn boundary (status aborted), an `rl_iteration`
-event (stopped) is recorded, and the outbox is flushed: nothing recorded is lost.
+Services (producers.scheduler_services): unless `embedded_sink=False` (an external `klong sink run`
+archives), a Sink runs in a thread; with a `judge:` endpoint in the plan a JudgeWorker runs in a thread
+(otherwise `klong judge run` must run). Events go through the durable outbox `HOME/outbox/rl-<plan>`.
+`stop()` (Ctrl-C): queued rollouts are cancelled, running ones stopped at their next turn boundary
+(status aborted), an `rl_iteration` event (stopped) is recorded, and the outbox is flushed: nothing
+recorded is lost.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import shlex
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable, Optional
 
-from klong.procs import run_supervised
 from klong.settings import Settings
+from producers import rl_start
+from producers.iteration import IterationSummary, Rollout, counts, rollout_result, wait_archived, wait_close
 from producers.outbox import Outbox
 from producers.recorder import publish
 from producers.rl_plan import RlPlan, Stage, agent_config
-from schemas.errors import ConfigError, KlongError, TerminalError
+from producers.scheduler_services import Services
+from producers.train_hook import run_train_hook
+from schemas.errors import ConfigError, KlongError
 from schemas.events import RlIteration, RlIterationPayload, new_event, uuid7
 
-PROGRESS_EVERY_S = 5.0
+# Re-exported: callers import these from producers.scheduler.
+__all__ = ["Scheduler", "IterationSummary", "Stopped"]
 
 
 class Stopped(KlongError):
     """The run was stopped (Ctrl-C / stop()) before the plan was done."""
-
-
-@dataclass
-class _Rollout:
-    rollout_id: str
-    task_id: str
-    group_id: str
-    control: Any  # producers.agent.RolloutControl
-    future: Optional[Future] = None
-
-
-@dataclass
-class IterationSummary:
-    stage: int
-    iteration: int
-    policy_version: int
-    started: int = 0
-    carried_in: int = 0
-    carried_out: list = field(default_factory=list)
-    not_started: int = 0
-    ended: dict = field(default_factory=dict)  # status -> count
-    judged: int = 0
-    judge_missing: int = 0
-    rolling_s: float = 0.0
-    judge_wait_s: float = 0.0
-    build_s: float = 0.0
-    train_s: float = 0.0
-    dataset: Optional[str] = None
-    n_samples: int = 0
-    checkpoint: Optional[str] = None  # with a managed server: the weights the next iteration is served from
-    reload_s: float = 0.0
-    reload_method: Optional[str] = None
 
 
 class Scheduler:
@@ -135,9 +106,9 @@ class Scheduler:
         self.progress = progress
         self.run_id = uuid7()
         self._stop = threading.Event()
-        self._services: list[tuple[threading.Thread, threading.Event, dict]] = []
-        self._carried: list[_Rollout] = []
-        self._live: list[_Rollout] = []
+        self._services = Services(self._say)
+        self._carried: list[Rollout] = []
+        self._live: list[Rollout] = []
         self._current: Optional[tuple[Stage, int, int]] = None
 
     # ---- public --------------------------------------------------------------------------------
@@ -160,7 +131,7 @@ class Scheduler:
         with Outbox(self.settings, self.settings.outbox_dir / f"rl-{plan.name}") as self.outbox:
             pool = ThreadPoolExecutor(plan.max_concurrent_rollouts, thread_name_prefix="klong-rollout")
             try:
-                self._start_services()
+                self._services.start(self.settings, plan, embedded_sink=self.embedded_sink)
                 remaining, checkpoint = self._resume(schedule)
                 if remaining and self.loop is not None:
                     self.policy = self.loop.start(checkpoint or self.loop.base_checkpoint(), remaining[0][2])
@@ -174,54 +145,20 @@ class Scheduler:
                 raise
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
-                self._stop_services()
+                self._services.stop()
         return summaries
 
     def _resume(self, schedule: list) -> tuple[list, Optional[str]]:
-        """The part of the schedule earlier runs of this plan did not finish, and the checkpoint they left."""
-        from producers.rl_loop import resume_point
-
         self._flush_archived(timeout=60.0)  # facts an interrupted run left in the outbox count too
-        point = resume_point(self.settings, self.plan)
-        if point.done >= len(schedule):
-            self._say(f"plan {self.plan.name}: all {len(schedule)} iterations already finished in earlier runs; "
-                      "nothing to do (a new plan name starts over)")
-            return [], point.checkpoint
-        if point.done:
-            self._say(f"resuming plan {self.plan.name} at its iteration {point.done + 1} of {len(schedule)} "
-                      + (f"from {point.checkpoint}" if point.checkpoint else "(earlier runs finished "
-                         f"{point.done})"))
-        return schedule[point.done:], point.checkpoint
+        return rl_start.remaining_schedule(self.settings, self.plan, schedule, self._say)
 
     def base_iteration(self) -> int:
-        """Iterations of a run are numbered after the highest one already in the archive (any plan run or
-        rollout), so a dataset's `iteration` filter never mixes two runs."""
-        from store.catalog import Catalog
-
-        return Catalog(self.settings).scalar(
-            "SELECT greatest((SELECT coalesce(max(iteration), 0) FROM rl_iteration_events), "
-            "(SELECT coalesce(max(last_iteration), 0) FROM rollouts))")
+        """Iterations of a run are numbered after the highest one already in the archive (producers.rl_start)."""
+        return rl_start.base_iteration(self.settings)
 
     def resolve_tasks(self) -> list[str]:
-        """The plan's task ids, checked against the registered tasks (archive, registry file and the tasks
-        topic, so a task imported a moment ago counts): train split only."""
-        from producers.tasks import registered_tasks
-
-        splits = {t: reg.splits for t, reg in registered_tasks(self.settings).items()}
-        if self.plan.split:
-            ids = sorted(t for t, s in splits.items() if s == {self.plan.split})
-            if not ids:
-                raise ConfigError(f"plan {self.plan.name}: no {self.plan.split} task is registered in {self.settings.home} "
-                                  "(klong tasks import DIR --split train)")
-            return ids
-        unknown = [t for t in self.plan.tasks if t not in splits]
-        if unknown:
-            raise ConfigError(f"plan {self.plan.name}: tasks {unknown} are not registered in {self.settings.home} "
-                              "(klong tasks list shows what is)")
-        evals = [t for t in self.plan.tasks if "eval" in splits[t]]
-        if evals:
-            raise ConfigError(f"plan {self.plan.name}: tasks {evals} are eval tasks; RL trains on train tasks only")
-        return list(self.plan.tasks)
+        """The plan's task ids, checked against the registered tasks (producers.rl_start)."""
+        return rl_start.resolve_tasks(self.settings, self.plan)
 
     # ---- one iteration -------------------------------------------------------------------------
 
@@ -232,8 +169,8 @@ class Scheduler:
         n_samples = stage.samples_per_iteration or len(tasks)
         first = sum(s.samples_per_iteration or len(tasks) for s, i, _ in plan.schedule() if i < k)
         samples = [tasks[(first + j) % len(tasks)] for j in range(n_samples)]
-        new = [_Rollout(uuid7(), t, f"{plan.name}:i{it}:{t}" + (f":{j // len(tasks)}" if j >= len(tasks) else ""),
-                        self._agent.RolloutControl(iteration=it, policy_version=pv, stage=stage.index))
+        new = [Rollout(uuid7(), t, f"{plan.name}:i{it}:{t}" + (f":{j // len(tasks)}" if j >= len(tasks) else ""),
+                       self._agent.RolloutControl(iteration=it, policy_version=pv, stage=stage.index))
                for j, t in enumerate(samples) for _ in range(stage.rollouts_per_sample)]
         carried, members = self._carried, self._carried + new
         summary = IterationSummary(stage.index, it, pv, started=len(new), carried_in=len(carried))
@@ -247,7 +184,7 @@ class Scheduler:
                                    policy_version=pv, rollout_id=r.rollout_id, control=r.control,
                                    config=self.agent_config, judge=True)
         self._live = members
-        self._wait_close(members, t0, last)
+        wait_close(members, plan, t0, last, self.poll_s, self._check, self._say)
 
         # Close: queued rollouts are not started, running ones carry over into the next iteration.
         not_started = [r for r in members if r.future.cancel()]
@@ -256,7 +193,7 @@ class Scheduler:
         for r in running:
             r.control.carry_over(it + 1, pv + 1, served=served)
         ended = [r for r in members if r.future.done() and not r.future.cancelled()]
-        results = {r.rollout_id: self._result(r) for r in ended}
+        results = {r.rollout_id: rollout_result(r, self._say) for r in ended}
         for r in ended:
             st = getattr(results[r.rollout_id], "status", "error")
             summary.ended[st] = summary.ended.get(st, 0) + 1
@@ -265,7 +202,7 @@ class Scheduler:
         self._carried = running
         self._emit("closed", stage, it, pv, timeout_s=stage.timeout_s, carried_out=summary.carried_out,
                    not_started=[r.rollout_id for r in not_started], ended=summary.ended, rolling_s=summary.rolling_s)
-        self._say(f"iteration {it} closed after {summary.rolling_s:.1f}s: ended {_counts(summary.ended)}, "
+        self._say(f"iteration {it} closed after {summary.rolling_s:.1f}s: ended {counts(summary.ended)}, "
                   f"{len(running)} carried over, {len(not_started)} not started")
 
         t1 = time.monotonic()
@@ -278,7 +215,7 @@ class Scheduler:
             summary.carried_out = [r.rollout_id for r in self._carried]
             summary.ended = dict(summary.ended)
             for r in late:
-                results[r.rollout_id] = res = self._result(r)
+                results[r.rollout_id] = res = rollout_result(r, self._say)
                 st = getattr(res, "status", "error")
                 summary.ended[st] = summary.ended.get(st, 0) + 1
             summary.judged, summary.judge_missing = self._wait_archived(it, results)
@@ -313,7 +250,7 @@ class Scheduler:
                        checkpoint=step.checkpoint, train_run=step.train_run, reload_s=step.reload_s,
                        reload_method=step.reload_method)
         elif plan.train_command:
-            summary.train_s = self._train(stage, it, pv, outcome.ref)
+            summary.train_s = run_train_hook(self.settings, plan, stage, it, pv, outcome.ref, self._check, self._say)
             self._emit("trained", stage, it, pv, timeout_s=stage.timeout_s, dataset=outcome.ref, train_s=summary.train_s)
         elif self.loop is not None:  # served but not trained here: the same weights act as the next version
             self.loop.server.set_version(pv + 1)
@@ -321,74 +258,9 @@ class Scheduler:
             served.set()
         return summary
 
-    def _train(self, stage: Stage, it: int, pv: int, ref: str) -> float:
-        """Runs the plan's train hook on the iteration's dataset (carried-over rollouts keep running meanwhile).
-        A non-zero exit or its timeout stops the run; Ctrl-C stops the hook (its process group) too."""
-        values = {"dataset": ref, "iteration": it, "stage": stage.index, "policy_version": pv,
-                  "next_policy_version": pv + 1, "plan": self.plan.name, "home": self.settings.home}
-        cmd = self.plan.train_command.format(**{k: shlex.quote(str(v)) for k, v in values.items()})
-        env = {**os.environ, "KLONG_HOME": str(self.settings.home), "KLONG_BOOTSTRAP_SERVERS": self.settings.bootstrap(),
-               "KLONG_TOPIC_PREFIX": self.settings.topics.prefix}
-        self._say(f"iteration {it}: train hook: {cmd}")
-        t0 = time.monotonic()
-        status = run_supervised(cmd, shell=True, env=env, timeout_s=self.plan.train_timeout_s, check=self._check,
-                                what=f"train hook {cmd}", poll_s=0.1)
-        if status != 0:
-            raise TerminalError(f"train hook exited with status {status}: {cmd}")
-        self._say(f"iteration {it}: trained in {time.monotonic() - t0:.1f}s")
-        return time.monotonic() - t0
-
-    def _wait_close(self, members: list[_Rollout], t0: float, last: bool) -> None:
-        need = len(members) if last else math.ceil(self.plan.close_fraction * len(members))
-        limit = None if last else self.plan.iteration_timeout_s
-        next_note = time.monotonic() + PROGRESS_EVERY_S
-        while True:
-            self._check()
-            done = sum(r.future.done() for r in members)
-            if done >= need or (limit is not None and time.monotonic() - t0 >= limit):
-                return
-            if time.monotonic() >= next_note:
-                next_note += PROGRESS_EVERY_S
-                self._say(f"  {done}/{len(members)} rollouts ended ({need} close the iteration), "
-                          f"{time.monotonic() - t0:.0f}s")
-            wait([r.future for r in members if not r.future.done()], timeout=self.poll_s, return_when=FIRST_COMPLETED)
-
-    def _result(self, r: _Rollout) -> Any:
-        exc = r.future.exception()
-        if exc is not None:  # the runner itself failed (its recorder ended the rollout with status error)
-            self._say(f"  rollout {r.rollout_id} ({r.task_id}) failed: {type(exc).__name__}: {exc}")
-            return None
-        return r.future.result()
-
     def _wait_archived(self, it: int, results: dict) -> tuple[int, int]:
-        """Waits until the archive has the end of every rollout in `results` (rollout_id -> AgentResult, None
-        when the runner raised: maybe nothing recorded) and every judgment they requested. Returns (judged,
-        missing) judge results."""
-        from store.catalog import Catalog, sql_str
-
-        rollouts = {rid for rid, res in results.items() if res is not None}
-        requests = {res.judge_request_id for res in results.values() if getattr(res, "judge_request_id", None)}
-        deadline = time.monotonic() + self.plan.judge_timeout_s
-        next_note = time.monotonic() + PROGRESS_EVERY_S
-        ids = lambda xs: ", ".join(map(sql_str, xs)) or "NULL"  # noqa: E731
-        while True:
-            self._check()
-            cat = Catalog(self.settings)
-            n_ended = cat.scalar(f"SELECT count(DISTINCT rollout_id) FROM rollout_ended_events "
-                                 f"WHERE rollout_id IN ({ids(rollouts)})")
-            n_judged = cat.scalar(f"SELECT count(DISTINCT request_id) FROM judge_results WHERE request_id IN ({ids(requests)})")
-            if n_ended >= len(rollouts) and n_judged >= len(requests):
-                return n_judged, 0
-            now = time.monotonic()
-            if now >= deadline:
-                self._say(f"  judge_timeout: building iteration {it} with {n_judged}/{len(requests)} judge results and "
-                          f"{n_ended}/{len(rollouts)} ended rollouts archived (is the sink / judge running?)")
-                return n_judged, len(requests) - n_judged
-            if now >= next_note:
-                next_note += PROGRESS_EVERY_S
-                self._say(f"  waiting for the archive: {n_ended}/{len(rollouts)} ended rollouts, "
-                          f"{n_judged}/{len(requests)} judge results")
-            time.sleep(self.poll_s * 2)
+        return wait_archived(self.settings, it, results, timeout_s=self.plan.judge_timeout_s, poll_s=self.poll_s,
+                             check=self._check, say=self._say)
 
     # ---- stop, events, services -----------------------------------------------------------------
 
@@ -409,9 +281,7 @@ class Scheduler:
         """Raises Stopped when asked to stop, or the error of a failed in-process sink / judge."""
         if self._stop.is_set():
             raise Stopped("stopped by the operator")
-        for _, _, box in self._services:
-            if "error" in box:
-                raise box["error"]
+        self._services.check()
 
     def _emit(self, phase: str, stage: Stage, it: int, pv: int, **fields: Any) -> None:
         payload = RlIterationPayload(plan=self.plan.name, run_id=self.run_id, phase=phase, stage=stage.index,
@@ -426,48 +296,6 @@ class Scheduler:
             except KlongError as e:
                 self._say(f"  not everything is archived yet ({e}); the outbox keeps it for the next run")
 
-    def _start_services(self) -> None:
-        if self.embedded_sink:
-            from consumers.sink import Sink
-
-            sink = Sink(self.settings)
-            self._service("sink", lambda stop: sink.run(should_stop=stop.is_set))
-        if self.plan.judge is not None:
-            from consumers.checks import ChecksOnlyClient
-            from consumers.grading import GraderConfig
-            from consumers.judge import JudgeConfig, JudgeWorker
-
-            j = self.plan.judge
-            client = ChecksOnlyClient() if self.plan.checks_only else None  # `judge: checks`: no model
-            grader = client.cfg if client else GraderConfig(base_url=j.base_url, model=j.model,
-                                                            **({"api_key_env": j.api_key_env} if j.api_key_env else {}))
-            worker = JudgeWorker(self.settings, grader, JudgeConfig(concurrency=self.plan.judge_concurrency),
-                                 client=client)
-            self._service("judge", lambda stop: worker.run(should_stop=stop.is_set))
-
-    def _service(self, name: str, target: Callable[[threading.Event], Any]) -> None:
-        stop, box = threading.Event(), {}
-
-        def main() -> None:
-            try:
-                target(stop)
-            except BaseException as e:  # reported by _stop_services and by the next wait
-                box["error"] = e
-                self._say(f"{name} failed: {type(e).__name__}: {e}")
-
-        t = threading.Thread(target=main, name=f"klong-rl-{name}", daemon=True)
-        t.start()
-        self._services.append((t, stop, box))
-
-    def _stop_services(self) -> None:
-        for t, stop, _ in reversed(self._services):  # the judge first, the sink last: it archives the rest
-            stop.set()
-            t.join(timeout=60)
-        self._services.clear()
-
     def _say(self, line: str) -> None:
         self.progress(f"[rl {self.plan.name}] {line}")
 
-
-def _counts(d: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"
