@@ -16,6 +16,7 @@ events are produced at a steady rate; each event's produced_at -> first visible 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -169,6 +170,7 @@ def main() -> None:
             print("freshness_s: no events became visible")
     finally:
         broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -132,6 +133,8 @@ def main() -> int:
         broker.stop()
         if args.keep:
             print(f"bench home kept: {home}")
+        else:  # models, checkpoints, archive: ~4 GB a run
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -108,14 +108,17 @@ def test_rl_continues_from_the_sft_checkpoint(train_home, capsys):
 
 
 def test_two_deepspeed_processes_match_one(train_home, capsys):
-    """2 processes x accumulation 1 vs 1 process x accumulation 2: the same steps, the same losses."""
+    """2 processes x accumulation 1 (ZeRO-2) vs 1 process x accumulation 2 (alone: stage 0, the engine's own
+    clipping): the same steps, the same losses and gradient norms."""
     s = train_home
     common = ["--dataset", "rl@1", "--config", "rl_tiny", *FAST, "train.max_steps=4", "engine.zero_stage=2",
               "lineage=false"]
     assert main(klong(s, "train", *common, "--launcher", "deepspeed", "--nproc", "2")) == 0
     two = steps_of(run_dir_of(capsys.readouterr().out))
     assert main(klong(s, "train", *common, "engine.gradient_accumulation_steps=2")) == 0
-    one = steps_of(run_dir_of(capsys.readouterr().out))
+    out = capsys.readouterr().out
+    assert "1 process(es), ZeRO-0," in out  # alone there is nothing to partition: stage 0 (its own clipping)
+    one = steps_of(run_dir_of(out))
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
     for k in one:
         assert two[k]["sample_keys"] == one[k]["sample_keys"]
