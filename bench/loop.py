@@ -66,7 +66,6 @@ def main() -> int:
     from producers.scheduler import Scheduler
     from producers.tasks import import_tasks
     from store.catalog import Catalog
-    from store.datasets import load_manifest
     from trainer.model_import import import_model
 
     tmp = Path(tempfile.mkdtemp(prefix="klong-bench-loop-"))
@@ -92,14 +91,16 @@ def main() -> int:
                   f"weight reload ({it.reload_method})": it.reload_s}
         total = sum(phases.values())
 
-        manifest = load_manifest(home, it.dataset)
-        tokens = manifest["counts"]["tokens"]
         t0 = time.monotonic()
-        subprocess.run([sys.executable, "-m", "klong", "train", "--dataset", it.dataset, "--mode", "rl", "--config",
-                        parse_plan(raw).train_config, "--home", str(home), "--bootstrap-servers", broker.bootstrap,
-                        f"model.name={model}", *parse_plan(raw).train_overrides],
-                       check=True, capture_output=True)
+        out = subprocess.run([sys.executable, "-m", "klong", "train", "--dataset", it.dataset, "--mode", "rl",
+                              "--config", parse_plan(raw).train_config, "--home", str(home), "--bootstrap-servers",
+                              broker.bootstrap, f"model.name={model}", *parse_plan(raw).train_overrides],
+                             check=True, capture_output=True, text=True).stdout
         train_wall = time.monotonic() - t0
+        [run_dir] = [Path(line.split(" done: ", 1)[1]) for line in out.splitlines()
+                     if line.startswith("run ") and " done: " in line]  # "run ID done: RUN_DIR"
+        steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+        tokens, step_s = sum(r["tokens"] for r in steps), sum(r["step_s"] for r in steps)
 
         server = serve.PolicyServer.from_home(home)
         t0 = time.monotonic()
@@ -117,8 +118,8 @@ def main() -> int:
         print(f"reload {it.reload_s:.2f} s vs restart {restart_s:.1f} s ({restart_s / max(it.reload_s, 1e-9):.0f}x); "
               f"goal reload <= 2 s: {'met' if it.reload_s <= 2 else 'NOT met'}; first start {start_s:.1f} s")
         print(f"vLLM standalone generation: {gen_tps:.1f} tokens/s (2 concurrent requests)")
-        print(f"trainer standalone: {tokens / train_wall:.1f} tokens/s ({tokens} tokens, 1 step, {train_wall:.1f} s "
-              "wall incl. process start and model load)")
+        print(f"trainer standalone: {tokens / step_s:.1f} tokens/s in its training step ({tokens:.0f} tokens, "
+              f"{step_s:.1f} s; {train_wall:.1f} s wall with process start, model load and checkpoint)")
         groups = Catalog(settings).arrow("SELECT group_id, list(final_score) AS scores FROM rollouts "
                                          "GROUP BY group_id").to_pylist()
         scores = [x for g in groups for x in g["scores"] if x is not None]
