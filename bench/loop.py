@@ -85,7 +85,8 @@ def main() -> int:
         start_s = time.monotonic() - t0
         gen_tps = vllm_tokens_per_s(server)
 
-        [it] = Scheduler(settings, parse_plan(raw), progress=lambda line: print(line, file=sys.stderr, flush=True)).run()
+        plan = parse_plan(raw)
+        [it] = Scheduler(settings, plan, progress=lambda line: print(line, file=sys.stderr, flush=True)).run()
         phases = {"generation (rollouts)": it.rolling_s, "judge + archive wait": it.judge_wait_s,
                   "dataset build": it.build_s, "training (klong train, 1 step)": it.train_s,
                   f"weight reload ({it.reload_method})": it.reload_s}
@@ -93,8 +94,8 @@ def main() -> int:
 
         t0 = time.monotonic()
         out = subprocess.run([sys.executable, "-m", "klong", "train", "--dataset", it.dataset, "--mode", "rl",
-                              "--config", parse_plan(raw).train_config, "--home", str(home), "--bootstrap-servers",
-                              broker.bootstrap, f"model.name={model}", *parse_plan(raw).train_overrides],
+                              "--config", plan.train_config, "--home", str(home), "--bootstrap-servers",
+                              broker.bootstrap, f"model.name={model}", *plan.train_overrides],
                              check=True, capture_output=True, text=True).stdout
         train_wall = time.monotonic() - t0
         [run_dir] = [Path(line.split(" done: ", 1)[1]) for line in out.splitlines()

@@ -95,7 +95,7 @@ def demo_simulated(settings: Settings, rollouts: int = 32, seed: int = 0, keep_b
     return 0
 
 
-DEMO_TASKS = ["answer-file", "hello-file"]  # SmolLM2 solved 2 of 4 and 5 of 6 (3 turns each) in a probe
+DEMO_TASKS = ["answer-file", "hello-file"]  # a hard and an easy one for SmolLM2 (README: solve rates)
 
 
 def demo_plan(model_dir: Path, timeout_s: float = 300.0, max_tokens: int = 96, max_turns: int = 3) -> dict:
@@ -110,8 +110,7 @@ def demo_plan(model_dir: Path, timeout_s: float = 300.0, max_tokens: int = 96, m
         # a 135M model never opens the paper with a tool call: the task text goes in the prompt (inline), and
         # every reply is a well-formed call (tool_call_grammar): the model then acts, and sometimes does the task
         "agent": {"min_time_fraction": 0.0, "reminder_every_turns": 0, "max_tokens": max_tokens,
-                  "mandatory_reading": False, "max_turns": max_turns, "temperature": 0.7,
-                  "tool_call_grammar": True, "prompt": "inline"},
+                  "max_turns": max_turns, "temperature": 0.7, "tool_call_grammar": True, "prompt": "inline"},
         "judge_timeout": "5m",
         # the real model's RL config (lr 1e-6, ratio on recomputed old logprobs); no truncated IS weight: under the
         # grammar the behaviour logprobs are the constrained distribution's, not the model's
