@@ -1,0 +1,134 @@
+"""The rollout fleet end to end: a scheduler publishes rollout requests, three `klong rollout worker`
+processes consume them as one consumer group on the real broker and run the real agent runner against
+the scripted policy server; one worker is killed with SIGKILL in the middle of a rollout. Every requested
+rollout ends exactly once, with all its steps (dense step_idx, no step written twice), and the killed
+worker's rollout resumes on another worker from its recorded steps."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from producers.rl_plan import parse_plan
+from producers.scheduler import Scheduler
+from store.catalog import Catalog
+from tests.openai_stub import StubModel
+from tests.policy_stub import PolicyStub
+from tests.test_scheduler import register_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP = {"tool": "bash", "args": {"cmd": "echo step >> notes.txt"}, "delay": 0.5}
+SCRIPT = [{"read_paper": True}] + [STEP] * 8  # ~5 s of policy time, then end_task
+WAIT_S = 240  # generous: a loaded 2-core machine; every wait below returns as soon as its event happens
+
+
+def start_worker(settings, log: Path, max_rollouts: int = 4) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "klong", "rollout", "worker", "--home", str(settings.home),
+                             "--bootstrap-servers", settings.bootstrap_servers, "--topic-prefix",
+                             settings.topics.prefix, "--max-rollouts", str(max_rollouts)],
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+
+def wait_for(what: str, cond, timeout_s: float = WAIT_S, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def plan(policy_url: str, judge_url: str) -> dict:
+    return {
+        "name": "fleet", "tasks": ["ta", "tb"],
+        "policy": {"base_url": policy_url, "model": "stub-policy"},
+        "judge": {"base_url": judge_url, "model": "stub-judge", "concurrency": 4},
+        "stages": [{"timeout": "600s", "rollouts_per_sample": 3, "iterations": 1}],
+        "dataset": {"name": "fleet-rl", "config": {"max_tokens": 200000}},
+        "max_concurrent_rollouts": 12, "judge_timeout": "120s",
+        "agent": {"min_time_fraction": 0.0, "reminder_every_turns": 0, "sandbox": "unsafe-local"},
+    }
+
+
+def test_three_workers_one_killed_mid_rollout_every_rollout_ends_once_with_all_its_steps(settings, tmp_path):
+    register_tasks(settings, tmp_path)
+    logs = [tmp_path / f"worker-{i}.log" for i in range(3)]
+    workers = [start_worker(settings, log) for log in logs]
+    try:
+        with PolicyStub(lambda rid: SCRIPT) as policy, StubModel() as judge:
+            sched = Scheduler(settings, parse_plan(plan(policy.url, judge.url)), fleet=0, progress=lambda _: None)
+            out: dict = {}
+            run = threading.Thread(target=lambda: out.setdefault("summaries", sched.run()), daemon=True)
+            run.start()
+
+            # the victim: a worker running a rollout that has made at least 3 policy calls (mid-rollout)
+            def running_mid_rollout():
+                for w, log in zip(workers, logs):
+                    for rid in re.findall(r"running rollout (\S+)", log.read_text()):
+                        if len(policy.for_rollout(rid)) >= 3:
+                            return w, rid
+                return None
+
+            victim, rid = wait_for("a worker mid-rollout", running_mid_rollout)
+            calls_before = len(policy.for_rollout(rid))
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)
+            run.join(timeout=WAIT_S * 2)
+            assert not run.is_alive(), "the scheduler did not finish"
+        [summary] = out["summaries"]
+        assert summary.started == 6 and summary.ended == {"finished": 6}, summary
+
+        cat = Catalog(settings)
+        rows = cat.arrow("SELECT rollout_id, status, n_steps FROM rollouts").to_pylist()
+        assert len(rows) == 6 and all(r["status"] == "finished" for r in rows)
+        # exactly one end per rollout, and no step_idx written twice (a second writer would add other event_ids)
+        assert cat.scalar("SELECT max(n) FROM (SELECT count(*) AS n FROM rollout_ended_events GROUP BY rollout_id)") == 1
+        steps = cat.arrow("SELECT rollout_id, step_idx FROM steps ORDER BY rollout_id, step_idx").to_pylist()
+        for r in rows:
+            idx = [s["step_idx"] for s in steps if s["rollout_id"] == r["rollout_id"]]
+            assert idx == list(range(r["n_steps"])), (r, idx)
+        # the victim's rollout resumed on a survivor, after the steps the log held, and finished there
+        resumes = cat.arrow(f"SELECT next_step_idx FROM rollout_resumes WHERE rollout_id = '{rid}'").to_pylist()
+        assert len(resumes) == 1 and resumes[0]["next_step_idx"] >= 4, resumes
+        survivors = [log.read_text() for w, log in zip(workers, logs) if w is not victim]
+        assert sum(f"resuming rollout {rid}" in text for text in survivors) == 1
+        assert len(policy.for_rollout(rid)) > calls_before
+        # every rollout was judged (its judge request came from the worker that ended it)
+        assert cat.scalar("SELECT count(DISTINCT rollout_id) FROM judge_results WHERE valid") == 6
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                w.kill()
+
+
+def test_worker_deployment_manifest(tmp_path):
+    """The worker Deployment: the real schema accepts it where kubernetes-validate is installed."""
+    from producers.fleet_k8s import worker_deployment
+
+    dep = worker_deployment(image="registry.example/klong:1.0", replicas=3, bootstrap_servers="kafka:9092")
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["klong", "rollout", "worker"] and dep["spec"]["replicas"] == 3
+    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    path = tmp_path / "workers.yaml"
+    path.write_text(yaml.safe_dump(dep))
+    exe = Path(sys.executable).parent / "kubernetes-validate"
+    if not exe.exists():
+        pytest.skip("kubernetes-validate is not installed (pip install kubernetes-validate): schema check skipped")
+    res = subprocess.run([str(exe), "--strict", str(path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
