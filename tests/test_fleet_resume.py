@@ -1,0 +1,123 @@
+"""A fleet worker and the log: a rollout another worker left mid-way resumes with the same context at the
+next step_idx; a request delivered again after its rollout ended runs nothing (exactly once per rollout
+id); commands and messages are checked; a fenced rollout records nothing more."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from consumers.sink import Sink
+from producers.agent import AgentConfig, PolicyEndpoint, RolloutControl, run_agent
+from producers.fleet import Fleet
+from producers.fleet_log import config_from_dict, config_to_dict
+from producers.outbox import Outbox
+from producers.recorder import RolloutRecorder
+from producers.rollout_worker import Fenced, FencedOutbox, RolloutWorker
+from producers.sandbox import SandboxLimits
+from schemas.errors import ConfigError, ValidationError
+from schemas.events import RolloutStarted, new_event, RolloutStartedPayload
+from schemas.fleet import RolloutRequest, decode_message, encode_message
+from store.catalog import Catalog
+from tests.policy_stub import PolicyStub
+from tests.test_scheduler import register_tasks
+
+CONFIG = AgentConfig(prompt="inline", min_time_fraction=0.0, reminder_every_turns=0, sandbox="unsafe-local")
+WAIT_S = 180
+
+
+def test_agent_config_travels_in_a_request_and_bad_messages_are_refused():
+    cfg = AgentConfig(limits=SandboxLimits(tool_timeout_s=5, memory_mb=512), allow_hosts=("pypi.org",), seed=3)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="unknown keys"):
+        config_from_dict({**config_to_dict(cfg), "warp_drive": True})
+    req = RolloutRequest(rollout_id="r-1", task_id="ta", group_id="g", timeout_s=60, base_url="http://x/v1", model="m")
+    assert decode_message(encode_message(req), RolloutRequest) == req
+    with pytest.raises(ValidationError, match="not a valid RolloutRequest"):
+        decode_message(b'{"rollout_id": "r-1"}', RolloutRequest)
+    with pytest.raises(ValidationError, match="newer than this worker"):
+        decode_message(encode_message(RolloutRequest(**{**{f: getattr(req, f) for f in req.__struct_fields__},
+                                                        "schema_version": 99})), RolloutRequest)
+
+
+def test_a_fenced_rollout_puts_nothing_more(settings):
+    with Outbox(settings, settings.outbox_dir / "fenced", retain="acked") as outbox:
+        fenced = FencedOutbox(outbox)
+        ev = new_event(RolloutStarted, rollout_id="r-1", payload=RolloutStartedPayload(
+            task_id="ta", group_id="g", timeout_s=60))
+        fenced.put(ev)
+        fenced.fence()
+        with pytest.raises(Fenced):
+            fenced.put(ev)
+        outbox.flush(timeout=60, until="acked")
+        assert outbox.stats().sent == 1
+
+
+def wait_for(what, cond, timeout_s=WAIT_S):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_worker_resumes_a_lost_rollout_from_the_log_and_never_runs_an_ended_one_again(settings, tmp_path):
+    register_tasks(settings, tmp_path)
+    stop = threading.Event()
+    sink = Sink(settings)
+    threads = [threading.Thread(target=sink.run, kwargs={"should_stop": stop.is_set}, daemon=True)]
+    worker = RolloutWorker(settings, max_rollouts=2, say=lambda _: None)
+    threads.append(threading.Thread(target=worker.run, kwargs={"should_stop": stop.is_set}, daemon=True))
+    # a rollout a lost worker left: the prefix, one turn, and a tool call whose output never got recorded
+    rid = "0193aaaa-0000-7000-8000-000000000001"
+    with Outbox(settings, settings.outbox_dir / "lost-worker", retain="acked") as outbox:
+        rec = RolloutRecorder(outbox, task_id="ta", group_id="g-lost", timeout_s=300, rollout_id=rid, iteration=2,
+                              policy_version=2)
+        rec.observation("You are an agent.", role="system", pinned=True)
+        rec.observation("Do the task.", role="user", pinned=True)
+        rec.action("Listing.", tool_call=("bash", '{"cmd": "ls"}'))
+        rec.observation("notes.txt", role="tool", tool_call_id="call-a")
+        rec.action("Writing.", tool_call=("bash", '{"cmd": "echo x > y"}'))
+        outbox.flush(timeout=60, until="acked")
+    for t in threads:
+        t.start()
+    try:
+        with PolicyStub([{"tool": "bash", "args": {"cmd": "cat y"}}]) as policy:
+            fleet = Fleet(settings, run_id="t", say=lambda _: None)
+            try:
+                submit = lambda: fleet.submit(  # noqa: E731
+                    run_agent, None, settings, "ta", PolicyEndpoint(policy.url, "stub"), timeout_s=300,
+                    group_id="g-lost", iteration=2, policy_version=2, rollout_id=rid, control=RolloutControl(),
+                    config=CONFIG)
+                res = submit().result(timeout=WAIT_S)
+                assert (res.status, res.resumed, res.iteration) == ("finished", True, 2)
+                first = policy.for_rollout(rid)[0].messages
+                assert [m["role"] for m in first] == ["system", "user", "assistant", "tool", "assistant", "tool"]
+                assert [m["content"] for m in first[:5]] == ["You are an agent.", "Do the task.", "Listing.",
+                                                            "notes.txt", "Writing."]
+                assert first[3]["tool_call_id"] == first[2]["tool_calls"][0]["id"] == "call-a"
+                assert "worker was lost" in first[5]["content"]
+                calls = len(policy.requests)
+
+                # the same request again (Kafka redelivery): the log says it ended, nothing runs
+                again = submit().result(timeout=WAIT_S)
+                assert (again.status, again.n_steps) == ("finished", res.n_steps) and len(policy.requests) == calls
+            finally:
+                fleet.shutdown()
+        cat = Catalog(settings)
+        wait_for("the end archived", lambda: Catalog(settings).scalar(
+            f"SELECT count(*) FROM rollout_ended_events WHERE rollout_id = '{rid}'") == 1)
+        idx = [r["step_idx"] for r in cat.arrow(f"SELECT step_idx FROM steps WHERE rollout_id = '{rid}' "
+                                                 "ORDER BY step_idx").to_pylist()]
+        assert idx == list(range(res.n_steps)) and res.n_steps >= 8
+        assert cat.arrow(f"SELECT iteration, policy_version, next_step_idx FROM rollout_resumes "
+                         f"WHERE rollout_id = '{rid}'").to_pylist() == [
+            {"iteration": 2, "policy_version": 2, "next_step_idx": 5}]
+        assert worker.stats["resumed"] == 1 and worker.stats["already_ended"] == 1 and worker.stats["started"] == 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
