@@ -132,3 +132,22 @@ def test_worker_deployment_manifest(tmp_path):
         pytest.skip("kubernetes-validate is not installed (pip install kubernetes-validate): schema check skipped")
     res = subprocess.run([str(exe), "--strict", str(path)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_rl_run_with_local_workers_is_one_command(settings, tmp_path, capsys):
+    """`klong rl run PLAN --workers 2`: the run starts its own workers, every rollout runs on one of them."""
+    from klong.cli import main
+    from tests.test_tasks import klong
+
+    register_tasks(settings, tmp_path)
+    with PolicyStub(lambda rid: [{"read_paper": True}, STEP]) as policy, StubModel() as judge:
+        p = {**plan(policy.url, judge.url), "name": "local-fleet", "max_concurrent_rollouts": 4}
+        p["stages"] = [{"timeout": "600s", "rollouts_per_sample": 2, "iterations": 1}]
+        (tmp_path / "plan.yaml").write_text(yaml.safe_dump(p))
+        assert main(klong(settings, "rl", "run", str(tmp_path / "plan.yaml"), "--workers", "2")) == 0
+    out = capsys.readouterr().out
+    assert "4 started, 0 carried in, 0 carried out, ended finished 4, judged 4" in out
+    logs = sorted((settings.home / "fleet").glob("worker-*.log"))
+    ran = [re.findall(r"running rollout (\S+)", log.read_text()) for log in logs]
+    assert len(logs) == 2 and sorted(sum(ran, [])) == sorted(policy.cursor)
+    assert not list(settings.outbox_dir.glob("worker-*"))  # each worker archived and removed its outbox
