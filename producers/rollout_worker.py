@@ -343,7 +343,7 @@ class RolloutWorker:
             if j.control is not None:
                 j.control.stop()  # its thread ends at the next turn boundary, recording nothing
         if jobs:
-            self.say(f"worker {self.worker_id}: {len(jobs)} rollouts handed over ({len(tps)} partitions left)")
+            self.say(f"worker {self.worker_id}: {len(jobs)} rollouts handed over ({len(tps)} partitions given away)")
             try:
                 self.outbox.flush(timeout=60.0, until="acked")
             except KlongError as e:

@@ -151,3 +151,65 @@ def test_rl_run_with_local_workers_is_one_command(settings, tmp_path, capsys):
     ran = [re.findall(r"running rollout (\S+)", log.read_text()) for log in logs]
     assert len(logs) == 2 and sorted(sum(ran, [])) == sorted(policy.cursor)
     assert not list(settings.outbox_dir.glob("worker-*"))  # each worker archived and removed its outbox
+
+
+def test_partitions_moving_between_live_workers_hand_rollouts_over_without_a_second_writer(settings, tmp_path):
+    """A second worker joins while the first runs 4 rollouts (the group moves partitions: the first fences
+    the rollouts of those it gives away), then the first gets SIGTERM (it hands the rest over): every
+    rollout resumes on the second exactly once and ends once, steps dense."""
+    from concurrent.futures import wait
+
+    from consumers.sink import Sink
+    from producers.agent import AgentConfig, PolicyEndpoint, RolloutControl, run_agent
+    from producers.fleet import Fleet
+
+    register_tasks(settings, tmp_path)
+    stop = threading.Event()
+    sink = threading.Thread(target=Sink(settings).run, kwargs={"should_stop": stop.is_set}, daemon=True)
+    sink.start()
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    workers = [start_worker(settings, logs[0])]
+    long_script = [{"read_paper": True}] + [STEP] * 30
+    config = AgentConfig(min_time_fraction=0.0, reminder_every_turns=0, sandbox="unsafe-local")
+    try:
+        with PolicyStub(lambda rid: long_script) as policy:
+            fleet = Fleet(settings, run_id="handover", say=lambda _: None)
+            try:
+                rids = [f"0193bbbb-0000-7000-8000-00000000000{i}" for i in range(4)]
+                futures = [fleet.submit(run_agent, None, settings, "ta", PolicyEndpoint(policy.url, "stub"),
+                                        timeout_s=600, group_id="g-h", rollout_id=rid, control=RolloutControl(),
+                                        config=config, judge=False) for rid in rids]
+                wait_for("4 rollouts mid-way on the first worker",
+                         lambda: all(len(policy.for_rollout(r)) >= 3 for r in rids))
+                workers.append(start_worker(settings, logs[1]))
+                wait_for("the second worker in the group", lambda: "assigned [" in logs[1].read_text())
+                workers[0].send_signal(signal.SIGTERM)
+                assert workers[0].wait(timeout=WAIT_S) == 0
+                done, _ = wait(futures, timeout=WAIT_S * 2)
+                assert len(done) == 4
+                results = [f.result() for f in futures]
+            finally:
+                fleet.shutdown()
+        assert all(r.status == "finished" and r.resumed for r in results)
+        second = logs[1].read_text()
+        assert all(second.count(f"resuming rollout {rid}") == 1 for rid in rids), second
+        assert "handed over" in logs[0].read_text()
+        wait_for("the ends archived", lambda: Catalog(settings).scalar(
+            "SELECT count(DISTINCT rollout_id) FROM rollout_ended_events") == 4)
+        cat = Catalog(settings)
+        assert cat.scalar("SELECT max(n) FROM (SELECT count(*) AS n FROM rollout_ended_events GROUP BY rollout_id)") == 1
+        for r in results:
+            idx = [s["step_idx"] for s in cat.arrow(f"SELECT step_idx FROM steps WHERE rollout_id = '{r.rollout_id}' "
+                                                     "ORDER BY step_idx").to_pylist()]
+            assert idx == list(range(r.n_steps)), (r, idx)
+    finally:
+        stop.set()
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                w.kill()
+        sink.join(timeout=120)
