@@ -50,8 +50,9 @@ def restore(loop, resume: ResumePoint) -> None:
             if s["role"] == "tool" and s.get("tool_call_id") is not None:
                 msg["tool_call_id"] = s["tool_call_id"]
             loop.ctx._append(msg, np.asarray(s["token_ids"], dtype=np.int32), s["step_idx"], bool(s["pinned"]))
-        start = steps[-1].get("context_start")
-        if start is not None:  # the context the last step was produced in: [0, P) ++ [start, last]
+        # the context the latest step was produced in: [0, P) ++ [start, last] (every token step records it)
+        start = next((s["context_start"] for s in reversed(steps) if s.get("context_start") is not None), None)
+        if start is not None:
             keep = [i for i, st in enumerate(loop.ctx.steps) if i < loop.ctx.n_prefix or st >= start]
             loop.ctx.messages = [loop.ctx.messages[i] for i in keep]
             loop.ctx.ids = [loop.ctx.ids[i] for i in keep]

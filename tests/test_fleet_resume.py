@@ -121,3 +121,39 @@ def test_worker_resumes_a_lost_rollout_from_the_log_and_never_runs_an_ended_one_
         stop.set()
         for t in threads:
             t.join(timeout=120)
+
+
+def test_token_context_is_rebuilt_from_recorded_ids_and_cut_where_the_last_step_was_produced(settings, tmp_path):
+    """Token-in/token-out: the recorded ids rejoin the context as they were; a prune before the loss
+    (context_start of the last step) is applied again, the pinned prefix kept."""
+    import numpy as np
+
+    from producers.agent_config import RolloutControl
+    from producers.agent_context import TokenContext
+    from producers.agent_loop import AgentLoop
+    from producers.agent_tools import TOOLS
+    from producers.fleet_log import ResumePoint
+    from producers.fleet_resume import restore
+    from producers.sandbox import SubprocessSandbox
+
+    def row(i, role, ids, pinned=False, context_start=None, call=None, call_id=None):
+        return {"step_idx": i, "role": role, "content": f"{role} {i}", "tool_call": call, "tool_call_id": call_id,
+                "pinned": pinned, "elapsed_s": 1.5 * i, "context_start": context_start, "token_ids": ids}
+
+    steps = [row(0, "system", [1, 2], True), row(1, "user", [3], True),
+             row(2, "assistant", [4, 5], call={"name": "bash", "arguments": "{}", "id": None}),
+             row(3, "tool", [6], call_id="c1"),
+             row(4, "assistant", [7, 8], context_start=2, call={"name": "bash", "arguments": "{}", "id": None}),
+             row(5, "tool", [9], call_id="c2"),
+             row(6, "assistant", [10], context_start=4, call={"name": "bash", "arguments": "{}", "id": None}),
+             row(7, "tool", [11, 12], call_id="c3")]
+    with Outbox(settings, settings.outbox_dir / "tok", retain="acked") as outbox:
+        rec = RolloutRecorder(outbox, task_id="ta", group_id="g", timeout_s=60, rollout_id="r-tok", next_step_idx=8)
+        loop = AgentLoop(rec, SubprocessSandbox(tmp_path / "sb"), None, RolloutControl(), CONFIG, 60.0, None)
+        loop.ctx = TokenContext(chat=None, tools=TOOLS)  # the ids are restored as recorded: no template needed
+        restore(loop, ResumePoint(steps, iteration=1, policy_version=1, stage=1))
+    assert loop.ctx.n_prefix == 2 and loop.ctx.steps == [0, 1, 4, 5, 6, 7]
+    assert loop.ctx.prompt_ids == [1, 2, 3, 7, 8, 9, 10, 11, 12]
+    assert loop.ctx.context_start(8) == 4 and loop.turns == 3
+    assert loop.left() == pytest.approx(60.0 - 10.5, abs=1.0)
+    assert all(isinstance(x, np.ndarray) for x in loop.ctx.ids)
