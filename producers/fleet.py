@@ -81,6 +81,7 @@ class Fleet:
         self._stopped_at: dict[str, float] = {}
         self._served: list[tuple[int, threading.Event]] = []  # (policy_version, set once it is served)
         self._halt = threading.Event()
+        self._logs: list = []
         self._procs = [self._start_worker(i, max_rollouts_per_worker) for i in range(local_workers)]
         self._watcher = threading.Thread(target=self._watch, name="klong-fleet-results", daemon=True)
         self._watcher.start()
@@ -120,6 +121,8 @@ class Fleet:
                 p.wait(timeout=120 if wait else 5)
             except subprocess.TimeoutExpired:
                 p.kill()
+        for f in self._logs:
+            f.close()
         self.results.close()
         self.producer.close()
 
@@ -129,6 +132,7 @@ class Fleet:
         logs = self.settings.home / "fleet"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"worker-{i}.log", "ab")
+        self._logs.append(out)
         argv = [sys.executable, "-m", "klong", "rollout", "worker", "--home", str(self.settings.home),
                 "--bootstrap-servers", self.settings.bootstrap(), "--topic-prefix", self.settings.topics.prefix,
                 "--max-rollouts", str(max_rollouts), "-v"]

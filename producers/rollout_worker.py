@@ -19,6 +19,8 @@ worker's outbox as today). Exactly once per rollout id, with Kafka's at-least-on
   more (a step being computed is dropped, no rollout_ended), and what they put before is flushed to Kafka.
   So the next owner resumes from a log that no one writes to: never two writers of one rollout id.
   Cooperative-sticky assignment moves only the partitions that must move, so live rollouts keep running.
+  Limit: that flush runs inside the rebalance; if Kafka does not take it within the rebalance timeout
+  (max_poll_interval_ms, 10 s here) the next owner may read the log before those last steps arrive.
 - Commands (`<prefix>.rollout.control`, read from the start by every worker): carry-over into a new
   iteration / policy version, stop, policy version served: applied to the rollout wherever it runs.
 
