@@ -73,6 +73,7 @@ class LogState:
     ended: Optional[RolloutResult] = None
     resume: Optional[ResumePoint] = None
     problem: Optional[str] = None  # the log cannot be resumed from (a gap in step_idx): end it 'error'
+    next_step_idx: int = 0  # after the highest recorded step_idx
     notes: list = field(default_factory=list)
 
 
@@ -140,6 +141,7 @@ def log_states(settings: Settings, rollout_ids: list[str]) -> dict[str, LogState
         f"FROM rollout_resumed_events) WHERE rollout_id IN ({oids}) GROUP BY rollout_id")}
     for rid in open_:
         rows, st = steps[rid], states[rid]
+        st.next_step_idx = 1 + max((r["step_idx"] for r in rows), default=-1)
         if [r["step_idx"] for r in rows] != list(range(len(rows))):
             st.problem = (f"its recorded steps are not dense 0..n-1 (step_idx {[r['step_idx'] for r in rows][:20]}): "
                           "cannot resume")

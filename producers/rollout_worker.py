@@ -41,7 +41,6 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -52,48 +51,13 @@ from kafka.structs import OffsetAndMetadata
 
 from klong.settings import Settings
 from producers.fleet_control import ControlReader
-from producers.fleet_log import LogState, config_from_dict, log_states, wait_log_archived
+from producers.fleet_jobs import FencedOutbox, Job, end_unresumable, run_job
+from producers.fleet_log import LogState, log_states, wait_log_archived
 from producers.outbox import Outbox
 from schemas.errors import BrokerError, KlongError
 from schemas.fleet import RolloutRequest, RolloutResult, decode_message, encode_message
 
 log = logging.getLogger("klong.fleet")
-
-
-class Fenced(KlongError):
-    """This worker gave the rollout's request away: it records nothing more of it."""
-
-
-class FencedOutbox:
-    """The worker's outbox as one rollout sees it: puts pass until `fence()`, then raise Fenced."""
-
-    def __init__(self, outbox: Outbox):
-        self._outbox, self._lock, self.fenced = outbox, threading.Lock(), False
-        self.settings = outbox.settings
-
-    def put(self, ev) -> None:
-        with self._lock:  # a put never races the fence: after fence() returns nothing more goes in
-            if self.fenced:
-                raise Fenced("the rollout's request went to another worker")
-            self._outbox.put(ev)
-
-    def fence(self) -> None:
-        with self._lock:
-            self.fenced = True
-
-    def __getattr__(self, name):
-        return getattr(self._outbox, name)
-
-
-@dataclass
-class _Job:
-    tp: TopicPartition
-    offset: int
-    request: Optional[RolloutRequest]  # None: not a valid request (logged, skipped)
-    outbox: FencedOutbox
-    control: object = None  # producers.agent_config.RolloutControl once started
-    done: bool = False
-    notes: list = field(default_factory=list)
 
 
 class RolloutWorker:
@@ -119,7 +83,7 @@ class RolloutWorker:
             raise BrokerError(f"cannot reach Kafka at {settings.bootstrap()}: {e}") from e
         self.control = ControlReader(settings)
         self._lock = threading.Lock()
-        self._jobs: dict[TopicPartition, dict[int, _Job]] = {}
+        self._jobs: dict[TopicPartition, dict[int, Job]] = {}
         self._starts: queue.Queue = queue.Queue()
         self._pool = ThreadPoolExecutor(max_rollouts, thread_name_prefix="klong-fleet")
         self._tasks: dict[str, tuple[float, object]] = {}  # task_id -> (looked up at, TaskPayload)
@@ -183,7 +147,7 @@ class RolloutWorker:
                     log.error("request %s[%d]@%d skipped: %s", tp.topic, tp.partition, r.offset, e)
                     self.stats["bad"] += 1
                     req = None
-                job = _Job(tp, r.offset, req, FencedOutbox(self.outbox), done=req is None)
+                job = Job(tp, r.offset, req, FencedOutbox(self.outbox), done=req is None)
                 with self._lock:
                     self._jobs.setdefault(tp, {})[r.offset] = job
                 if req is not None:
@@ -245,7 +209,7 @@ class RolloutWorker:
                 return more
             more += b
 
-    def _start(self, job: _Job, state: LogState) -> None:
+    def _start(self, job: Job, state: LogState) -> None:
         from producers.agent import RolloutControl
 
         req = job.request
@@ -274,54 +238,25 @@ class RolloutWorker:
             hit = self._tasks[task_id] = (time.monotonic(), find_task(self.settings, task_id))
         return hit[1]
 
-    def _run(self, job: _Job, resume) -> None:
-        from producers.agent import PolicyEndpoint, run_agent
-
-        req = job.request
+    def _run(self, job: Job, resume) -> None:
         try:
-            key = os.environ.get(req.api_key_env) if req.api_key_env else "EMPTY"
-            if key is None:
-                raise KlongError(f"the policy's API key variable {req.api_key_env} is not set on worker {self.worker_id}")
-            res = run_agent(job.outbox, self.settings, req.task_id, PolicyEndpoint(req.base_url, req.model, api_key=key),
-                            timeout_s=req.timeout_s, group_id=req.group_id, stage=req.stage, iteration=req.iteration,
-                            policy_version=req.policy_version, rollout_id=req.rollout_id, control=job.control,
-                            config=config_from_dict(req.config), judge=req.judge, task=self._task(req.task_id),
-                            resume=resume)
-            result = RolloutResult(rollout_id=req.rollout_id, status=res.status, n_steps=res.n_steps,
-                                   elapsed_s=res.elapsed_s, snapshot_ref=res.snapshot_ref,
-                                   judge_request_id=res.judge_request_id, error=res.error, n_turns=res.n_turns,
-                                   worker=self.worker_id, resumed=resume is not None,
-                                   iteration=job.control.iteration)
-        except Fenced:
+            result = run_job(job, self.settings, self.worker_id, self._task, resume)
+        finally:
+            self.control.detach(job.request.rollout_id)
+        if result is None:
             self.stats["fenced"] += 1
-            return
-        except Exception as e:  # nothing recorded (unknown task, bad config): the scheduler hears why
-            log.exception("rollout %s could not run", req.rollout_id)
-            result = RolloutResult(rollout_id=req.rollout_id, status="error", n_steps=0, worker=self.worker_id,
-                                   error=f"{type(e).__name__}: {e}"[:2000], recorded=False)
-        finally:
-            self.control.detach(req.rollout_id)
-        self._report(job, result)
+        else:
+            self._report(job, result)
 
-    def _end_unresumable(self, job: _Job, state: LogState) -> None:
-        from producers.recorder import RolloutRecorder
-
-        req, n = job.request, len(state.resume.steps) if state.resume else 0
-        error = f"worker lost mid-rollout and {state.problem}"
+    def _end_unresumable(self, job: Job, state: LogState) -> None:
         try:
-            rec = RolloutRecorder.from_existing(job.outbox, rollout_id=req.rollout_id, next_step_idx=n,
-                                                iteration=job.control.iteration, policy_version=job.control.policy_version,
-                                                task_id=req.task_id, group_id=req.group_id, timeout_s=req.timeout_s,
-                                                stage=job.control.stage)
-            rec.end("error", error=error)
-        except Fenced:
-            return
+            result = end_unresumable(job, state, self.worker_id)
         finally:
-            self.control.detach(req.rollout_id)
-        self._report(job, RolloutResult(rollout_id=req.rollout_id, status="error", n_steps=n, error=error,
-                                        worker=self.worker_id, resumed=True, iteration=job.control.iteration))
+            self.control.detach(job.request.rollout_id)
+        if result is not None:
+            self._report(job, result)
 
-    def _report(self, job: _Job, result: RolloutResult) -> None:
+    def _report(self, job: Job, result: RolloutResult) -> None:
         """Publishes the result, then lets the request's offset be committed (not for a fenced rollout)."""
         with job.outbox._lock:
             if job.outbox.fenced:

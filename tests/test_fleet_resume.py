@@ -15,7 +15,8 @@ from producers.fleet import Fleet
 from producers.fleet_log import config_from_dict, config_to_dict
 from producers.outbox import Outbox
 from producers.recorder import RolloutRecorder
-from producers.rollout_worker import Fenced, FencedOutbox, RolloutWorker
+from producers.fleet_jobs import Fenced, FencedOutbox
+from producers.rollout_worker import RolloutWorker
 from producers.sandbox import SandboxLimits
 from schemas.errors import ConfigError, ValidationError
 from schemas.events import RolloutStarted, new_event, RolloutStartedPayload
