@@ -213,3 +213,34 @@ def test_partitions_moving_between_live_workers_hand_rollouts_over_without_a_sec
             except subprocess.TimeoutExpired:
                 w.kill()
         sink.join(timeout=120)
+
+
+def test_a_rollout_carried_over_on_the_fleet_resumes_under_the_next_policy_version(settings, tmp_path):
+    """The iteration closes while a slow rollout runs on a worker: the carry-over reaches it as a command
+    (rollout_resumed at its next turn, later steps under pv+1) and it counts in the next iteration."""
+    register_tasks(settings, tmp_path)
+    order: list[str] = []
+    quick = [{"read_paper": True}, {"tool": "bash", "args": {"cmd": "echo done > result.txt"}}]
+    slow = [{"read_paper": True}] + [{**STEP, "delay": 0.4}] * 14
+
+    def script(rid: str) -> list:
+        if rid not in order:
+            order.append(rid)
+        return slow if order.index(rid) == 0 else quick
+
+    with PolicyStub(script) as policy, StubModel() as judge:
+        p = {**plan(policy.url, judge.url), "name": "carry", "close_fraction": 0.75}
+        p["stages"] = [{"timeout": "600s", "rollouts_per_sample": 2, "iterations": 2}]
+        first, second = Scheduler(settings, parse_plan(p), fleet=2, progress=lambda _: None).run()
+    slow_id = order[0]
+    assert first.carried_out == [slow_id] and second.carried_in == 1 and second.ended == {"finished": 5}
+    cat = Catalog(settings)
+    resumes = cat.arrow(f"SELECT iteration, policy_version, next_step_idx FROM rollout_resumes "
+                        f"WHERE rollout_id = '{slow_id}'").to_pylist()
+    assert len(resumes) == 1 and (resumes[0]["iteration"], resumes[0]["policy_version"]) == (2, 1)
+    pvs = [r["policy_version"] for r in cat.arrow(f"SELECT policy_version FROM steps WHERE rollout_id = '{slow_id}' "
+                                                   "ORDER BY step_idx").to_pylist()]
+    cut = resumes[0]["next_step_idx"]
+    assert 0 < cut < len(pvs) and set(pvs[:cut]) == {0} and set(pvs[cut:]) == {1}
+    row = cat.arrow(f"SELECT status, last_iteration FROM rollouts WHERE rollout_id = '{slow_id}'").to_pylist()
+    assert row == [{"status": "finished", "last_iteration": 2}]
