@@ -158,3 +158,42 @@ def test_token_context_is_rebuilt_from_recorded_ids_and_cut_where_the_last_step_
     assert loop.ctx.context_start(8) == 4 and loop.turns == 3
     assert loop.left() == pytest.approx(60.0 - 10.5, abs=1.0)
     assert all(isinstance(x, np.ndarray) for x in loop.ctx.ids)
+
+
+def test_a_log_that_cannot_be_resumed_ends_the_rollout_error_with_the_reason(settings, tmp_path):
+    register_tasks(settings, tmp_path)
+    rid = "0193cccc-0000-7000-8000-000000000001"
+    with Outbox(settings, settings.outbox_dir / "gap", retain="acked") as outbox:
+        rec = RolloutRecorder(outbox, task_id="ta", group_id="g-gap", timeout_s=300, rollout_id=rid)
+        rec.observation("You are an agent.", role="system", pinned=True)
+        rec.observation("Do the task.", role="user", pinned=True)
+        later = RolloutRecorder.from_existing(outbox, rollout_id=rid, next_step_idx=3, iteration=0, policy_version=0,
+                                              task_id="ta", group_id="g-gap", timeout_s=300)
+        later.observation("a step after a gap", role="user")  # step 2 never recorded
+        outbox.flush(timeout=60, until="acked")
+    stop = threading.Event()
+    worker = RolloutWorker(settings, max_rollouts=1, say=lambda _: None)
+    threads = [threading.Thread(target=Sink(settings).run, kwargs={"should_stop": stop.is_set}, daemon=True),
+               threading.Thread(target=worker.run, kwargs={"should_stop": stop.is_set}, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        with PolicyStub([]) as policy:
+            fleet = Fleet(settings, run_id="t", say=lambda _: None)
+            try:
+                res = fleet.submit(run_agent, None, settings, "ta", PolicyEndpoint(policy.url, "stub"), timeout_s=300,
+                                   group_id="g-gap", rollout_id=rid, control=RolloutControl(),
+                                   config=CONFIG).result(timeout=WAIT_S)
+            finally:
+                fleet.shutdown()
+            assert not policy.requests
+        assert (res.status, res.n_steps) == ("error", 4) and "not dense" in res.error, res
+        wait_for("the end archived", lambda: Catalog(settings).scalar(
+            f"SELECT count(*) FROM rollout_ended_events WHERE rollout_id = '{rid}'") == 1)
+        ended = Catalog(settings).arrow(f"SELECT status, n_steps, error FROM rollout_ended_events "
+                                        f"WHERE rollout_id = '{rid}'").to_pylist()
+        assert ended[0]["status"] == "error" and "worker lost mid-rollout" in ended[0]["error"]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
