@@ -106,8 +106,7 @@ def one_run(bootstrap: str, work: Path, n_workers: int, args, policy: PolicyStub
     target = n_workers * args.per_worker
     futures, arrived = [], []
     lag = LagMonitor(settings).start()
-    t0 = time.monotonic()
-    t_start, t_end = t0 + args.warmup, t0 + args.warmup + args.seconds
+    t_start = t_end = float("inf")  # the window opens `warmup` s after the first requests are out
     inflight = []
     try:
         while time.monotonic() < t_end:
@@ -118,6 +117,10 @@ def one_run(bootstrap: str, work: Path, n_workers: int, args, policy: PolicyStub
                                  rollout_id=rid, control=RolloutControl(), config=config, judge=False)
                 f.add_done_callback(lambda fut: arrived.append((time.monotonic(), fut)))
                 futures.append(f)
+            if t_start == float("inf"):
+                fleet.producer.flush(timeout=120)
+                t_start = time.monotonic() + args.warmup
+                t_end = t_start + args.seconds
             if time.monotonic() >= t_start:
                 inflight.append(len(open_))
             time.sleep(0.25)

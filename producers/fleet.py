@@ -17,7 +17,8 @@ policy version served, stop) as commands (`producers.fleet_control`). The rollou
 `klong rollout worker` processes (`producers.rollout_worker`): `local_workers` of them are started here,
 others anywhere that reaches the same Kafka and data home. No thread runs a rollout in this process.
 
-A result that says nothing was recorded (the worker could not start it: unknown task, missing API key)
+Requests go out without a round trip each (a burst of a thousand is one batch); one Kafka gives up on
+fails its future. A result that says nothing was recorded (the worker could not start it: unknown task, missing API key)
 fails its future with the worker's reason; a rollout stopped by the scheduler whose result does not come
 within `stop_grace_s` (no worker alive) fails too, so a stopping run never hangs on a lost fleet.
 """
@@ -79,6 +80,7 @@ class Fleet:
         self._futures: dict[str, Future] = {}
         self._controls: dict[str, Any] = {}
         self._stopped_at: dict[str, float] = {}
+        self._sends: list = []  # (rollout_id, kafka future) of requests not acked yet
         self._served: list[tuple[int, threading.Event]] = []  # (policy_version, set once it is served)
         self._halt = threading.Event()
         self._logs: list = []
@@ -106,8 +108,10 @@ class Fleet:
         control.rollout_id = rollout_id
         with self._lock:
             self._futures[rollout_id], self._controls[rollout_id] = fut, control
-        self.producer.send(self.settings.topics.rollout_requests, key=rollout_id.encode(),
-                           value=encode_message(req)).get(timeout=60)
+        sent = self.producer.send(self.settings.topics.rollout_requests, key=rollout_id.encode(),
+                                  value=encode_message(req))
+        with self._lock:  # acks are checked by the watcher: a burst of requests is not a round trip each
+            self._sends.append((rollout_id, sent))
         return fut
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
@@ -160,6 +164,7 @@ class Fleet:
                         self._on_result(decode_message(r.value, RolloutResult))
                     except KlongError as e:
                         log.error("fleet result @%d skipped: %s", r.offset, e)
+            self._check_sends()
             try:
                 self._forward_controls()
             except KafkaError as e:
@@ -172,6 +177,14 @@ class Fleet:
                     self.say(f"fleet: {waiting} rollouts requested and not ended"
                              + (f" ({self.workers_alive()}/{len(self._procs)} local workers alive)" if self._procs
                                 else " (are `klong rollout worker` processes running?)"))
+
+    def _check_sends(self) -> None:
+        with self._lock:
+            done = [(rid, f) for rid, f in self._sends if f.is_done]
+            self._sends = [(rid, f) for rid, f in self._sends if not f.is_done]
+        for rid, f in done:
+            if f.failed():  # the producer retried and gave up: nobody will run it
+                self._fail(rid, f"its request was not published: {f.exception}")
 
     def _on_result(self, res: RolloutResult) -> None:
         with self._lock:
