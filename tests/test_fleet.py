@@ -61,6 +61,7 @@ def plan(policy_url: str, judge_url: str) -> dict:
     }
 
 
+@pytest.mark.timeout(900)  # the waits inside are generous (a loaded 2-core machine)
 def test_three_workers_one_killed_mid_rollout_every_rollout_ends_once_with_all_its_steps(settings, tmp_path):
     register_tasks(settings, tmp_path)
     logs = [tmp_path / f"worker-{i}.log" for i in range(3)]
@@ -134,6 +135,7 @@ def test_worker_deployment_manifest(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.timeout(900)  # the waits inside are generous (a loaded 2-core machine)
 def test_rl_run_with_local_workers_is_one_command(settings, tmp_path, capsys):
     """`klong rl run PLAN --workers 2`: the run starts its own workers, every rollout runs on one of them."""
     from klong.cli import main
@@ -153,6 +155,7 @@ def test_rl_run_with_local_workers_is_one_command(settings, tmp_path, capsys):
     assert not list(settings.outbox_dir.glob("worker-*"))  # each worker archived and removed its outbox
 
 
+@pytest.mark.timeout(900)  # the waits inside are generous (a loaded 2-core machine)
 def test_partitions_moving_between_live_workers_hand_rollouts_over_without_a_second_writer(settings, tmp_path):
     """A second worker joins while the first runs 4 rollouts (the group moves partitions: the first fences
     the rollouts of those it gives away), then the first gets SIGTERM (it hands the rest over): every
@@ -215,6 +218,7 @@ def test_partitions_moving_between_live_workers_hand_rollouts_over_without_a_sec
         sink.join(timeout=120)
 
 
+@pytest.mark.timeout(900)  # the waits inside are generous (a loaded 2-core machine)
 def test_a_rollout_carried_over_on_the_fleet_resumes_under_the_next_policy_version(settings, tmp_path):
     """The iteration closes while a slow rollout runs on a worker: the carry-over reaches it as a command
     (rollout_resumed at its next turn, later steps under pv+1) and it counts in the next iteration."""

@@ -65,6 +65,7 @@ def wait_for(what, cond, timeout_s=WAIT_S):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+@pytest.mark.timeout(600)
 def test_worker_resumes_a_lost_rollout_from_the_log_and_never_runs_an_ended_one_again(settings, tmp_path):
     register_tasks(settings, tmp_path)
     stop = threading.Event()
@@ -160,6 +161,7 @@ def test_token_context_is_rebuilt_from_recorded_ids_and_cut_where_the_last_step_
     assert all(isinstance(x, np.ndarray) for x in loop.ctx.ids)
 
 
+@pytest.mark.timeout(600)
 def test_a_log_that_cannot_be_resumed_ends_the_rollout_error_with_the_reason(settings, tmp_path):
     register_tasks(settings, tmp_path)
     rid = "0193cccc-0000-7000-8000-000000000001"
