@@ -118,11 +118,17 @@ def test_three_workers_one_killed_mid_rollout_every_rollout_ends_once_with_all_i
                 w.kill()
 
 
-def test_worker_deployment_manifest(tmp_path):
-    """The worker Deployment: the real schema accepts it where kubernetes-validate is installed."""
-    from producers.fleet_k8s import worker_deployment
+def test_worker_deployment_manifest(tmp_path, capsys):
+    """The worker Deployment (`klong rollout deployment`): the real schema accepts it where
+    kubernetes-validate is installed."""
+    from klong.cli import main
 
-    dep = worker_deployment(image="registry.example/klong:1.0", replicas=3, bootstrap_servers="kafka:9092")
+    assert main(["rollout", "deployment", "--image", "registry.example/klong:1.0", "--replicas", "3",
+                 "--bootstrap-servers", "kafka:9092", "--home", str(tmp_path / "home")]) == 0
+    dep = yaml.safe_load(capsys.readouterr().out)
+    assert dep["kind"] == "Deployment" and dep["metadata"]["name"] == "klong-rollout-worker"
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KLONG_BOOTSTRAP_SERVERS"] == "kafka:9092" and env["KLONG_HOME"] == "/data"
     container = dep["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["klong", "rollout", "worker"] and dep["spec"]["replicas"] == 3
     assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
