@@ -75,7 +75,7 @@ class Fleet:
         self.results.seek_to_end(*tps)
         for tp in tps:  # resolve the end now: a result published after this point is never missed
             self.results.position(tp)
-        self.writer = ControlWriter(settings, self.producer)
+        self.writer = ControlWriter(settings, self.producer, run_id)
         self._lock = threading.Lock()
         self._futures: dict[str, Future] = {}
         self._controls: dict[str, Any] = {}

@@ -1,6 +1,6 @@
 """Commands to rollouts wherever they run: the scheduler's side (`ControlWriter`) and the workers' (`ControlReader`).
 
-    writer = ControlWriter(settings, producer)
+    writer = ControlWriter(settings, producer, run_id)
     writer.carry_over(rollout_id, iteration=4, policy_version=4, wait_served=True)
     writer.served(4)                       # policy version 4 is served: carried-over rollouts go on
     writer.stop(rollout_id)                # end at the next turn boundary (aborted)
@@ -29,21 +29,21 @@ log = logging.getLogger("klong.fleet")
 
 
 class ControlWriter:
-    def __init__(self, settings: Settings, producer: KafkaProducer):
-        self.topic, self.producer = settings.topics.rollout_control, producer
+    def __init__(self, settings: Settings, producer: KafkaProducer, run_id: str = ""):
+        self.topic, self.producer, self.run_id = settings.topics.rollout_control, producer, run_id
 
     def _send(self, cmd: RolloutCommand) -> None:
         self.producer.send(self.topic, key=cmd.rollout_id.encode(), value=encode_message(cmd)).get(timeout=60)
 
     def carry_over(self, rollout_id: str, *, iteration: int, policy_version: int, wait_served: bool) -> None:
         self._send(RolloutCommand(rollout_id=rollout_id, action="carry_over", iteration=iteration,
-                                  policy_version=policy_version, wait_served=wait_served))
+                                  policy_version=policy_version, wait_served=wait_served, run_id=self.run_id))
 
     def stop(self, rollout_id: str) -> None:
         self._send(RolloutCommand(rollout_id=rollout_id, action="stop"))
 
     def served(self, policy_version: int) -> None:
-        self._send(RolloutCommand(rollout_id="*", action="served", policy_version=policy_version))
+        self._send(RolloutCommand(rollout_id="*", action="served", policy_version=policy_version, run_id=self.run_id))
 
 
 class ControlReader:
@@ -51,7 +51,7 @@ class ControlReader:
         self.settings = settings
         self._lock = threading.Lock()
         self._latest: dict[str, RolloutCommand] = {}  # rollout_id -> its last carry_over / stop
-        self._served: dict[int, threading.Event] = {}
+        self._served: dict[tuple[str, int], threading.Event] = {}  # (run_id, policy_version)
         self._controls: dict[str, object] = {}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -69,9 +69,9 @@ class ControlReader:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def served_event(self, policy_version: int) -> threading.Event:
+    def served_event(self, run_id: str, policy_version: int) -> threading.Event:
         with self._lock:
-            return self._served.setdefault(policy_version, threading.Event())
+            return self._served.setdefault((run_id, policy_version), threading.Event())
 
     def attach(self, rollout_id: str, control) -> None:
         with self._lock:
@@ -89,11 +89,11 @@ class ControlReader:
             control.stop()
         elif cmd.action == "carry_over" and cmd.iteration > control.iteration:
             control.carry_over(cmd.iteration, cmd.policy_version,
-                               served=self.served_event(cmd.policy_version) if cmd.wait_served else None)
+                               served=self.served_event(cmd.run_id, cmd.policy_version) if cmd.wait_served else None)
 
     def _on(self, cmd: RolloutCommand) -> None:
         if cmd.action == "served":
-            self.served_event(cmd.policy_version).set()
+            self.served_event(cmd.run_id, cmd.policy_version).set()
             return
         with self._lock:
             prev = self._latest.get(cmd.rollout_id)

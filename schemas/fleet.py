@@ -76,6 +76,7 @@ class RolloutCommand(msgspec.Struct, frozen=True, kw_only=True):
     iteration: NonNegInt = 0
     policy_version: NonNegInt = 0
     wait_served: bool = False
+    run_id: str = ""  # the scheduler run: "served" of one run never releases another run's carry-overs
     schema_version: PosInt = FLEET_SCHEMA_VERSION
 
 

@@ -199,3 +199,35 @@ def test_a_log_that_cannot_be_resumed_ends_the_rollout_error_with_the_reason(set
         stop.set()
         for t in threads:
             t.join(timeout=120)
+
+
+def test_commands_reach_a_rollout_attached_later_and_served_is_scoped_to_its_run(settings):
+    from kafka import KafkaProducer
+
+    from producers.fleet import ensure_fleet_topics
+    from producers.fleet_control import ControlReader, ControlWriter
+
+    ensure_fleet_topics(settings)
+    producer = KafkaProducer(**settings.kafka_config(), acks="all")
+    mine, other = ControlWriter(settings, producer, "run-a"), ControlWriter(settings, producer, "run-b")
+    mine.carry_over("r-1", iteration=2, policy_version=2, wait_served=True)
+    mine.stop("r-2")
+    reader = ControlReader(settings)
+    reader.start()  # returns once it read the topic up to its end: both commands are known
+    try:
+        carried, stopped = RolloutControl(iteration=1, policy_version=1), RolloutControl()
+        reader.attach("r-1", carried)
+        reader.attach("r-2", stopped)
+        assert stopped.stopped and not carried.stopped
+        assert carried._take()[:2] == (2, 2)
+        other.served(2)  # another run's policy version 2: not ours
+        mine.served(3)
+        other.served(99)  # a marker with the same key ("*": one partition, read in order after the two above)
+        wait_for("the marker", lambda: ("run-b", 99) in reader._served and reader._served[("run-b", 99)].is_set(),
+                 timeout_s=60)
+        assert not carried._served.is_set()
+        mine.served(2)
+        wait_for("served(2) of this run", carried._served.is_set, timeout_s=60)
+    finally:
+        reader.stop()
+        producer.close()
