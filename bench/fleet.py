@@ -8,7 +8,8 @@ subprocess sandbox `unsafe-local`, then end_task). For each worker count N (a fr
 so runs do not share a backlog) it starts N workers of `--per-worker` rollouts each and keeps the
 requests topic ahead of them (N x per-worker rollouts in flight), then over `--seconds` after a
 warm-up prints:
-  rollouts_per_min   rollouts whose result arrived in the window, per minute
+  rollouts_per_min   rollouts whose result arrived in the window (it opens after the warm-up, once a first
+                     rollout ended), per minute
   events_per_s       their events (steps + started/snapshot/ended) per second
   sink_lag_s p95     how far the archive trails the rollouts topic, in time: sampled every 0.25 s, the age
                      of the newest end offset the sink's committed offsets have reached
@@ -106,10 +107,13 @@ def one_run(bootstrap: str, work: Path, n_workers: int, args, policy: PolicyStub
     target = n_workers * args.per_worker
     futures, arrived = [], []
     lag = LagMonitor(settings).start()
-    t_start = t_end = float("inf")  # the window opens `warmup` s after the first requests are out
+    # The window opens `warmup` s after the first requests are out and once a first rollout ended (a loaded
+    # machine may need longer for a whole rollout than the warm-up): rates are the steady state's.
+    t_ready = t_start = t_end = float("inf")
+    give_up = time.monotonic() + args.warmup + args.seconds + 600
     inflight = []
     try:
-        while time.monotonic() < t_end:
+        while time.monotonic() < min(t_end, give_up):
             open_ = [f for f in futures if not f.done()]
             for _ in range(target + max(8, target // 10) - len(open_)):  # keep the topic a little ahead
                 rid = str(uuid.uuid4())
@@ -117,11 +121,13 @@ def one_run(bootstrap: str, work: Path, n_workers: int, args, policy: PolicyStub
                                  rollout_id=rid, control=RolloutControl(), config=config, judge=False)
                 f.add_done_callback(lambda fut: arrived.append((time.monotonic(), fut)))
                 futures.append(f)
-            if t_start == float("inf"):
+            now = time.monotonic()
+            if t_ready == float("inf"):
                 fleet.producer.flush(timeout=120)
-                t_start = time.monotonic() + args.warmup
-                t_end = t_start + args.seconds
-            if time.monotonic() >= t_start:
+                t_ready = time.monotonic() + args.warmup
+            elif t_start == float("inf") and now >= t_ready and arrived:
+                t_start, t_end = now, now + args.seconds
+            if now >= t_start:
                 inflight.append(len(open_))
             time.sleep(0.25)
     finally:
