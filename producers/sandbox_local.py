@@ -251,8 +251,11 @@ class NamespaceSandbox:
         capabilities and the seccomp filter read from `seccomp_fd` (module docstring)."""
         if self._pid is None:
             raise TransientError("the sandbox is not running (setup() first, or it was closed)")
+        # --as-pid-1: the command is its namespace's init, so `pkill -f python` inside cannot kill the
+        # call's own shell (init ignores signals it has no handler for), and when it exits the kernel
+        # kills whatever it left behind.
         return (["nsenter", "-t", str(self._pid), "--user", "--mount", "--net", "--ipc", "--uts", "--cgroup", "--pid",
-                 "--", "bwrap", "--unshare-pid", "--die-with-parent", "--dev-bind", "/", "/", "--proc", "/proc",
+                 "--", "bwrap", "--unshare-pid", "--as-pid-1", "--die-with-parent", "--dev-bind", "/", "/", "--proc", "/proc",
                  "--cap-drop", "ALL", "--seccomp", str(seccomp_fd), "--"] + argv)
 
     def run(self, command: str, *, timeout_s: float, stdin: Optional[str] = None) -> ExecResult:
