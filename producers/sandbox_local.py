@@ -300,6 +300,7 @@ class NamespaceSandbox:
         with no-follow opens (producers.sandbox_copy): nothing of the sandbox runs for it."""
         if self._pid is None:
             raise TransientError("the sandbox is not running (setup() first, or it was closed)")
+        dest.parent.mkdir(parents=True, exist_ok=True)
         src = open_nofollow(f"/proc/{self._pid}/root", SUBMISSION_DIR)
         try:
             report = copy_tree_nofollow(src, dest, CopyBounds(max_bytes=self.limits.disk_mb << 20))
