@@ -130,6 +130,20 @@ def ulimit_flags(lim: SandboxLimits) -> str:
     return " ".join(flags)
 
 
+def prlimit_args(lim: SandboxLimits) -> list[str]:
+    """The same limits as `ulimit_flags`, as util-linux `prlimit` options (soft = hard, base units): one
+    small exec in front of the command instead of a launching shell."""
+    out = []
+    for opt, res, value in (("--cpu", resource.RLIMIT_CPU, lim.cpu_s), ("--as", resource.RLIMIT_AS, lim.memory_mb << 20),
+                            ("--fsize", resource.RLIMIT_FSIZE, lim.file_size_mb << 20),
+                            ("--nproc", resource.RLIMIT_NPROC, lim.max_procs)):
+        hard = resource.getrlimit(res)[1]
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        out.append(f"{opt}={value}")
+    return out
+
+
 def run_capped(argv: list[str], *, env: dict[str, str], stdin: Optional[str], timeout_s: float, cap: int,
                kill: Callable[[subprocess.Popen], None], cwd: Optional[str] = None,
                pass_fds: tuple[int, ...] = ()) -> tuple[str, int, Optional[int], bool]:

@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from producers.sandbox import ExecResult, SandboxLimits, run_capped, ulimit_flags
+from producers.sandbox import ExecResult, SandboxLimits, prlimit_args, run_capped
 from producers.sandbox_copy import CopyBounds, CopyReport, copy_tree_nofollow, open_nofollow
 from producers.sandbox_seccomp import seccomp_problem, seccomp_program
 from schemas.errors import ConfigError, TransientError
@@ -62,7 +62,7 @@ log = logging.getLogger("klong.sandbox")
 
 PAPER_DIR, SUBMISSION_DIR = "/home/paper", "/home/submission"
 SANDBOX_UID = 65534  # the host uid the sandbox's root maps to when the runner is root (nobody)
-_TOOLS = ("bwrap", "nsenter", "unshare", "setpriv")
+_TOOLS = ("bwrap", "nsenter", "prlimit", "setpriv")
 _SYSTEM = [("--ro-bind", "/usr", "/usr"), ("--ro-bind", "/etc", "/etc")]
 _LINKS = [("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("usr/lib64", "/lib64")]
 READ_TEXT_CAP = 32 * 1024 * 1024  # read_file_chunk / search_file read at most this much of a file
@@ -256,7 +256,7 @@ class NamespaceSandbox:
         # kills whatever it left behind.
         return (["nsenter", "-t", str(self._pid), "--user", "--mount", "--net", "--ipc", "--uts", "--cgroup", "--pid",
                  "--", "bwrap", "--unshare-pid", "--as-pid-1", "--die-with-parent", "--dev-bind", "/", "/", "--proc", "/proc",
-                 "--cap-drop", "ALL", "--seccomp", str(seccomp_fd), "--"] + argv)
+                 "--cap-drop", "ALL", "--seccomp", str(seccomp_fd), "--chdir", SUBMISSION_DIR, "--"] + argv)
 
     def run(self, command: str, *, timeout_s: float, stdin: Optional[str] = None) -> ExecResult:
         limit = max(0.05, min(timeout_s, self.limits.tool_timeout_s))
@@ -265,9 +265,9 @@ class NamespaceSandbox:
 
     def _run(self, command: str, timeout_s: float, stdin: Optional[str], cap: int) -> tuple[str, int, Optional[int], bool]:
         """(output, its full size, exit code or None when killed by the timeout, timed out)."""
-        launcher = f"ulimit {ulimit_flags(self.limits)} || exit 126; cd {SUBMISSION_DIR} || exit 126; exec bash -c \"$1\""
+        argv = ["prlimit", *prlimit_args(self.limits), "--", "bash", "-c", command]
         with _seccomp_fd() as fd:
-            return run_capped(self._enter(["bash", "-c", launcher, "klong-sandbox", command], fd), env=self._env(),
+            return run_capped(self._enter(argv, fd), env=self._env(),
                               stdin=stdin, timeout_s=timeout_s, cap=cap, kill=_kill_group, pass_fds=(fd,))
 
     def read_text(self, path: str) -> str:
