@@ -160,7 +160,7 @@ def test_k8s_pod_manifest_renders_a_valid_pod(settings, capsys):
     m = render_pod_manifest("0192-ABC_def", SandboxLimits(memory_mb=2048), image="img:1", namespace="rl")
     pod = ApiClient()._ApiClient__deserialize(m, V1Pod)  # the client's own model: field names and types check
     c = pod.spec.containers[0]
-    assert pod.metadata.name == "klong-sandbox-0192-abc-def" and pod.metadata.namespace == "rl"
+    assert pod.metadata.name.startswith("klong-sandbox-0192-abc-def-") and pod.metadata.namespace == "rl"
     assert c.image == "img:1" and c.command == ["sleep", "infinity"] and c.resources.limits["memory"] == "2048Mi"
     assert {v.mount_path for v in c.volume_mounts} == {"/home/paper", "/home/submission", "/tmp"}
     assert pod.spec.restart_policy == "Never" and pod.spec.automount_service_account_token is False
