@@ -159,3 +159,84 @@ def _copy_link(src_fd: int, dest_fd: int, name: str, path: str, report: CopyRepo
         return report.skip(path, f"symlink that may leave the submission ({target[:100]!r})")
     os.symlink(target, name, dir_fd=dest_fd)
     report.files += 1
+
+
+def extract_tar_nofollow(fileobj, dest: Path, bounds: CopyBounds = CopyBounds()) -> CopyReport:
+    """Extracts a tar stream made where the agent had a hand in it (the k8s sandbox's `tar -c` in its Pod)
+    into `dest` (created here) by the same rules as `copy_tree_nofollow`: directories and regular files
+    only (no links of any kind, no devices), names checked part by part (no absolute path, no `..`),
+    everything created by descriptor with O_NOFOLLOW | O_EXCL, bounded. tarfile only parses the
+    stream; it never writes (its data filter is what CVE-2025-4517 walks past)."""
+    import tarfile
+
+    os.mkdir(dest, 0o755)
+    report = CopyReport()
+    root = os.open(dest, _DIR)
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+            for m in tar:
+                parts = [p for p in m.name.split("/") if p not in ("", ".")]
+                rel = "/".join(parts)
+                if not parts or m.name.startswith("/") or ".." in parts:
+                    (report.skip(m.name[:200], "name leaving the destination") if parts else None)
+                    continue
+                if len(os.fsencode(rel)) > bounds.max_path_bytes or len(parts) > bounds.max_depth + 1:
+                    report.skip(rel[:200], "path too long or too deep")
+                    continue
+                if report.files >= bounds.max_files:
+                    report.skip(rel, f"more than {bounds.max_files} files")
+                    continue
+                if not (m.isdir() or m.isreg()):
+                    report.skip(rel, "link or special file")
+                    continue
+                try:
+                    parent = _make_dirs(root, parts[:-1] if m.isreg() else parts)
+                except OSError as e:
+                    report.skip(rel, f"{e.strerror or e}")
+                    continue
+                try:
+                    if m.isreg():
+                        _write_member(tar, m, parent, parts[-1], rel, bounds, report)
+                    else:
+                        report.files += 1
+                finally:
+                    os.close(parent)
+    finally:
+        os.close(root)
+    return report
+
+
+def _make_dirs(root: int, parts: list[str]) -> int:
+    """A descriptor of root/parts..., each directory made if missing and opened with O_NOFOLLOW."""
+    fd = os.dup(root)
+    try:
+        for part in parts:
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+            nxt = os.open(part, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_member(tar, m, parent: int, name: str, rel: str, bounds: CopyBounds, report: CopyReport) -> None:
+    if m.size > bounds.max_bytes - report.bytes:
+        return report.skip(rel, f"over the {bounds.max_bytes}-byte copy limit")
+    mode = 0o755 if m.mode & stat.S_IXUSR else 0o644
+    try:
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=parent)
+    except OSError as e:  # a second member of the same name: the first one stays
+        return report.skip(rel, f"{e.strerror or e}")
+    try:
+        src = tar.extractfile(m)
+        while data := src.read(_CHUNK):
+            os.write(out, data)
+    finally:
+        os.close(out)
+    report.files += 1
+    report.bytes += m.size

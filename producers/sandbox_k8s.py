@@ -152,16 +152,19 @@ class K8sSandbox:
         return res.output
 
     def local_submission(self, scratch: Path) -> Path:
-        """Copies /home/submission out of the pod (tar, base64 over the exec stream) into `scratch`."""
+        """Copies /home/submission out of the pod (tar, base64 over the exec stream) into
+        `scratch/submission`. The stream is the Pod's to shape, so it is never handed to tarfile's
+        extraction: `extract_tar_nofollow` writes its files and directories only, by descriptor."""
         import base64
         import io
-        import tarfile
+
+        from producers.sandbox_copy import CopyBounds, extract_tar_nofollow
 
         res = self.run(f"tar -C {self.submission_dir} -cf - . | base64 -w0", timeout_s=600)
-        scratch.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fileobj=io.BytesIO(base64.b64decode(res.output)), mode="r") as tar:
-            tar.extractall(scratch, filter="data")
-        return scratch
+        dest = Path(scratch) / "submission"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        extract_tar_nofollow(io.BytesIO(base64.b64decode(res.output)), dest, CopyBounds(max_bytes=self.limits.disk_mb << 20))
+        return dest
 
     def close(self) -> None:
         if self._api is not None:

@@ -412,3 +412,47 @@ def test_seccomp_table_matches_the_kernel_headers():
     assert set(DENIED) <= set(syscall_numbers("x86_64"))
     if checked == 0:
         pytest.skip("no kernel headers here to compare with")
+
+
+def test_pod_tar_stream_is_extracted_without_links_or_escapes(tmp_path):
+    """The k8s sandbox's copy-out: a tar stream the Pod shapes (CVE-2025-4517's kind: links, then files
+    written through them; `..` and absolute names; long paths) writes only inside the destination."""
+    import io
+    import tarfile
+
+    from producers.sandbox_copy import CopyBounds, extract_tar_nofollow
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    buf = io.BytesIO()
+
+    def add(name, data=b"x", kind=tarfile.REGTYPE, link=""):
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, link
+        info.size = len(data) if kind == tarfile.REGTYPE else 0
+        tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        add("./ok/file.txt", b"kept")
+        add("link", kind=tarfile.SYMTYPE, link=str(outside))
+        add("link/pwned.txt", b"pwned")
+        add("../up.txt", b"pwned")
+        add(str(outside / "abs.txt"), b"pwned")
+        add("hard", kind=tarfile.LNKTYPE, link="/etc/passwd")
+        add("dev", kind=tarfile.CHRTYPE)
+        chain = "/".join(["d" * 250] * 20)  # ~5 kB: past PATH_MAX
+        add(chain + "/deep.txt", b"deep")
+        add("a", kind=tarfile.SYMTYPE, link="a/../..")
+        add("ok/file.txt", b"second copy")
+    buf.seek(0)
+    dest = tmp_path / "dest"
+    report = extract_tar_nofollow(buf, dest, CopyBounds())
+    assert (dest / "ok" / "file.txt").read_bytes() == b"kept"
+    assert list(outside.iterdir()) == [] and not (tmp_path / "up.txt").exists()
+    for d, ds, fs in os.walk(dest):
+        for n in ds + fs:
+            p = os.path.join(d, n)
+            assert not os.path.islink(p) and (os.path.isdir(p) or os.path.isfile(p))
+    assert (dest / "link" / "pwned.txt").is_file()  # a plain directory of the copy, not the link
+    reasons = " ".join(why for _, why in report.skipped)
+    assert "leaving the destination" in reasons and "link or special file" in reasons and "too long" in reasons
