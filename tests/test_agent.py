@@ -305,14 +305,15 @@ def test_carry_over_and_stop_from_a_scheduler_thread(task_home):
     results: dict = {}
     with PolicyStub(work) as stub, Outbox(s) as outbox:  # one outbox shared by both rollout threads
         def go(rid, pv):
-            results[rid] = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=30,
+            # 120 s: both are stopped long before; a loaded machine must not time them out first
+            results[rid] = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=120,
                                      group_id="g", rollout_id=rid, policy_version=pv, control=controls[rid],
                                      config=cfg, judge=False)
 
         threads = [threading.Thread(target=go, args=(rid, pv)) for rid, pv in (("carried", 3), ("stopped", 0))]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 90
         while len(stub.for_rollout("carried")) < 8 and time.monotonic() < deadline:
             time.sleep(0.05)
         controls["carried"].carry_over(1, 4)
@@ -322,7 +323,7 @@ def test_carry_over_and_stop_from_a_scheduler_thread(task_home):
         controls["carried"].stop()
         controls["stopped"].stop()
         for t in threads:
-            t.join(20)
+            t.join(60)
     assert results["carried"].status == "aborted" and results["stopped"].status == "aborted"
     assert results["stopped"].snapshot_ref is None and results["stopped"].judge_request_id is None
     assert controls["carried"].done.is_set() and controls["carried"].rollout_id == "carried"
@@ -345,20 +346,21 @@ def test_carry_over_taken_by_a_rollout_that_ends_inside_a_tool_call(task_home):
     """Carried over during its last (hanging) tool call, the rollout times out without another policy call:
     it still ends in the new iteration, so the scheduler counts it there and no dataset misses it."""
     s = task_home
-    script = [{"read_paper": True}, bash("sleep 30")]
+    script = [{"read_paper": True}, bash("sleep 60")]
     control = RolloutControl(iteration=2, policy_version=5)
     cfg = AgentConfig(min_time_fraction=0.0, reminder_every_turns=0)
     with PolicyStub(script) as stub, Outbox(s) as outbox:
         t = threading.Thread(target=lambda: run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"),
-                                                      timeout_s=3, group_id="g", rollout_id="late", iteration=2,
+                                                      timeout_s=12, group_id="g", rollout_id="late", iteration=2,
                                                       policy_version=5, control=control, judge=False, config=cfg))
         t.start()
-        deadline = time.monotonic() + 10
+        # the sleep is handed out ~0.5 s in on a quiet machine; the rollout's 12 s leave 20x for a loaded one
+        deadline = time.monotonic() + 12
         while stub.cursor.get("late", 0) < len(script) and time.monotonic() < deadline:  # the sleep was handed out
             time.sleep(0.05)
         n_calls = len(stub.for_rollout("late"))
         control.carry_over(3, 6)  # the sleep is running: the loop makes no further policy call
-        t.join(20)
+        t.join(60)
     assert len(stub.for_rollout("late")) == n_calls
     Sink(s).run(until_idle=True)
     row = Catalog(s).arrow("SELECT * FROM rollouts WHERE rollout_id = 'late'").to_pylist()[0]
@@ -385,23 +387,24 @@ def test_cli_rollout_run_end_to_end(settings, tmp_path, capsys, monkeypatch):
     script = [{"read_paper": True}, bash("echo '# reproduction' > README.md"), end()]
     with PolicyStub(script, token_ids=False) as stub:
         cmd = [sys.executable, "-m", "klong.cli", *klong(settings, "rollout", "run", "--task", "cli-paper",
-                                                         "--base-url", stub.url, "--model", "stub", "--timeout", "20",
+                                                         "--base-url", stub.url, "--model", "stub", "--timeout", "120",
                                                          "--min-time-fraction", "0", "--no-token-ids")]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        # generous: a CLI start on a loaded 2-core machine takes seconds; the rollout itself ~1 s
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         bad = subprocess.run(cmd[:cmd.index("cli-paper")] + ["missing"] + cmd[cmd.index("cli-paper") + 1:],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=300)
     # SIGTERM (or Ctrl-C) ends the rollout 'aborted' at the next turn boundary, recorded
     busy = {"cli-stop": [{"read_paper": True}] + [bash("echo x", delay=0.1)] * 300}
     with PolicyStub(busy) as stub2:
         cmd2 = [sys.executable, "-m", "klong.cli", *klong(settings, "rollout", "run", "--task", "cli-paper",
                                                           "--rollout-id", "cli-stop", "--base-url", stub2.url,
-                                                          "--model", "stub", "--timeout", "60", "-q")]
+                                                          "--model", "stub", "--timeout", "600", "-q")]
         proc = subprocess.Popen(cmd2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 180
         while len(stub2.for_rollout("cli-stop")) < 5 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "cli-stop: aborted," in out, err
     assert p.returncode == 0, p.stderr
     assert ": finished," in p.stdout and "judge request" in p.stdout and "turn 1" in p.stderr
