@@ -3,7 +3,9 @@ agent would run them (shell commands through the same tools the agent loop uses)
 
 from __future__ import annotations
 
+import errno
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -277,6 +279,14 @@ def test_a_call_cannot_change_mounts_or_enter_namespaces(sandboxes):
                    "nsenter -t 1 -m -- mount --bind /tmp/x /usr/bin/tar; echo attempted")
     assert "attempted" in out
     assert bash(sb, "head -c 4 /usr/bin/tar | od -c | head -1").split()[2:5] == ["E", "L", "F"]
+    if platform.machine() == "x86_64":  # clone(CLONE_NEWUSER | SIGCHLD) straight to the kernel: refused
+        out = bash(sb, "python3 -c 'import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
+                       "r = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0); print(\"clone\", r, ctypes.get_errno())'")
+        assert out.strip() == f"clone -1 {errno.EPERM}", out
+    # ordinary work still runs: threads, processes, a pool of workers (clone3 falls back to clone)
+    out = bash(sb, "python3 -c 'import multiprocessing as m, threading; t = threading.Thread(target=print, "
+                   "args=(\"thread\",)); t.start(); t.join(); print(m.Pool(2).map(abs, [-1, -2]))'")
+    assert "thread" in out and "[1, 2]" in out, out
 
 
 @isolated
