@@ -162,7 +162,13 @@ def export_dataset(home: Path | str, ref: str, fmt: str, directory: Path | str, 
         meta = meta.append_column("uid", meta.column("group_id")).append_column(
             "data_source", pa.array([f"klong:{reader.ref}"] * meta.num_rows, pa.string()))
     messages_left_out = None
-    if settings is not None:
+    if settings is not None and fmt == "verl":  # what verl's own dataset classes read (trainer.export_verl)
+        from trainer.export_verl import verl_columns
+
+        for name, col in verl_columns(settings, reader.path, meta, reader.ref).items():
+            meta = meta.append_column(name, col)
+        messages_left_out = 0
+    elif settings is not None:
         from trainer.export_messages import messages_column
 
         msgs, messages_left_out = messages_column(settings, reader.path)
@@ -194,6 +200,11 @@ def export_dataset(home: Path | str, ref: str, fmt: str, directory: Path | str, 
                     "messages_left_out": messages_left_out,
                     "columns": {f.name: str(f.type) for f in pq.read_schema(files[0])},
                     "files": [str(p.relative_to(tmp)) for p in files]}
+        if fmt == "verl":
+            from trainer.export_verl import DATASET_CLASS, DATASET_FILE, write_dataset_class
+
+            write_dataset_class(tmp)
+            manifest["verl_custom_cls"] = {"path": DATASET_FILE, "name": DATASET_CLASS}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if out.exists():
             out.rmdir()  # empty (checked above)
