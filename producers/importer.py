@@ -43,10 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from consumers.chat import ChatTokenizer, TemplateError
+from consumers.chat import TemplateError
 from consumers.tokenize import load_tokenizer
 from klong.settings import Settings
-from producers.import_events import chat_messages, event_id, n_events, render, row_events, row_token_ids
+from producers.import_events import (chat_messages, event_id, n_events, render, row_events, row_token_ids,
+                                     token_plan)
 from producers.import_rows import (ID_PREFIX, MAX_ARGS_CHARS, ROLES, ImportOptions, Message, Row, RowError,
                                    parse_messages, parse_row, read_rows)
 from schemas.errors import BrokerError, TerminalError
@@ -120,9 +121,10 @@ def validate(settings: Settings, path: str | Path, opts: ImportOptions, register
         if row is not None and row.task_id not in registered:
             row, reason = None, (f"task {row.task_id!r} is not registered (register it first: "
                                  "`klong tasks import DIR --split train`)")
-        if row is not None and isinstance(tokenizer, ChatTokenizer):
+        plan_warning = None
+        if row is not None:
             try:
-                row_token_ids(row, tokenizer)
+                _, _, plan_warning = token_plan(row, tokenizer)
             except TemplateError as e:
                 row, reason = None, str(e)
         if row is None:
@@ -130,13 +132,16 @@ def validate(settings: Settings, path: str | Path, opts: ImportOptions, register
             continue
         if row.rollout_id in started and started[row.rollout_id] != event_id(row, 0):
             report.skipped.append((line, f"this row's id was imported before with different content "
-                                         f"(rollout {row.rollout_id}); give the changed row a new `id`"))
+                                         f"(rollout {row.rollout_id}, {path.name} line {line}); give the changed row "
+                                         "a new `id`"))
             continue
         if event_id(row, n_events(row) - 1) in ended:
             report.already.append((line, row.rollout_id))
             continue  # (started but not ended: an import torn by a crash; sent again, the views dedupe)
         if "train" not in registered[row.task_id].splits:
             eval_tasks.add(row.task_id)
+        report.warnings += [f"{path.name} line {line}: {w}" for w in row.warnings + ((plan_warning,) if plan_warning
+                                                                                      else ())]
         report.imported.append(Imported(line, row.rollout_id, row.row_hash, row.task_id, len(row.messages),
                                         row.prefix, row.score))
     if not report.imported and not report.skipped and not report.already:
