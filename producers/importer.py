@@ -169,21 +169,34 @@ def import_trajectories(settings: Settings, path: str | Path, opts: ImportOption
                                     f"first: line {line}: {reason}")
     if opts.dry_run or not report.imported:
         return report
-    wanted = {r.line: r for r in report.imported}
+    # (line, rollout id): a line may hold several rows (an ATIF trajectory and its sub-trajectories)
+    wanted = {(r.line, r.rollout_id): r for r in report.imported}
+    lines = {r.line for r in report.imported}
+
+    def changed(line: int) -> TrajectoryImportError:
+        return TrajectoryImportError(f"{path} changed during the import (line {line}); {done} row(s) were "
+                                     "sent: run the import again to finish (sent rows are skipped)")
+
     with Outbox(settings, settings.outbox_dir / "import", fsync="batch") as box:
         done = 0
         for line, row, _ in read_rows(Path(path), opts):  # pass 2: the rows again, one at a time
-            if line not in wanted:
+            if line not in lines:
                 continue
-            if row is None or row.row_hash != wanted[line].row_hash:
-                raise TrajectoryImportError(f"{path} changed during the import (line {line}); {done} row(s) were "
-                                            "sent: run the import again to finish (sent rows are skipped)")
+            if row is None:
+                raise changed(line)
+            want = wanted.get((line, row.rollout_id))
+            if want is None:
+                continue  # imported before (report.already)
+            if row.row_hash != want.row_hash:
+                raise changed(line)
             events = row_events(row, tokenizer, opts.timeout_s)
             for e in events:
                 publish(box, e)
             report.events += len(events)
             done += 1
             progress(done)
+        if done != len(wanted):
+            raise changed(max(lines))
         try:
             box.flush(timeout=flush_timeout, until="acked")
         except BrokerError as e:  # nothing is lost: the spool keeps the events and a later run sends them
