@@ -32,7 +32,8 @@ Validation first (every row, nothing sent), then emission of the good rows; bad 
 with their line number and skipped. Ids are deterministic: a row's rollout id comes from its `id`
 (and task), else from its content hash (and how many identical rows precede it), so appending rows
 to a file and importing it again imports only the new rows; rows already archived are skipped, and a
-row `id` re-imported with different content is refused. Rows of unregistered tasks are skipped (the
+row `id` re-imported with different content is refused, naming the file and line it came from before,
+even when that import is not archived yet (`producers.import_ledger`, written before anything is sent). Rows of unregistered tasks are skipped (the
 dataset builder needs registered tasks: `klong tasks import` first).
 """
 
@@ -48,6 +49,7 @@ from consumers.tokenize import load_tokenizer
 from klong.settings import Settings
 from producers.import_events import (chat_messages, event_id, n_events, render, row_events, row_token_ids,
                                      token_plan)
+from producers.import_ledger import Ledger
 from producers.import_rows import (ID_PREFIX, MAX_ARGS_CHARS, ROLES, ImportOptions, Message, Row, RowError,
                                    parse_messages, parse_row, read_rows)
 from schemas.errors import BrokerError, TerminalError
@@ -115,6 +117,7 @@ def validate(settings: Settings, path: str | Path, opts: ImportOptions, register
         raise TrajectoryImportError(f"{path}: no such file")
     registered = registered_tasks(settings) if registered is None else registered
     started, ended = _archived(settings)
+    ledger = Ledger(settings.home)
     report, eval_tasks = ImportReport(), set()
     for n, (line, row, reason) in enumerate(read_rows(path, opts), 1):
         checked(n)
@@ -134,6 +137,11 @@ def validate(settings: Settings, path: str | Path, opts: ImportOptions, register
             report.skipped.append((line, f"this row's id was imported before with different content "
                                          f"(rollout {row.rollout_id}, {path.name} line {line}); give the changed row "
                                          "a new `id`"))
+            continue
+        earlier = ledger.conflict(row.rollout_id, row.row_hash)
+        if earlier is not None:  # not archived yet, maybe: the ledger knows at once
+            report.skipped.append((line, f"this row's id was imported before from {earlier} with different "
+                                         f"content (rollout {row.rollout_id}); give the changed row a new `id`"))
             continue
         if event_id(row, n_events(row) - 1) in ended:
             report.already.append((line, row.rollout_id))
@@ -171,6 +179,7 @@ def import_trajectories(settings: Settings, path: str | Path, opts: ImportOption
         return report
     # (line, rollout id): a line may hold several rows (an ATIF trajectory and its sub-trajectories)
     wanted = {(r.line, r.rollout_id): r for r in report.imported}
+    Ledger(settings.home).record(path, [(r.line, r.rollout_id, r.row_hash) for r in report.imported])
     lines = {r.line for r in report.imported}
 
     def changed(line: int) -> TrajectoryImportError:

@@ -59,6 +59,24 @@ def test_files_sharing_a_session_id_stay_distinct_rollouts(settings, tmp_path, c
     assert "already imported, skipped: 1 rows" in capsys.readouterr().out  # the same file again: a no-op
 
 
+def test_a_row_id_reused_by_another_file_is_refused_before_anything_is_sent(settings, tmp_path, capsys):
+    """Two files whose rows share an `id` (and task), imported one after the other with no sink in between
+    (nothing archived yet): the second is refused, naming the first file and line (was: merged)."""
+    from tests.test_import import paperbench_row
+
+    produce(settings, [task_event("fre")])
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps(paperbench_row(id="traj-1")) + "\n")
+    b.write_text(json.dumps(paperbench_row(id="other")) + "\n" + json.dumps(paperbench_row(id="traj-1", work=2)) + "\n")
+    assert cli(settings, "import", "trajectories", str(a)) == 0
+    capsys.readouterr()
+    assert cli(settings, "import", "trajectories", str(b)) == 1
+    out = capsys.readouterr().out
+    assert "imported 1 rows" in out and f"line 2: this row's id was imported before from {a} line 1" in out
+    sink(settings)
+    assert Catalog(settings).sql("SELECT count(*) AS n FROM rollouts").to_dicts()[0]["n"] == 2
+
+
 def test_recorded_ids_are_kept_whole_under_their_own_fingerprint(tmp_path):
     """Complete ATIF ids: kept with logprobs, fingerprint atif:AGENT/MODEL. Ids of only some messages (a
     pruned context): the rollout goes text-only, said as a warning (was: mixed with ids tokenized later
