@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from consumers.chat import TemplateError
+from consumers.chat import ChatTokenizer, TemplateError
 from consumers.tokenize import load_tokenizer
 from klong.settings import Settings
 from producers.import_events import (chat_messages, event_id, n_events, render, row_events, row_token_ids,
@@ -148,8 +148,11 @@ def validate(settings: Settings, path: str | Path, opts: ImportOptions, register
             continue  # (started but not ended: an import torn by a crash; sent again, the views dedupe)
         if "train" not in registered[row.task_id].splits:
             eval_tasks.add(row.task_id)
-        report.warnings += [f"{path.name} line {line}: {w}" for w in row.warnings + ((plan_warning,) if plan_warning
-                                                                                      else ())]
+        notes = list(row.warnings) + ([plan_warning] if plan_warning else [])
+        if row.tools and not isinstance(tokenizer, ChatTokenizer):  # the events carry no tool schemas
+            notes.append(f"its {len(row.tools)} tool definitions are rendered (the template's tools block) only by "
+                         "an import with --tokenizer MODEL_DIR; imported without them")
+        report.warnings += [f"{path.name} line {line}: {w}" for w in notes]
         report.imported.append(Imported(line, row.rollout_id, row.row_hash, row.task_id, len(row.messages),
                                         row.prefix, row.score))
     if not report.imported and not report.skipped and not report.already:

@@ -64,6 +64,8 @@ def test_export_round_trips_every_sample(train_home, tmp_path, fmt, ref):  # noq
         assert lost == int(reader.n_no_logprob.sum()) > 0  # r05's text-only action: trained, marked no logprob
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert manifest["content_hash"] == reader.content_hash and manifest["format"] == fmt
+    if fmt == "verl":  # the class verl's data.custom_cls loads (tests/test_export_peers.py runs it)
+        assert (tmp_path / "out" / manifest["verl_custom_cls"]["path"]).is_file()
 
 
 def test_export_refuses_bad_requests(train_home, tmp_path):  # noqa: F811

@@ -107,15 +107,22 @@ def test_verl_multiturn_sft_dataset_reads_the_export(verl_export, smollm2_dir):
     assert starts_with_tool > 0 and two_calls > 0
 
 
-def test_verl_rlhf_dataset_reads_the_export(verl_export, smollm2_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["sft", "rl"])
+def test_verl_rlhf_dataset_reads_the_export(verl_export, smollm2_dir, tmp_path, kind):
     """verl's RLHFDataset (prompt filtering by length with the real template, then __getitem__) reads every
-    row: the prompt is the window's context before its first action, data_source / reward_model /
-    extra_info as verl's preprocessors write them."""
+    row of an SFT and an RL version: the prompt is the window's context before its first action,
+    data_source / reward_model / extra_info as verl's preprocessors write them."""
     _, RLHFDataset, get_dataset_class, _ = _verl()
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
-    _, out = verl_export
+    from trainer.export import export_dataset
+
+    settings, out = verl_export
+    if kind == "rl":  # the scored teacher rows: Q from their judge results, group-relative advantages
+        build_version(settings.home, "rl", "rl", {"max_tokens": 560, "overlap_turns": 1, "tokenizer": str(smollm2_dir)})
+        out = tmp_path / "verl-rl"
+        export_dataset(settings.home, "rl@1", "verl", out, settings=settings)
     tok = AutoTokenizer.from_pretrained(smollm2_dir, local_files_only=True)
     config = OmegaConf.create({"prompt_key": "prompt", "max_prompt_length": 4096, "filter_overlong_prompts": True,
                                "filter_overlong_prompts_workers": 1, "cache_dir": str(tmp_path / "verl-cache")})
@@ -126,8 +133,10 @@ def test_verl_rlhf_dataset_reads_the_export(verl_export, smollm2_dir, tmp_path):
         item = data[j]
         prompt = item["raw_prompt"]
         assert prompt and prompt[-1]["role"] != "assistant" and prompt[0]["role"] == "system"
-        assert item["data_source"] == "klong:sft@1" and item["reward_model"]["ground_truth"] == "fre"
+        assert item["data_source"] == f"klong:{kind}@1" and item["reward_model"]["ground_truth"] == "fre"
         assert item["extra_info"]["index"] == item["index"] == j and item["extra_info"]["rollout_id"].startswith("imp-")
+        if kind == "rl":
+            assert item["extra_info"]["q"] in (0.2, 0.5, 0.8) and item["extra_info"]["advantage"] == item["advantage"]
         ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
         assert len(ids) <= 4096
 

@@ -162,7 +162,8 @@ def test_sub_trajectories_are_their_own_rollouts_linked_to_the_parent(settings, 
     assert not any("subagent_trajectory_ref" in m.text for m in rows[0].messages)
     assert any("../outside.json" in w and "not found" in w for w in rows[0].warnings)  # never read outside
     assert cli(settings, "import", "trajectories", str(run / "trajectory.json"), "--task-id", "fre") == 0
-    assert "../outside.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "../outside.json" in err and "trajectory.json line 1" in err
     sink(settings)
     cat = Catalog(settings)
     kids = cat.sql(f"SELECT rollout_id, n_steps FROM rollouts WHERE group_id = '{rows[0].rollout_id}'").to_dicts()
