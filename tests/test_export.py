@@ -201,3 +201,20 @@ def test_tool_calls_are_given_once(content, recorded, text, calls):
     got_text, got = split_tool_calls(content, recorded, 5)
     assert got_text == text
     assert (None if got is None else [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in got]) == calls
+
+
+def test_tool_results_and_calls_name_each_other():
+    """A call recorded without an id takes the id its result names (the simulator's `call-2`); a result that
+    names no call answers the call before it (was: `call_2` beside `call-2`, a result answering nothing)."""
+    from trainer.export_messages import _link, split_tool_calls
+
+    def step(i, role, content="", call=None, answers=None):
+        text, calls = split_tool_calls(content, call, i) if role == "assistant" else (content, None)
+        return {"role": role, "content": text, "tool_calls": calls, "tool_call_id": answers, "step_idx": i,
+                "_named": bool(call and call[2])}
+
+    by_idx = {2: step(2, "assistant", "look", ("bash", "{}", None)), 3: step(3, "tool", "out", answers="call-2"),
+              4: step(4, "assistant", "again", ("bash", "{}", "c4")), 5: step(5, "tool", "out")}
+    _link(by_idx)
+    assert by_idx[2]["tool_calls"][0]["id"] == "call-2" and by_idx[5]["tool_call_id"] == "c4"
+    assert all("_named" not in m for m in by_idx.values())

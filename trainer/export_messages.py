@@ -90,8 +90,32 @@ def _steps(settings, rollout_ids: list[str]) -> dict[str, dict[int, dict]]:
         if role == "assistant":
             text, calls = split_tool_calls(text, (name, args or "", call_id) if name is not None else None, idx)
         out[rid][idx] = {"role": role, "content": text, "tool_calls": calls,
-                         "tool_call_id": (answers or None) if role == "tool" else None, "step_idx": idx}
+                         "tool_call_id": (answers or None) if role == "tool" else None, "step_idx": idx,
+                         "_named": call_id is not None}
+    for by_idx in out.values():
+        _link(by_idx)
     return out
+
+
+def _link(by_idx: dict[int, dict]) -> None:
+    """Tool results and their calls name each other: a call the recorder gave no id takes the id its result
+    names, and a result that names no call gets the next unanswered call's id (the step order says which)."""
+    calls: list = []
+    for i in sorted(by_idx):
+        m = by_idx[i]
+        if m["role"] == "assistant":
+            calls = list(m["tool_calls"] or [])
+            if calls and not m["_named"] and i + 1 in by_idx and by_idx[i + 1]["role"] == "tool" \
+                    and by_idx[i + 1]["tool_call_id"]:
+                calls[0]["id"] = by_idx[i + 1]["tool_call_id"]
+        elif m["role"] == "tool" and calls:
+            if m["tool_call_id"] is None:
+                m["tool_call_id"] = calls[0]["id"]
+            calls = [c for c in calls if c["id"] != m["tool_call_id"]] or calls[-1:]
+        elif m["role"] != "tool":
+            calls = []
+    for m in by_idx.values():
+        del m["_named"]
 
 
 def window_messages(settings, version_path) -> tuple[list[list[dict]], list[int]]:
