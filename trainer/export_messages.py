@@ -126,6 +126,13 @@ def window_messages(settings, version_path) -> tuple[list[list[dict]], list[int]
     s = pq.read_table(version_path / ds.SAMPLES, columns=["rollout_id", "prefix_loss", "span_step", "span_start",
                                                           "span_loss"])
     steps = _steps(settings, sorted(prefix))
+    from trainer.export_tools import system_with_tools
+
+    manifest = json.loads((version_path / ds.MANIFEST).read_text())
+    systems = system_with_tools(settings.home, version_path, manifest,
+                                {r: by[0]["content"] for r, by in steps.items() if 0 in by and by[0]["role"] == "system"})
+    for rid, text in systems.items():
+        steps[rid][0]["content"] = text
     out, n_prefix = [], []
     for rid, pl, sp_step, sp_start, sp_loss in zip(*(s.column(c).to_pylist() for c in s.column_names)):
         by_idx = steps.get(rid, {})
