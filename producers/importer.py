@@ -33,8 +33,10 @@ with their line number and skipped. Ids are deterministic: a row's rollout id co
 (and task), else from its content hash (and how many identical rows precede it), so appending rows
 to a file and importing it again imports only the new rows; rows already archived are skipped, and a
 row `id` re-imported with different content is refused, naming the file and line it came from before,
-even when that import is not archived yet (`producers.import_ledger`, written before anything is sent). Rows of unregistered tasks are skipped (the
-dataset builder needs registered tasks: `klong tasks import` first).
+even when that import is not archived yet (`producers.import_ledger`, written before anything is sent).
+Rows of unregistered tasks are skipped (the dataset builder needs registered tasks: `klong tasks import`
+first). What an import changes or guesses in a row (a tool message linked to the one open call, recorded
+token ids not kept, tool schemas without a template) is a warning naming the file and line.
 """
 
 

@@ -2,8 +2,9 @@
 written, and verl's `data.custom_cls` loader takes the export's KlongTokenDataset (klong's exact ids and mask).
 
 The data is real: PaperBench-shaped teacher trajectories with tool calls (several calls in one message too,
-the reference agent's tool schemas on two of them) imported with the real SmolLM2 chat template (`--tokenizer`), archived by the sink, built into a dataset whose
-windows start at tool results, exported by the CLI. verl 0.9.1 is installed with `pip install --no-deps`
+the reference agent's tool schemas on two of them) imported with the real SmolLM2 chat template
+(`--tokenizer`), archived by the sink, built into a dataset whose windows start at tool results, exported
+by the CLI. verl 0.9.1 is installed with `pip install --no-deps`
 (Makefile); where it does not import, these tests skip saying why.
 """
 
@@ -50,8 +51,8 @@ def _rows() -> list[dict]:
 
 @pytest.fixture
 def verl_export(settings, smollm2_dir, tmp_path):
-    """sft@1 of three imported trajectories, windows of <= 1300 tokens (the tools block alone is ~730), exported with --format verl. Built with
-    prefix_loss=always (every assistant message carries loss in every window, as verl's MultiTurnSFTDataset
+    """sft@1 of three imported trajectories, windows of <= 1300 tokens (the tools block alone is ~730),
+    exported with --format verl. Built with prefix_loss=always (every assistant message carries loss in every window, as verl's MultiTurnSFTDataset
     trains them)."""
     produce(settings, [task_event("fre")])
     path = tmp_path / "teacher.jsonl"
