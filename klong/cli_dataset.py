@@ -193,16 +193,18 @@ def cmd_export(args) -> int:
     bar = _progress("exporting", unit="samples", quiet=args.quiet)
     try:
         s = _settings(args)
-        r = export_dataset(s.home, args.ref, args.format, args.output, settings=s if args.messages else None,
+        chat = args.messages or args.format == "verl"  # verl's own dataset classes read the chat columns
+        r = export_dataset(s.home, args.ref, args.format, args.output, settings=s if chat else None,
                            progress=lambda n: bar.update(n - bar.n))
     finally:
         bar.close()
     print(f"exported {r.ref} ({r.content_hash[:19]}...) as {r.format}: {r.samples} samples, {r.tokens} tokens "
           f"({r.loss_tokens} loss tokens), {len(r.files)} file(s), {r.bytes / 1e6:.1f} MB in {r.directory}")
-    if r.messages_left_out is not None:
-        print(f"messages: {r.samples - r.messages_left_out} samples as chat; {r.messages_left_out} left null (their "
-              "window starts with a tool result whose call lies in an earlier window)")
     print(f"load it: datasets.load_dataset(\"parquet\", data_files=\"{r.directory}/data/*.parquet\", split=\"train\")")
+    if r.format == "verl":
+        print(f"verl: data.train_files={r.directory}/data/<file>.parquet reads `messages` (MultiTurnSFTDataset) or "
+              f"`prompt` (RLHFDataset); klong's exact ids and loss mask: data.custom_cls.path="
+              f"{r.directory}/klong_verl_dataset.py data.custom_cls.name=KlongTokenDataset")
     return 0
 
 
@@ -263,12 +265,13 @@ def register(sub, common) -> None:
     ex.add_argument("ref", help="NAME@N (NAME alone: the latest)")
     ex.add_argument("--format", required=True, choices=["hf", "trl", "verl"],
                     help="trl: input_ids + assistant_masks/completion_mask; hf: input_ids, attention_mask, labels "
-                         "(-100 off the loss); verl: input_ids, attention_mask, position_ids, response_mask "
-                         "(+ old_log_probs, advantages for rl)")
+                         "(-100 off the loss); verl: messages (verl's MultiTurnSFTDataset), prompt, data_source, "
+                         "reward_model, extra_info (RLHFDataset), and input_ids, response_mask, ... for the "
+                         "KlongTokenDataset class written beside the data (data.custom_cls)")
     ex.add_argument("-o", "--output", required=True, metavar="DIR", help="new (or empty) output directory")
     ex.add_argument("--messages", action="store_true",
-                    help="also a `messages` column: each window as chat messages read from the archive (null where "
-                         "the window would not be valid chat)")
+                    help="also a `messages` column (hf, trl; verl always has it): each window as chat messages read "
+                         "from the archive, its pinned prefix first, tool calls structured")
     ex.set_defaults(func=cmd_export)
 
     r = sub.add_parser("replay", parents=[common], help="rebuild a dataset version and compare content hashes")

@@ -3,7 +3,7 @@
     klong import trajectories teacher.jsonl                         # text-only steps, paper-reading prefix rule
     klong import trajectories teacher.jsonl --tokenizer MODEL_DIR   # ids rendered with its chat template
     klong import trajectories teacher.jsonl --prefix-steps 2 --dry-run
-    klong import trajectories trajectory.json --task-id fre       # Harbor ATIF / mini-SWE-agent .traj.json
+    klong import trajectories trajectory.json --task-id fre       # Harbor ATIF / mini-SWE-agent / SWE-agent
 
 Every row is checked before anything is sent; bad rows are listed with their line number and skipped
 (`--strict`: nothing is imported if any row is bad). Prints a summary on stdout. Exit status: 0 all
@@ -93,12 +93,15 @@ def register(sub, common) -> None:
     t = what.add_parser("trajectories", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
                         help="OpenAI chat-messages JSONL rows (messages, task_id, optional score/id) -> rollouts",
                         description=__doc__ + "\n" + ROW_HELP)
-    t.add_argument("file", help="JSONL file, one trajectory per line; or one ATIF / mini-SWE-agent trajectory file")
-    t.add_argument("--format", choices=["auto", "openai", "atif", "mini-swe"], default="auto",
+    t.add_argument("file", help="JSONL file, one trajectory per line; or one ATIF / mini-SWE-agent / SWE-agent "
+                                "trajectory file")
+    t.add_argument("--format", choices=["auto", "openai", "atif", "mini-swe", "swe-agent"], default="auto",
                    help="openai: chat-messages rows; atif: Harbor's Agent Trajectory Interchange Format (its token "
-                        "ids kept); mini-swe: mini-SWE-agent .traj.json; auto (default): detected per trajectory")
+                        "ids kept, its sub-agents' trajectories imported as rollouts of their own); mini-swe: "
+                        "mini-SWE-agent .traj.json; swe-agent: SWE-agent .traj (its `history`); auto (default): "
+                        "detected per trajectory")
     t.add_argument("--task-id", metavar="ID",
-                   help="the registered task of ATIF / mini-SWE-agent trajectories (they do not name one)")
+                   help="the registered task of ATIF / mini-SWE-agent / SWE-agent trajectories (they do not name one)")
     t.add_argument("--tokenizer", help="compute token_ids at import: a model directory (HOME/models/NAME from "
                                        "`klong model import`) renders each row with its chat template and the row's "
                                        "`tools`; a bare tokenizer.json or 'bytes' encodes each message alone; "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import Any, Optional
 
 from consumers.chat import ChatTokenizer, to_openai
 from producers.import_rows import Message, Row
@@ -61,8 +61,41 @@ def row_token_ids(row: Row, tokenizer) -> list:
     return tokenizer.encode_batch([render(m) for m in row.messages])
 
 
+def token_plan(row: Row, tokenizer=None) -> tuple[str, str, Optional[str]]:
+    """(how the row's steps get token ids, the fingerprint rollout_started records, a warning or None).
+
+    `recorded`: every message has ids the harness recorded (ATIF), kept exactly under their own fingerprint
+    (`row.token_source`), or the --tokenizer's when its chat template renders the very same ids. `render`:
+    the --tokenizer renders the whole rollout (recorded ids, if any, are dropped: a rollout never mixes ids
+    of two tokenizers). `text`: no ids; the dataset build tokenizes the whole rollout."""
+    n, k = len(row.messages), sum(m.token_ids is not None for m in row.messages)
+    fp = getattr(tokenizer, "fingerprint", "")
+    if k == n:
+        if isinstance(tokenizer, ChatTokenizer):
+            spans = row_token_ids(row, tokenizer)
+            if all(a.tolist() == list(m.token_ids) for a, m in zip(spans, row.messages)):
+                return "recorded", fp, None
+            return "render", fp, (f"its recorded token ids ({row.token_source}) are not what {tokenizer.path}'s chat "
+                                  "template renders: the whole rollout is re-rendered with --tokenizer (the recorded "
+                                  "ids and logprobs are not kept)")
+        return "recorded", row.token_source, None
+    if k and tokenizer is not None:
+        if isinstance(tokenizer, ChatTokenizer):
+            row_token_ids(row, tokenizer)  # a TemplateError here skips the row before anything is sent
+        return "render", fp, (f"recorded token ids cover {k} of its {n} messages (the harness pruned or did not "
+                              "record a context): the whole rollout is re-rendered with --tokenizer (the recorded "
+                              "ids and logprobs are not kept)")
+    if k:
+        return "text", "", (f"recorded token ids cover {k} of its {n} messages: imported text-only, tokenized whole "
+                            "when a dataset is built (pass --tokenizer MODEL_DIR to render it at import)")
+    if isinstance(tokenizer, ChatTokenizer):
+        row_token_ids(row, tokenizer)
+    return ("render", fp, None) if tokenizer is not None else ("text", "", None)
+
+
 def row_events(row: Row, tokenizer=None, timeout_s: float = 43200.0) -> list[Envelope]:
-    """The events of one row, in emission order, with deterministic event ids."""
+    """The events of one row, in emission order, with deterministic event ids (token ids per `token_plan`)."""
+    mode, fingerprint, _ = token_plan(row, tokenizer)
     n = 0
 
     def ev(cls, payload) -> Envelope:
@@ -73,16 +106,19 @@ def row_events(row: Row, tokenizer=None, timeout_s: float = 43200.0) -> list[Env
 
     out = [ev(RolloutStarted, RolloutStartedPayload(task_id=row.task_id, group_id=row.group_id, timeout_s=timeout_s,
                                                     scaffold="import", model=row.model,
-                                                    tokenizer=tokenizer.fingerprint if tokenizer is not None else ""))]
+                                                    tokenizer=fingerprint))]
     contents = [render(m) for m in row.messages]
-    ids = row_token_ids(row, tokenizer) if tokenizer is not None else [None] * len(contents)
+    if mode == "recorded":  # token-in/token-out: the harness's ids, as they are
+        ids = [m.token_ids for m in row.messages]
+    else:
+        ids = row_token_ids(row, tokenizer) if mode == "render" else [None] * len(contents)
     for i, (m, text, tok) in enumerate(zip(row.messages, contents, ids)):
-        tok = m.token_ids if m.token_ids is not None else tok  # ids the harness recorded win (token-in/token-out)
+        lps = m.logprobs if mode == "recorded" else None
         out.append(ev(Step, StepPayload(
             step_idx=i, role=m.role, content=text, tool_call=m.calls[0] if m.calls else None,
             tool_call_id=m.tool_call_id, pinned=i < row.prefix,
             token_ids=None if tok is None else encode_array(tok, "int32"),
-            logprobs=None if m.logprobs is None else encode_array(m.logprobs, "float32"))))
+            logprobs=None if lps is None else encode_array(lps, "float32"))))
     last = len(row.messages) - 1
     if row.score is not None:
         out.append(ev(JudgeResult, JudgeResultPayload(request_id=f"{row.rollout_id}-import", step_idx=last,

@@ -75,6 +75,8 @@ class Row:
     score: Optional[float]
     model: str = ""
     tools: tuple = ()  # the row's OpenAI `tools` (function schemas): rendered into the system message
+    token_source: str = ""  # whose tokenizer the recorded token_ids come from ("atif:AGENT/MODEL"; "" none recorded)
+    warnings: tuple[str, ...] = ()  # what the import changed or guessed in this row (printed, never silent)
 
 
 
@@ -134,11 +136,15 @@ def _recorded(msg: dict, role: str, where: str) -> tuple[Optional[tuple], Option
     return (None if ids is None else tuple(ids)), (None if lps is None else tuple(float(x) for x in lps))
 
 
-def parse_messages(messages: Any) -> tuple[Message, ...]:
+def parse_messages(messages: Any, warnings: Optional[list] = None) -> tuple[Message, ...]:
+    """Checked messages. `warnings` (a list) collects what was guessed: a tool message that names no call
+    is linked to the one open call of the assistant message before it (with several, it is an error)."""
+    warnings = [] if warnings is None else warnings
     if not isinstance(messages, list) or not messages:
         raise RowError("`messages` must be a non-empty list of chat messages")
     out: list[Message] = []
     open_calls: Optional[tuple[ToolCall, ...]] = None  # calls of the last assistant message, if tools follow
+    answered: set = set()  # ids of those calls that a tool message answered
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise RowError(f"message {i}: must be an object with `role` and `content`, got {type(m).__name__}")
@@ -163,8 +169,19 @@ def parse_messages(messages: Any) -> tuple[Message, ...]:
             if call_id is not None and known and call_id not in known:
                 raise RowError(f"{where}: tool_call_id {call_id!r} answers no tool call of the assistant "
                                f"message before it (ids: {', '.join(sorted(known))})")
+            if call_id is None and known:
+                unanswered = sorted(known - answered)
+                if len(unanswered) != 1:
+                    raise RowError(f"{where}: names no tool call (tool_call_id) and the assistant message before it "
+                                   f"made {len(unanswered)} unanswered calls ({', '.join(unanswered)}): which one "
+                                   "it answers is unknown")
+                call_id = unanswered[0]
+                warnings.append(f"{where} names no tool call (tool_call_id): linked to the only open call "
+                                f"{call_id!r}")
+            if call_id is not None:
+                answered.add(call_id)
         elif role == "assistant":
-            open_calls = calls
+            open_calls, answered = calls, set()
         else:
             open_calls = None
         out.append(Message(role, text, calls, call_id if role == "tool" else None, *_recorded(m, role, where)))
@@ -191,7 +208,9 @@ def parse_row(obj: Any, line: int, opts: ImportOptions, seen: dict[str, int]) ->
     task_id = obj.get("task_id")
     if not isinstance(task_id, str) or not task_id.strip() or len(task_id) > 256:
         raise RowError(f"`task_id` must be a non-empty string (<= 256 chars), got {task_id!r}")
-    messages = parse_messages(obj.get("messages"))
+    noted = obj.get("_warnings")  # what a format's conversion noted (producers.import_atif)
+    warnings: list[str] = [w for w in noted if isinstance(w, str)] if isinstance(noted, list) else []
+    messages = parse_messages(obj.get("messages"), warnings)
     score = obj.get("score")
     if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
                               or not math.isfinite(score) or not 0 <= score <= 1):
@@ -199,7 +218,9 @@ def parse_row(obj: Any, line: int, opts: ImportOptions, seen: dict[str, int]) ->
     row_id = obj.get("id")
     if row_id is not None and (isinstance(row_id, bool) or not isinstance(row_id, (str, int)) or row_id == ""):
         raise RowError(f"`id` must be a non-empty string or an integer, got {row_id!r}")
-    group = obj.get(opts.group_field) if opts.group_field else obj.get("group_id", task_id)
+    parent = obj.get("parent_id")  # a sub-trajectory: its group is its parent's rollout (the link in SQL)
+    default_group = _rollout_id(f"id:{task_id}\0{parent}") if parent is not None else task_id
+    group = obj.get(opts.group_field) if opts.group_field else obj.get("group_id", default_group)
     if isinstance(group, int) and not isinstance(group, bool):
         group = str(group)
     if not isinstance(group, str) or not group or len(group) > 256:
@@ -219,14 +240,23 @@ def parse_row(obj: Any, line: int, opts: ImportOptions, seen: dict[str, int]) ->
         n = seen.get(row_hash, 0)  # the n-th identical row of the file is its own rollout
         seen[row_hash] = n + 1
         key = f"hash:{row_hash}#{n}"
-    rollout_id = ID_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:32]
+    rollout_id = _rollout_id(key)
     model = obj.get("model") if isinstance(obj.get("model"), str) else ""
     tools = obj.get("tools") or []
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise RowError("`tools` must be a list of OpenAI tool objects ({\"type\": \"function\", \"function\": "
                        "{\"name\", \"parameters\", ...}})")
+    source = obj.get("token_source")
+    if source is not None and not isinstance(source, str):
+        raise RowError(f"`token_source` must be a string naming the tokenizer of the recorded token_ids, got {source!r}")
+    if source is None and any(m.token_ids is not None for m in messages):
+        source = f"recorded:{model[:200] or 'unknown'}"
     return Row(line, rollout_id, row_hash, task_id, group, messages, prefix, None if score is None else float(score),
-               model[:256], tuple(tools))
+               model[:256], tuple(tools), (source or "")[:300], tuple(warnings))
+
+
+def _rollout_id(key: str) -> str:
+    return ID_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def read_rows(path: Path, opts: ImportOptions) -> Iterator[tuple[int, Optional[Row], Optional[str]]]:

@@ -32,8 +32,11 @@ Validation first (every row, nothing sent), then emission of the good rows; bad 
 with their line number and skipped. Ids are deterministic: a row's rollout id comes from its `id`
 (and task), else from its content hash (and how many identical rows precede it), so appending rows
 to a file and importing it again imports only the new rows; rows already archived are skipped, and a
-row `id` re-imported with different content is refused. Rows of unregistered tasks are skipped (the
-dataset builder needs registered tasks: `klong tasks import` first).
+row `id` re-imported with different content is refused, naming the file and line it came from before,
+even when that import is not archived yet (`producers.import_ledger`, written before anything is sent).
+Rows of unregistered tasks are skipped (the dataset builder needs registered tasks: `klong tasks import`
+first). What an import changes or guesses in a row (a tool message linked to the one open call, recorded
+token ids not kept, tool schemas without a template) is a warning naming the file and line.
 """
 
 
@@ -46,7 +49,9 @@ from typing import Callable, Optional
 from consumers.chat import ChatTokenizer, TemplateError
 from consumers.tokenize import load_tokenizer
 from klong.settings import Settings
-from producers.import_events import chat_messages, event_id, n_events, render, row_events, row_token_ids
+from producers.import_events import (chat_messages, event_id, n_events, render, row_events, row_token_ids,
+                                     token_plan)
+from producers.import_ledger import Ledger
 from producers.import_rows import (ID_PREFIX, MAX_ARGS_CHARS, ROLES, ImportOptions, Message, Row, RowError,
                                    parse_messages, parse_row, read_rows)
 from schemas.errors import BrokerError, TerminalError
@@ -114,15 +119,17 @@ def validate(settings: Settings, path: str | Path, opts: ImportOptions, register
         raise TrajectoryImportError(f"{path}: no such file")
     registered = registered_tasks(settings) if registered is None else registered
     started, ended = _archived(settings)
+    ledger = Ledger(settings.home)
     report, eval_tasks = ImportReport(), set()
     for n, (line, row, reason) in enumerate(read_rows(path, opts), 1):
         checked(n)
         if row is not None and row.task_id not in registered:
             row, reason = None, (f"task {row.task_id!r} is not registered (register it first: "
                                  "`klong tasks import DIR --split train`)")
-        if row is not None and isinstance(tokenizer, ChatTokenizer):
+        plan_warning = None
+        if row is not None:
             try:
-                row_token_ids(row, tokenizer)
+                _, _, plan_warning = token_plan(row, tokenizer)
             except TemplateError as e:
                 row, reason = None, str(e)
         if row is None:
@@ -130,13 +137,24 @@ def validate(settings: Settings, path: str | Path, opts: ImportOptions, register
             continue
         if row.rollout_id in started and started[row.rollout_id] != event_id(row, 0):
             report.skipped.append((line, f"this row's id was imported before with different content "
-                                         f"(rollout {row.rollout_id}); give the changed row a new `id`"))
+                                         f"(rollout {row.rollout_id}, {path.name} line {line}); give the changed row "
+                                         "a new `id`"))
+            continue
+        earlier = ledger.conflict(row.rollout_id, row.row_hash)
+        if earlier is not None:  # not archived yet, maybe: the ledger knows at once
+            report.skipped.append((line, f"this row's id was imported before from {earlier} with different "
+                                         f"content (rollout {row.rollout_id}); give the changed row a new `id`"))
             continue
         if event_id(row, n_events(row) - 1) in ended:
             report.already.append((line, row.rollout_id))
             continue  # (started but not ended: an import torn by a crash; sent again, the views dedupe)
         if "train" not in registered[row.task_id].splits:
             eval_tasks.add(row.task_id)
+        notes = list(row.warnings) + ([plan_warning] if plan_warning else [])
+        if row.tools and not isinstance(tokenizer, ChatTokenizer):  # the events carry no tool schemas
+            notes.append(f"its {len(row.tools)} tool definitions are rendered (the template's tools block) only by "
+                         "an import with --tokenizer MODEL_DIR; imported without them")
+        report.warnings += [f"{path.name} line {line}: {w}" for w in notes]
         report.imported.append(Imported(line, row.rollout_id, row.row_hash, row.task_id, len(row.messages),
                                         row.prefix, row.score))
     if not report.imported and not report.skipped and not report.already:
@@ -164,21 +182,35 @@ def import_trajectories(settings: Settings, path: str | Path, opts: ImportOption
                                     f"first: line {line}: {reason}")
     if opts.dry_run or not report.imported:
         return report
-    wanted = {r.line: r for r in report.imported}
+    # (line, rollout id): a line may hold several rows (an ATIF trajectory and its sub-trajectories)
+    wanted = {(r.line, r.rollout_id): r for r in report.imported}
+    Ledger(settings.home).record(path, [(r.line, r.rollout_id, r.row_hash) for r in report.imported])
+    lines = {r.line for r in report.imported}
+
+    def changed(line: int) -> TrajectoryImportError:
+        return TrajectoryImportError(f"{path} changed during the import (line {line}); {done} row(s) were "
+                                     "sent: run the import again to finish (sent rows are skipped)")
+
     with Outbox(settings, settings.outbox_dir / "import", fsync="batch") as box:
         done = 0
         for line, row, _ in read_rows(Path(path), opts):  # pass 2: the rows again, one at a time
-            if line not in wanted:
+            if line not in lines:
                 continue
-            if row is None or row.row_hash != wanted[line].row_hash:
-                raise TrajectoryImportError(f"{path} changed during the import (line {line}); {done} row(s) were "
-                                            "sent: run the import again to finish (sent rows are skipped)")
+            if row is None:
+                raise changed(line)
+            want = wanted.get((line, row.rollout_id))
+            if want is None:
+                continue  # imported before (report.already)
+            if row.row_hash != want.row_hash:
+                raise changed(line)
             events = row_events(row, tokenizer, opts.timeout_s)
             for e in events:
                 publish(box, e)
             report.events += len(events)
             done += 1
             progress(done)
+        if done != len(wanted):
+            raise changed(max(lines))
         try:
             box.flush(timeout=flush_timeout, until="acked")
         except BrokerError as e:  # nothing is lost: the spool keeps the events and a later run sends them

@@ -64,6 +64,8 @@ def test_export_round_trips_every_sample(train_home, tmp_path, fmt, ref):  # noq
         assert lost == int(reader.n_no_logprob.sum()) > 0  # r05's text-only action: trained, marked no logprob
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert manifest["content_hash"] == reader.content_hash and manifest["format"] == fmt
+    if fmt == "verl":  # the class verl's data.custom_cls loads (tests/test_export_peers.py runs it)
+        assert (tmp_path / "out" / manifest["verl_custom_cls"]["path"]).is_file()
 
 
 def test_export_refuses_bad_requests(train_home, tmp_path):  # noqa: F811
@@ -142,7 +144,10 @@ def _agent_rollout(rid: str, plan: list[str]) -> list:
     return evs
 
 
-def test_messages_export_is_valid_chat_or_null(broker, tmp_path):
+def test_messages_export_is_never_null(broker, tmp_path):
+    """Every window's messages: its pinned prefix, then its steps from where its tokens start (a message
+    boundary), tool calls structured. A window that starts with a tool result keeps it, answering a call in
+    the window before (was: null, 55 of 61 rows of a real export)."""
     import uuid
 
     from consumers.materialize import build_version
@@ -162,21 +167,54 @@ def test_messages_export_is_valid_chat_or_null(broker, tmp_path):
     build_version(settings.home, "agent", "sft", {"max_tokens": 200, "overlap_turns": 0})  # 60 prefix + 2 turns
     report = export_dataset(settings.home, "agent@1", "trl", tmp_path / "out", settings=settings)
     rows = _load(tmp_path / "out")
-    assert len(rows) >= 3
-    kept = 0
+    assert len(rows) >= 3 and report.messages_left_out == 0
+    starts_with_tool = 0
     for row in rows:
-        msgs = row["messages"]
-        body_first = row["first_step"]
-        if msgs is None:  # the window starts with a tool result whose call is in the window before
-            continue
-        kept += 1
+        msgs, body_first = row["messages"], row["first_step"]
         assert [m["role"] for m in msgs[:2]] == ["system", "user"] and msgs[2]["step_idx"] == body_first
-        assert msgs[2]["role"] == "user" or row["window_idx"] == 0
-        calls = {m["tool_calls"][0]["id"] for m in msgs if m["tool_calls"]}
-        assert all(m["tool_call_id"] in calls for m in msgs if m["role"] == "tool")
         assert [m["step_idx"] for m in msgs] == [0, 1] + list(range(body_first, row["last_step"] + 1))
         assert all(m["loss"] == (m["role"] == "assistant" and m["step_idx"] >= 2) for m in msgs)
-        assert msgs[3]["content"] == f"act {(body_first - 2) // 2}"
-    turn = [(r["first_step"] - 2) // 2 for r in rows]  # each turn is 2 steps after the 2 prefix steps
-    starts_with_tool = sum(1 for k in turn if k > 0 and plan[k] == "t")
-    assert report.messages_left_out == len(rows) - kept == starts_with_tool > 0 and kept >= 2
+        k = (body_first - 2) // 2  # each turn is 2 steps after the 2 prefix steps
+        assert msgs[2]["role"] == ("tool" if k > 0 and plan[k] == "t" else "user")
+        if msgs[2]["role"] == "tool":
+            starts_with_tool += 1
+            assert msgs[2]["tool_call_id"] == f"c{k - 1}"  # the call of the window before
+        assert msgs[3]["content"] == f"act {k}" and msgs[3]["tool_calls"][0]["id"] == f"c{k}"
+        calls = {m["tool_calls"][0]["id"] for m in msgs if m["tool_calls"]}
+        assert all(m["tool_call_id"] in calls for m in msgs[3:] if m["role"] == "tool")
+    assert starts_with_tool > 0
+
+
+@pytest.mark.parametrize("content, recorded, text, calls", [
+    # what the importer writes: text, then each call rendered; the recorded call keeps its id and arguments
+    ('Two.\n<tool_call>\n{"name": "bash", "arguments": {"cmd": "ls"}}\n</tool_call>\n<tool_call>\n'
+     '{"name": "bash", "arguments": {"cmd": "pwd"}}\n</tool_call>', ("bash", '{"cmd":"ls"}', "c1"), "Two.",
+     [("c1", "bash", '{"cmd":"ls"}'), ("call_5_1", "bash", '{"cmd": "pwd"}')]),
+    # a call recorded only as structure: rendered from it, the text stays
+    ("act 3", ("bash", "{}", "c3"), "act 3", [("c3", "bash", "{}")]),
+    # no call; a block that is not JSON stays text
+    ("<tool_call>\nnot json\n</tool_call>", None, "<tool_call>\nnot json\n</tool_call>", None),
+])
+def test_tool_calls_are_given_once(content, recorded, text, calls):
+    from trainer.export_messages import split_tool_calls
+
+    got_text, got = split_tool_calls(content, recorded, 5)
+    assert got_text == text
+    assert (None if got is None else [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in got]) == calls
+
+
+def test_tool_results_and_calls_name_each_other():
+    """A call recorded without an id takes the id its result names (the simulator's `call-2`); a result that
+    names no call answers the call before it (was: `call_2` beside `call-2`, a result answering nothing)."""
+    from trainer.export_messages import _link, split_tool_calls
+
+    def step(i, role, content="", call=None, answers=None):
+        text, calls = split_tool_calls(content, call, i) if role == "assistant" else (content, None)
+        return {"role": role, "content": text, "tool_calls": calls, "tool_call_id": answers, "step_idx": i,
+                "_named": bool(call and call[2])}
+
+    by_idx = {2: step(2, "assistant", "look", ("bash", "{}", None)), 3: step(3, "tool", "out", answers="call-2"),
+              4: step(4, "assistant", "again", ("bash", "{}", "c4")), 5: step(5, "tool", "out")}
+    _link(by_idx)
+    assert by_idx[2]["tool_calls"][0]["id"] == "call-2" and by_idx[5]["tool_call_id"] == "c4"
+    assert all("_named" not in m for m in by_idx.values())

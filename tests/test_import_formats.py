@@ -87,7 +87,7 @@ def test_atif_conversion_keeps_token_ids_exactly():
     assert row["messages"][2]["tool_calls"][0]["function"] == {
         "name": "read_file_chunk", "arguments": json.dumps({"file": "/home/paper/paper.md", "start_line": 1,
                                                             "max_lines": 50})}
-    assert row["messages"][3]["tool_call_id"] == "call_1" and row["id"] == "sess-1"
+    assert row["messages"][3]["tool_call_id"] == "call_1" and row["id"].startswith("sess-1@")
     assert len(row["messages"][6]["logprobs"]) == len(C3) and row["model"] == "SmolLM2-135M-Instruct"
 
 

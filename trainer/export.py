@@ -15,7 +15,10 @@ those out of the loss, its default `recompute` trains them, like this mask). Col
 (`FORMATS`): TRL's `assistant_masks` / `completion_mask`, HF's `labels` (-100 off the loss), verl's
 `response_mask`, `old_log_probs`, per-token `advantages` and `uid` (the GRPO group). Every format also
 carries the sample's identity and numbers (rollout_id, window_idx, group_id, q, advantage, ...), and with
-`--messages` the window as chat messages where that is lossless (`trainer.export_messages`).
+`--messages` the window as chat messages (`trainer.export_messages`). verl's own dataset classes read chat,
+not token columns: with `settings`, a verl export adds `messages` (MultiTurnSFTDataset), `prompt`,
+`reward_model`, `extra_info`, `ability` (RLHFDataset) (`trainer.export_verl`), and every verl export holds
+`klong_verl_dataset.py`, a class verl's `data.custom_cls` loads to train on the token columns as they are.
 
 Files: `DIR/data/train-NNNNN-of-MMMMM.parquet` (the Hugging Face Hub layout; shards of ~`shard_tokens`
 tokens) and `DIR/klong_export.json` (source ref and content hash, format, columns, counts). The export is
@@ -59,7 +62,7 @@ class ExportReport:
     tokens: int
     loss_tokens: int
     bytes: int
-    messages_left_out: Optional[int] = None  # samples whose messages are null (None: no messages column)
+    messages_left_out: Optional[int] = None  # 0 with a messages column (never null); None: no messages column
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,8 @@ def export_dataset(home: Path | str, ref: str, fmt: str, directory: Path | str, 
                    chunk_tokens: int = CHUNK_TOKENS, compression: str = "zstd", settings=None,
                    progress: Callable[[int], None] = lambda n: None) -> ExportReport:
     """Writes the export of dataset version `ref` into `directory` (created; must not hold files). With
-    `settings` (whose archive holds the dataset's events), also a `messages` column (`trainer.export_messages`)."""
+    `settings` (whose archive holds the dataset's events), also the chat columns: `messages`
+    (`trainer.export_messages`), and for verl those its own dataset classes read (`trainer.export_verl`)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     out = Path(directory)
@@ -162,7 +166,13 @@ def export_dataset(home: Path | str, ref: str, fmt: str, directory: Path | str, 
         meta = meta.append_column("uid", meta.column("group_id")).append_column(
             "data_source", pa.array([f"klong:{reader.ref}"] * meta.num_rows, pa.string()))
     messages_left_out = None
-    if settings is not None:
+    if settings is not None and fmt == "verl":  # what verl's own dataset classes read (trainer.export_verl)
+        from trainer.export_verl import verl_columns
+
+        for name, col in verl_columns(settings, reader.path, meta, reader.ref).items():
+            meta = meta.append_column(name, col)
+        messages_left_out = 0
+    elif settings is not None:
         from trainer.export_messages import messages_column
 
         msgs, messages_left_out = messages_column(settings, reader.path)
@@ -194,6 +204,11 @@ def export_dataset(home: Path | str, ref: str, fmt: str, directory: Path | str, 
                     "messages_left_out": messages_left_out,
                     "columns": {f.name: str(f.type) for f in pq.read_schema(files[0])},
                     "files": [str(p.relative_to(tmp)) for p in files]}
+        if fmt == "verl":
+            from trainer.export_verl import DATASET_CLASS, DATASET_FILE, write_dataset_class
+
+            write_dataset_class(tmp)
+            manifest["verl_custom_cls"] = {"path": DATASET_FILE, "name": DATASET_CLASS}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if out.exists():
             out.rmdir()  # empty (checked above)
