@@ -31,12 +31,9 @@ def _settings(args):
 
 
 def _config_path(value: str | None) -> str | None:
-    from trainer.config import CONFIG_DIR
+    from trainer.config import config_path
 
-    if value is None or Path(value).exists():
-        return value
-    shipped = CONFIG_DIR / (value if value.endswith(".yaml") else f"{value}.yaml")
-    return str(shipped) if shipped.is_file() else value  # a missing file is reported by read_yaml
+    return config_path(value)
 
 
 def new_run_id(dataset: str, mode: str) -> str:

@@ -60,6 +60,9 @@ def preflight(settings: Settings, cfg: RunConfig) -> dict:
 
     model_path(cfg.model.name, settings.home)  # ConfigError naming model.name when it is nowhere
     longest = ds_longest(settings, manifest)
+    from trainer.tracking import check_installed, resolve_report_to
+
+    check_installed(resolve_report_to(cfg.train.report_to))  # a tracker that is not here fails now, not after setup
     if longest > cfg.data.micro_batch_tokens:
         raise ConfigError(f"data.micro_batch_tokens={cfg.data.micro_batch_tokens} is below the longest sample of "
                           f"{manifest['ref']} ({longest} tokens; its max_tokens is {manifest['config']['max_tokens']})")
@@ -99,6 +102,7 @@ class TrainRecipe:
         self.settings, self.cfg, self.run_id, self.run_dir = settings, cfg, run_id, Path(run_dir)
         self.resume, self.out = resume, out
         self.events = None
+        self.tracker = None
         self.step = 0
         self.checkpoints: list[Path] = []
 
@@ -159,9 +163,24 @@ class TrainRecipe:
                                     config={**cfg.to_dict(), "run_dir": str(self.run_dir),
                                             "world_size": self.dist.world_size, "zero_stage_run": self.engine.zero_stage,
                                             "resumed_from": str(self.resume) if self.resume else None})
+            self._open_tracker()
             self._say(f"run {self.run_id}: {cfg.mode} on {self.reader.ref} ({len(self.reader)} samples, "
                       f"{per_epoch} steps/epoch), {self.dist.world_size} process(es), ZeRO-{self.engine.zero_stage}, "
                       f"{self.total_steps} steps" + (f", resumed at step {self.step}" if self.resume else ""))
+
+    def _open_tracker(self) -> None:
+        """The experiment trackers of `train.report_to` (trainer.tracking), with the run's lineage as tags."""
+        from trainer.tracking import Tracker
+
+        cfg = self.cfg
+        tags = {"run_id": self.run_id, "mode": cfg.mode, "dataset": self.reader.ref,
+                "dataset_hash": self.reader.content_hash, "policy_version_in": self.policy_version_in,
+                "model": cfg.model.name, "world_size": self.dist.world_size,
+                "resumed_from": str(self.resume) if self.resume else None}
+        self.tracker = Tracker.open(cfg.train.report_to, self.run_dir, name=self.run_id, tags=tags,
+                                    config=cfg.to_dict())
+        if self.tracker.backends:
+            self._say(f"tracking: {self.tracker.where()}")
 
     # ---- train ----------------------------------------------------------------------------------
 
@@ -222,6 +241,8 @@ class TrainRecipe:
         keys = [self.reader.sample_key(j) for j in step.samples.tolist()]
         with open(self.run_dir / "steps.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, **m, "sample_keys": keys}) + "\n")
+        if self.tracker:
+            self.tracker.log(self.step, m)
         if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
             extra = (f" pg {m['pg_loss']:.4f} kl {m.get('kl', 0.0):.4f} clip {m['clip_frac']:.3f} ratio "
                      f"{m['ratio_mean']:.4f} (max {m['ratio_max']:.3f}) entropy {m['entropy']:.3f}" +
@@ -259,6 +280,9 @@ class TrainRecipe:
             if self.events:
                 self.events.checkpoint(self.step, policy_version=self.policy_version, path=final,
                                        dataset=self.reader.ref, dataset_hash=self.reader.content_hash)
+            if self.tracker:
+                self.tracker.set_tags({"policy_version_out": self.policy_version, "checkpoint": str(final),
+                                       "checkpoint_step": self.step})
             self._say(f"checkpoint {final} (policy_version {self.policy_version})")
         _barrier(self.dist)
         self.checkpoints.append(final)
@@ -267,6 +291,9 @@ class TrainRecipe:
     # ---- cleanup --------------------------------------------------------------------------------
 
     def cleanup(self, status: str = "finished", metrics: Optional[dict] = None) -> None:
+        if self.tracker:
+            self.tracker.close(status)
+            self.tracker = None
         if self.events:
             self.events.ended(self.step, status=status,
                               policy_version_out=self.policy_version if self.checkpoints else None,
