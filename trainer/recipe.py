@@ -1,6 +1,6 @@
 """The training recipe (torchtune style): setup -> train -> save_checkpoint -> cleanup, one YAML per run.
 
-    klong train --dataset web-sft@2 --mode sft --config trainer/configs/sft_tiny.yaml optim.lr=3e-4
+    klong train --dataset web-sft@2 --mode sft --config sft_tiny optim.lr=3e-4 train.report_to=[tensorboard]
     python -m trainer.recipe --home H --run-dir H/runs/<id> --run-id <id>     # what each launched process runs
 
 `preflight` checks everything that needs no torch (config, dataset exists and suits the mode, sample
@@ -11,7 +11,8 @@ setup     process group (trainer.engine), dataset version (trainer.data: verifie
           DeepSpeed engine, the resume position, and (rank 0) the lineage events (trainer.lineage).
 train     per optimizer step: this rank's micro-batches, loss (trainer.objective, trainer.losses) normalized
           by the step's global totals, backward, DeepSpeed step; metrics summed over ranks; a line per
-          `log_every` on stdout, a `metrics` event and a line in RUN_DIR/steps.jsonl (with the sample keys).
+          `log_every` on stdout, a `metrics` event and a line in RUN_DIR/steps.jsonl (with the sample keys);
+          every step to the experiment trackers of `train.report_to` (trainer.tracking), lineage as their tags.
 save      RUN_DIR/checkpoints/step-<N>/ (step-30, no zero padding): a transformers directory vLLM serves
           (model.safetensors, config.json, tokenizer files and chat template of the input model; the next
           run's `model.name`), klong_state.json (run, step, policy_version, dataset + hash, data position),
@@ -362,7 +363,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = Settings.load(args.home, args.bootstrap_servers, args.topic_prefix)
     run_dir = Path(args.run_dir)
     cfg = from_dict(read_yaml(run_dir / "config.yaml"))
-    run(settings, cfg, args.run_id, run_dir, Path(args.resume) if args.resume else None)
+    try:
+        run(settings, cfg, args.run_id, run_dir, Path(args.resume) if args.resume else None)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: the launching `klong train` says what was kept
+        return 130
     return 0
 
 
