@@ -393,8 +393,8 @@ def _for_users(text: str | None) -> str | None:
 
     if not text:
         return text
-    text = re.sub(rf"\s*The library is `{_MODULES}`\.", "", text)
-    return re.sub(rf" ?\((?:{_MODULES})(?:, {_MODULES})*\)", "", text)
+    text = re.sub(rf"\s*The library is\s+`{_MODULES}`\.", "", text)
+    return re.sub(rf" ?\((?:{_MODULES})(?:,\s*{_MODULES})*\)", "", text)
 
 
 # Commands that only read a data home: a home that is not one is an error for them (mistyped --home),

@@ -26,7 +26,7 @@ from tests.test_trainer_data import train_home  # noqa: F401  (session fixture)
 from tests.test_trainer_run import klong
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config", "sft_tiny", "data.micro_batch_tokens=1200", "train.max_steps=1", "train.log_every=1"]
+TINY = ["--config", "sft_tiny", "data.micro_batch_tokens=1200", "train.max_steps=1", "optim.warmup_steps=0"]
 
 
 def test_train_prints_run_dir_first_and_is_in_sql_when_it_returns_while_a_sink_runs(train_home, capsys):
