@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from klong.cli import IntermixedParser
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, TransientError
 
 
 def _settings(args):
@@ -118,31 +118,37 @@ def _quiet_cpu_accelerator(cfg) -> None:
 
 def _await_archive(settings, wait_s: float | None) -> None:
     """The run's training_run events reach SQL (`training_runs`) once a sink archives them. With --wait-archived,
-    wait for a running sink; without it, wait while a sink is seen making progress, else say what to run."""
+    wait up to that long for a running sink; without it, wait while a sink is seen making progress on the
+    training topic, else say what to run. (Only the training topic counts: rollouts other producers keep
+    recording, as in an RL loop, must not hold a run's exit.)"""
     import time
 
     from schemas.errors import KlongError
-    from store.status import unarchived_events, wait_archived
+    from store.status import partition_lag
+
+    def lag() -> int:
+        return sum(p.lag for p in partition_lag(settings) if p.topic == settings.topics.training)
 
     try:
-        if wait_s is not None:
-            wait_archived(settings, wait_s)
-            return
-        left, deadline = unarchived_events(settings), time.monotonic() + 5.0
-        cap = time.monotonic() + 120.0  # other producers may keep a busy sink from ever reaching 0
+        left, now = lag(), time.monotonic()
+        deadline = now + (wait_s if wait_s is not None else 5.0)
+        cap = now + (wait_s if wait_s is not None else 120.0)
         while left and time.monotonic() < min(deadline, cap):  # a running sink flushes every second or so
             time.sleep(0.5)
-            now = unarchived_events(settings)
-            if now < left:
+            seen = lag()
+            if seen < left and wait_s is None:
                 deadline = time.monotonic() + 5.0  # it moves: a sink is running, keep waiting
-            left = now
+            left = seen
     except KlongError as e:
         print(f"note: could not check the archive ({e}); the run's events reach SQL once `klong sink run` "
               "archives them", file=sys.stderr)
         return
+    if left and wait_s is not None:
+        raise TransientError(f"--wait-archived {wait_s:g}: {left} of the run's events are still not archived "
+                             "(is `klong sink run` running?); the run itself finished")
     if left:
-        print(f"note: the run's training_run events are in Kafka, not in the archive yet: `klong sink run "
-              f"--until-idle` archives them (SQL: training_runs); no sink was seen running", file=sys.stderr)
+        print("note: the run's training_run events are in Kafka, not in the archive yet: `klong sink run "
+              "--until-idle` archives them (SQL: training_runs); no sink was seen running", file=sys.stderr)
 
 
 def _kept(run_dir: Path) -> str:
