@@ -143,3 +143,27 @@ def test_the_rl_loop_logs_each_iterations_rewards(train_home, tmp_path, monkeypa
     assert iteration_metrics(s.home, summary)["rewarded_rollouts"] == len(final)
     monkeypatch.delenv("KLONG_REPORT_TO")
     assert log_iteration(s, plan, summary, "loop-1") is None  # no tracker asked for: nothing written
+
+
+def test_klong_rl_run_logs_each_iterations_rewards_to_the_plans_tracker(settings, tmp_path, monkeypatch):
+    """The real scheduler (scripted policy, stub judge): one point per iteration, equal to the rollouts' scores."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
+    from producers.scheduler import Scheduler
+    from store.catalog import Catalog
+    from tests.openai_stub import StubModel
+    from tests.policy_stub import PolicyStub
+    from tests.test_scheduler import QUICK, plan_dict, register_tasks
+
+    register_tasks(settings, tmp_path)
+    monkeypatch.setenv("KLONG_REPORT_TO", "tensorboard")  # the plan trains with a shell hook: no trainer config
+    with PolicyStub(QUICK) as policy, StubModel() as judge:
+        raw = plan_dict(policy.url, judge.url)
+        raw.update(tasks=["ta", "tb"], train="true",
+                   stages=[{"timeout": "60s", "rollouts_per_sample": 2, "iterations": 2}])
+        summaries = Scheduler(settings, parse_plan(raw), progress=lambda line: None).run()
+    assert [s.iteration for s in summaries] == [1, 2]
+    got = read.tensorboard_scalars(settings.home / "runs" / "rl-two-stage")
+    rows = Catalog(settings).arrow("SELECT iteration, avg(final_score) AS mean FROM rollouts "
+                                   "GROUP BY iteration ORDER BY iteration").to_pylist()
+    assert same(got["rl/reward_mean"], [(r["iteration"], r["mean"]) for r in rows]), (got["rl/reward_mean"], rows)
+    assert [st for st, _ in got["rl/samples"]] == [1, 2] and all(v > 0 for _, v in got["rl/samples"])
