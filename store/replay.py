@@ -127,8 +127,9 @@ def _rearchive(settings: Settings, m: dict, scratch: Path, report: ReplayReport,
                                                                                  f"{scratch.name}"),
                                security=settings.security)
     try:
-        Sink(replay_settings, topics=topics).run(until_idle=True,
-                                                 progress=lambda st: progress("re-archiving from Kafka", st.events))
+        stats = Sink(replay_settings, topics=topics).run(
+            until_idle=True, progress=lambda st: progress("re-archiving from Kafka", st.events))
+        progress("re-archiving from Kafka", stats.events)  # the last flush completes after the sink's last report
     except KlongError as e:
         report.differences.append(f"kafka: cannot re-read the topics: {e}")
         return None

@@ -127,3 +127,9 @@ def test_help_pages_speak_of_commands_not_modules():
     module = re.compile(r"\((?:schemas|producers|consumers|store|trainer|klong)\.[a-z_.]+|The library is|Thin:")
     for path, parser in pages(build_parser()):
         assert not module.search(parser.description or ""), f"{' '.join(path)}: {parser.description}"
+
+
+def test_replay_shows_progress_on_a_terminal(train_home):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    shown = _on_a_terminal([sys.executable, "-m", "klong", *klong(train_home, "replay", "sft@1")], env)
+    assert re.search(r"rebuilding: \d+ rollouts", shown) and "identical: sft@1" in shown, shown
