@@ -162,9 +162,9 @@ class Tracker:
         self.backends, self.run_dir, self.prefix = backends, run_dir, prefix
 
     @classmethod
-    def open(cls, report_to: Iterable[str], run_dir: Path, *, name: str, tags: dict, config: dict,
+    def open(cls, report_to: str | Iterable[str], run_dir: Path, *, name: str, tags: dict, config: dict,
              prefix: str = "train") -> "Tracker":
-        names = resolve_report_to(list(report_to))
+        names = resolve_report_to(report_to if isinstance(report_to, str) else list(report_to))
         check_installed(names)
         run_dir = Path(run_dir)
         ids_path = run_dir / IDS_FILE
