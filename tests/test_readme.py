@@ -79,6 +79,7 @@ def test_every_klong_line_names_a_real_command_and_options(line, argv):
             assert flag in known, f"README.md:{line}: `klong {' '.join(argv[:2])}` has no option {flag}"
 
 
+@pytest.mark.timeout(1800)  # the blocks train for a minute on an idle machine; a loaded CI machine takes several
 def test_runnable_blocks_run_as_written(tmp_path):
     """Every block not marked as an example, in order, in one shell against a fresh home, from a directory that
     has the repository's `tasks/` (the one block that names it says to stand there) and nothing else: the
@@ -94,7 +95,7 @@ def test_runnable_blocks_run_as_written(tmp_path):
     (work / "tasks").symlink_to(ROOT / "tasks")
     try:
         out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, capture_output=True,
-                             text=True, timeout=600)
+                             text=True, timeout=1500)
         assert out.returncode == 0, f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-3000:]}"
     finally:  # a failed block must not leave the broker running
         subprocess.run([str(venv_bin / "klong"), "broker", "stop"], env=env, capture_output=True, timeout=60)
