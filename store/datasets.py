@@ -244,7 +244,6 @@ def report_progress(callback: Callable[[int, int], None]) -> Iterator[None]:
         _progress.remove(callback)
 
 
-
 class TokensWriter:
     """Streams tokens rows into tokens.parquet (row groups of ~ROW_GROUP_TOKENS tokens), digesting each row."""
 
