@@ -1,7 +1,8 @@
-"""`klong`: the command line. Thin: parses flags, calls the library, prints.
+"""`klong`: record agent rollouts as events, archive them, query them with SQL, build versioned datasets and train.
 
 Every command takes `--home DIR` (env KLONG_HOME, default ./klong-data) and `--bootstrap-servers`
-(env KLONG_BOOTSTRAP_SERVERS, default: the embedded broker of the home). Run `klong CMD --help`.
+(env KLONG_BOOTSTRAP_SERVERS, default: the embedded broker of the home). Run `klong COMMAND --help`.
+Errors are one line on stderr (exit 2); Ctrl-C stops a command with one line saying what was kept (exit 130).
 """
 
 from __future__ import annotations
@@ -182,6 +183,26 @@ def _progress(desc: str, unit: str, quiet: bool):
     return tqdm(desc=desc, unit=unit, disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
 
 
+class StageBars:
+    """Progress bars for a command with stages: `bars(stage, count)` moves the bar of `stage` to `count`,
+    closing the previous stage's bar (on stderr, only on a terminal and without -q)."""
+
+    def __init__(self, units: dict[str, str], quiet: bool):
+        self.units, self.quiet = units, quiet
+        self.stage, self.bar = None, None
+
+    def __call__(self, stage: str, count: int) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage, self.bar = stage, _progress(stage, unit=self.units.get(stage, "it"), quiet=self.quiet)
+        self.bar.update(count - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.stage, self.bar = None, None
+
+
 def _print_table(table, fmt: str, output: str | None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -358,7 +379,22 @@ def _describe_pages(parser: argparse.ArgumentParser) -> None:
             for name, page in action.choices.items():
                 if not page.description and helps.get(name):
                     page.description = helps[name][0].upper() + helps[name][1:] + "."
+                page.description = _for_users(page.description)
                 _describe_pages(page)
+
+
+_MODULES = r"(?:schemas|producers|consumers|store|trainer|klong)\.[a-z_.]+"
+
+
+def _for_users(text: str | None) -> str | None:
+    """A help page speaks of commands, files and settings, not of the Python modules behind them: drops
+    `(store.report)`-style references and "The library is `...`." sentences from module docstrings."""
+    import re
+
+    if not text:
+        return text
+    text = re.sub(rf"\s*The library is\s+`{_MODULES}`\.", "", text)
+    return re.sub(rf" ?\((?:{_MODULES})(?:,\s*{_MODULES})*\)", "", text)
 
 
 # Commands that only read a data home: a home that is not one is an error for them (mistyped --home),
@@ -394,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     except KlongError as e:
         print(f"klong {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # commands that keep partial work say what they kept before this point
+        print(f"klong {args.command}: interrupted (Ctrl-C); nothing after this point was done", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -8,7 +8,11 @@
 
 `build` prints `NAME@N` on stdout (what a script captures) and a summary on stderr. Config: the YAML
 file first, then `key=value` overrides (values read as YAML: 4096 is an int, true a bool, [1,2] a list),
-then `--stage` / `--iteration`. Keys: see `consumers.materialize.DatasetConfig`.
+then `--stage` / `--iteration`. `--config` also takes a shipped example by name (`sft`, or
+`examples/sft.yaml` from any directory). Keys: max_tokens, overlap_turns, loss_on_overlap, prefix_loss,
+reward_mode, std_normalize, drop_constant_groups, max_staleness, tokenizer, stage, iteration, tasks, statuses
+(README "Versioned datasets"). On a terminal, build and replay show progress bars (-q: none); Ctrl-C
+leaves nothing half-built.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from klong.cli import IntermixedParser
 from klong.settings import read_yaml
@@ -60,6 +65,24 @@ def parse_config(path: str | None, overrides: list[str], kind: str | None, stage
     return kind, cfg
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # the example configs beside the installed package
+
+
+def config_file(value: str | None) -> str | None:
+    """`--config` as given, else the shipped example of that name or path: `examples/sft.yaml` and `sft` both
+    find EXAMPLES/sft.yaml from any directory."""
+    if value is None or Path(value).exists():
+        return value
+    parts = Path(value).parts
+    if len(parts) == 2 and parts[0] == "examples":
+        parts = parts[1:]
+    if len(parts) != 1:  # another path: reported as missing by read_yaml
+        return value
+    name = parts[0]
+    shipped = EXAMPLES / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    return str(shipped) if shipped.is_file() else value  # a missing file is reported by read_yaml
+
+
 def _check_archived(settings, wait_s) -> None:
     """A build reads the archive only: say so when Kafka holds events it has not archived yet, or wait
     for the sink (--wait-archived)."""
@@ -84,9 +107,21 @@ def _check_archived(settings, wait_s) -> None:
 def cmd_build(args) -> int:
     from consumers.materialize import build_version
 
-    kind, cfg = parse_config(args.config, args.overrides, args.kind, args.stage, args.iteration)
+    from klong.cli import _progress
+    from store.datasets import report_progress
+
+    kind, cfg = parse_config(config_file(args.config), args.overrides, args.kind, args.stage, args.iteration)
     _check_archived(_settings(args), args.wait_archived)
-    outcome = build_version(_settings(args).home, args.name, kind, cfg)
+    bar = _progress(f"building {args.name}", unit=" rollouts", quiet=args.quiet)
+    try:
+        with report_progress(lambda rollouts, tokens: (bar.set_postfix_str(f"{tokens:,} tokens", refresh=False),
+                                                       bar.update(rollouts - bar.n))):
+            outcome = build_version(_settings(args).home, args.name, kind, cfg)
+    except KeyboardInterrupt:
+        bar.close()
+        _err(f"klong dataset build: interrupted; no version of {args.name} was published (a build is all or nothing)")
+        return 130
+    bar.close()
     m = outcome.manifest
     if outcome.existing:
         _err(f"no new input and the same config: {outcome.ref} is up to date ({m['content_hash'][:19]}...)")
@@ -211,7 +246,17 @@ def cmd_export(args) -> int:
 def cmd_replay(args) -> int:
     from store.replay import replay
 
-    report = replay(_settings(args), args.ref, from_kafka=args.from_kafka, keep=args.keep)
+    from klong.cli import StageBars
+
+    bars = StageBars({"re-archiving from Kafka": " events", "rebuilding": " rollouts"}, args.quiet)
+    try:
+        report = replay(_settings(args), args.ref, from_kafka=args.from_kafka, keep=args.keep,
+                        progress=lambda stage, n: bars(stage, n))
+    except KeyboardInterrupt:
+        bars.close()
+        _err("klong replay: interrupted; nothing was changed (the scratch rebuild is removed)")
+        return 130
+    bars.close()
     source = "Kafka" if report.source == "kafka" else "the archive"
     if report.identical:
         print(f"identical: {report.ref} rebuilt from {source} has content hash {report.rebuilt_hash}")
@@ -233,7 +278,8 @@ def register(sub, common) -> None:
     b = dsub.add_parser("build", parents=[common], help="materialize a dataset version from the archive; prints NAME@N")
     b.add_argument("name", help="dataset name (letters, digits, . _ -)")
     b.add_argument("--kind", choices=["sft", "rl"], help="sft: loss masks; rl: Q, advantages, behaviour logprobs")
-    b.add_argument("--config", help="YAML file of config keys (max_tokens, overlap_turns, reward_mode, ...)")
+    b.add_argument("--config", help="YAML file of config keys (max_tokens, overlap_turns, reward_mode, ...), or a "
+                   "shipped example by name (sft: examples/sft.yaml, found from any directory)")
     b.add_argument("--stage", type=int, help="only rollouts of this stage")
     b.add_argument("--iteration", type=int, help="only rollouts of this iteration")
     b.add_argument("--wait-archived", type=float, nargs="?", const=600.0, metavar="SECONDS",

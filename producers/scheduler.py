@@ -269,6 +269,9 @@ class Scheduler:
             self.loop.server.set_version(pv + 1)
         if served is not None:
             served.set()
+        from trainer.tracking import log_iteration  # rewards per iteration in the plan's experiment trackers
+
+        log_iteration(self.settings, plan, summary, self.run_id)
         return summary
 
     def _wait_archived(self, it: int, results: dict) -> tuple[int, int]:

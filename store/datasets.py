@@ -41,9 +41,10 @@ import re
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -229,6 +230,19 @@ def stored_digests(path: Path) -> tuple[str, str]:
 
 # ---- writing ------------------------------------------------------------------------------------
 
+_progress: list[Callable[[int, int], None]] = []  # called (rollouts, tokens) as a build writes; see report_progress
+
+
+@contextmanager
+def report_progress(callback: Callable[[int, int], None]) -> Iterator[None]:
+    """Within the block, every build (or replay) calls `callback(rollouts written, tokens written)` after each
+    batch of tokens.parquet (from its writer thread): what `klong dataset build` shows as a progress bar."""
+    _progress.append(callback)
+    try:
+        yield
+    finally:
+        _progress.remove(callback)
+
 
 class TokensWriter:
     """Streams tokens rows into tokens.parquet (row groups of ~ROW_GROUP_TOKENS tokens), digesting each row."""
@@ -255,6 +269,8 @@ class TokensWriter:
             if acc >= ROW_GROUP_TOKENS or i == len(n_tok) - 1:
                 self._w.write_table(table.slice(lo, i + 1 - lo), row_group_size=i + 1 - lo)
                 lo, acc = i + 1, 0
+        for callback in list(_progress):
+            callback(self.rows, self.tokens)
 
     def close(self) -> str:
         self._w.close()

@@ -15,7 +15,8 @@ The new archive is cut into different flush directories, so the selection is by 
 exactly the offsets of the recorded per-partition watermark (`input.watermark`: topic incarnation and
 merged offset ranges). Events that arrived after the build sit at higher offsets and are left out;
 if the topic was recreated since (another topic id) or retention removed offsets, Kafka no longer holds
-the events and the replay says so. The content hash never depends on file boundaries, event ids of
+the events and the replay says so. `progress(stage, count)` (optional) hears how far each stage is
+(`klong replay` shows it as progress bars on a terminal). The content hash never depends on file boundaries, event ids of
 duplicates, or timestamps of the build, so the same events give the same hash either way.
 """
 
@@ -25,7 +26,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -62,8 +63,10 @@ class ReplayReport:
         return not self.differences and self.recorded_hash == self.stored_hash == self.rebuilt_hash
 
 
-def replay(settings: Settings, ref: str, from_kafka: bool = False, keep: bool = False) -> ReplayReport:
+def replay(settings: Settings, ref: str, from_kafka: bool = False, keep: bool = False,
+           progress: Optional[Callable[[str, int], None]] = None) -> ReplayReport:
     home = Path(settings.home)
+    progress = progress or (lambda stage, n: None)
     version = ds.DatasetVersion(home, ref)
     m = version.manifest
     report = ReplayReport(version.ref, "kafka" if from_kafka else "archive", m["content_hash"], None, None)
@@ -81,7 +84,7 @@ def replay(settings: Settings, ref: str, from_kafka: bool = False, keep: bool = 
     try:
         if from_kafka:
             scratch_home = home / "_replay" / uuid.uuid4().hex[:12]
-            inputs = _rearchive(settings, m, scratch_home, report)
+            inputs = _rearchive(settings, m, scratch_home, report, progress)
         else:
             inputs = InputSet(settings.archive_dir, tuple(m["input"]["flushes"]),
                               tuple(tuple(r) for r in m["input"].get("ranges", [])))
@@ -93,7 +96,8 @@ def replay(settings: Settings, ref: str, from_kafka: bool = False, keep: bool = 
             return report
         out = ds.new_build_dir(home)
         try:
-            rebuilt = materialize(inputs, m["kind"], DatasetConfig.from_mapping(m["config"]), out)
+            with ds.report_progress(lambda rollouts, tokens: progress("rebuilding", rollouts)):
+                rebuilt = materialize(inputs, m["kind"], DatasetConfig.from_mapping(m["config"]), out)
             report.rebuilt_hash = rebuilt["content_hash"]
             if rebuilt["content_hash"] != m["content_hash"]:
                 report.differences += _compare(m, rebuilt, version.path, out)
@@ -108,7 +112,8 @@ def replay(settings: Settings, ref: str, from_kafka: bool = False, keep: bool = 
     return report
 
 
-def _rearchive(settings: Settings, m: dict, scratch: Path, report: ReplayReport) -> Optional[InputSet]:
+def _rearchive(settings: Settings, m: dict, scratch: Path, report: ReplayReport,
+               progress: Callable[[str, int], None]) -> Optional[InputSet]:
     """Reads the recorded topics again from Kafka into `scratch`; returns the recorded offsets there."""
     from consumers.sink import Sink  # needs Kafka: imported only here
 
@@ -122,7 +127,9 @@ def _rearchive(settings: Settings, m: dict, scratch: Path, report: ReplayReport)
                                                                                  f"{scratch.name}"),
                                security=settings.security)
     try:
-        Sink(replay_settings, topics=topics).run(until_idle=True)
+        stats = Sink(replay_settings, topics=topics).run(
+            until_idle=True, progress=lambda st: progress("re-archiving from Kafka", st.events))
+        progress("re-archiving from Kafka", stats.events)  # the last flush completes after the sink's last report
     except KlongError as e:
         report.differences.append(f"kafka: cannot re-read the topics: {e}")
         return None

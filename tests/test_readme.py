@@ -61,7 +61,9 @@ def test_every_block_is_runnable_or_marked_example():
     for line, body in blocks:
         if is_example(body):
             continue
-        assert not re.search(r"\b(URL|NAME|RUN_DIR|MODEL_DIR|CHECKPOINT)\b|\.\.\.|\[--", body), \
+        defined = set(re.findall(r"^([A-Z_]+)=", body, re.M))  # RUN_DIR=$(...) sets what later lines use
+        words = set(re.findall(r"\b(URL|NAME|RUN_DIR|MODEL_DIR|CHECKPOINT)\b", body)) - defined
+        assert not words and not re.search(r"\.\.\.|\[--", body), \
             f"README.md:{line}: a block with placeholders must start with '# example: ...'"
 
 
@@ -77,9 +79,11 @@ def test_every_klong_line_names_a_real_command_and_options(line, argv):
             assert flag in known, f"README.md:{line}: `klong {' '.join(argv[:2])}` has no option {flag}"
 
 
+@pytest.mark.timeout(1800)  # the blocks train for a minute on an idle machine; a loaded CI machine takes several
 def test_runnable_blocks_run_as_written(tmp_path):
-    """Every block not marked as an example, in order, in one shell against a fresh home, from a directory
-    that has the repository's `tasks/` and `examples/` (as the repository root has)."""
+    """Every block not marked as an example, in order, in one shell against a fresh home, from a directory that
+    has the repository's `tasks/` (the one block that names it says to stand there) and nothing else: the
+    example configs (`--config examples/sft.yaml`) are found from the installed package."""
     script = "\n".join(body for _, body in sh_blocks() if not is_example(body))
     venv_bin = ROOT / ".venv" / "bin"
     env = {**os.environ, "KLONG_HOME": str(tmp_path / "home"), "KLONG_BROKER_PORT": str(free_port()),
@@ -88,11 +92,10 @@ def test_runnable_blocks_run_as_written(tmp_path):
         env.pop(k, None)
     work = tmp_path / "work"  # the repository's folders the blocks name, without writing into the checkout
     work.mkdir()
-    for name in ("tasks", "examples"):
-        (work / name).symlink_to(ROOT / name)
+    (work / "tasks").symlink_to(ROOT / "tasks")
     try:
         out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, capture_output=True,
-                             text=True, timeout=600)
+                             text=True, timeout=1500)
         assert out.returncode == 0, f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-3000:]}"
     finally:  # a failed block must not leave the broker running
         subprocess.run([str(venv_bin / "klong"), "broker", "stop"], env=env, capture_output=True, timeout=60)

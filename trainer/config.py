@@ -99,6 +99,9 @@ class TrainConfig:
     max_steps: Optional[int] = None  # optimizer steps; None: until `epochs` are done
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     log_every: int = 1  # steps between metrics events (and lines on stdout)
+    # experiment trackers (TRL's names): tensorboard, mlflow, wandb, all, none; offline under RUN_DIR by default
+    # (trainer/tracking.py). Every step's metrics and the run's lineage go to each one.
+    report_to: Union[str, tuple[str, ...]] = ()
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,11 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
                     (False, value))
     if origin is tuple:
         args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                return False, value
+            out = [_type_ok(v, args[0]) for v in value]
+            return all(ok for ok, _ in out), tuple(v for _, v in out)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             return False, value
         out = [_type_ok(v, a) for v, a in zip(value, args)]
@@ -211,6 +219,9 @@ def _describe(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _describe(a) for a in get_args(tp))
     if origin is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}s"
         return f"a list of {len(get_args(tp))} numbers"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string"}.get(tp, str(tp))
 
@@ -318,6 +329,12 @@ def check_conflicts(cfg: RunConfig) -> list[str]:
     if loss.tis_cap is not None and loss.old_logprobs != "recompute":
         errors.append(f"loss.tis_cap={loss.tis_cap} weights recomputed old logprobs against the behaviour ones, but "
                       "loss.old_logprobs is behaviour (set loss.old_logprobs=recompute or loss.tis_cap=null)")
+    try:
+        from trainer.tracking import resolve_report_to
+
+        resolve_report_to(cfg.train.report_to)
+    except ConfigError as e:
+        errors.append(str(e))
     if cfg.train.max_steps is not None and cfg.optim.warmup_steps > cfg.train.max_steps:
         errors.append(f"optim.warmup_steps ({cfg.optim.warmup_steps}) > train.max_steps ({cfg.train.max_steps})")
     return errors
@@ -334,6 +351,15 @@ def model_path(name: str, home: Path | str) -> Optional[Path]:
         return resolve_model_dir(name, Path(home))
     except ConfigError as e:
         raise ConfigError(f"model.name: {e} (or model.name=tiny); nothing is downloaded") from e
+
+
+def config_path(value: str | Path | None) -> str | None:
+    """`--config` as given: a YAML file, or the name of a shipped one (`sft_tiny` -> trainer/configs/sft_tiny.yaml)."""
+    if value is None or Path(value).exists():
+        return None if value is None else str(value)
+    value = str(value)
+    shipped = CONFIG_DIR / (value if value.endswith(".yaml") else f"{value}.yaml")
+    return str(shipped) if shipped.is_file() else value  # a missing file is reported by read_yaml
 
 
 def shipped_configs() -> list[Path]:

@@ -1,6 +1,6 @@
 """The training recipe (torchtune style): setup -> train -> save_checkpoint -> cleanup, one YAML per run.
 
-    klong train --dataset web-sft@2 --mode sft --config trainer/configs/sft_tiny.yaml optim.lr=3e-4
+    klong train --dataset web-sft@2 --mode sft --config sft_tiny optim.lr=3e-4 train.report_to=[tensorboard]
     python -m trainer.recipe --home H --run-dir H/runs/<id> --run-id <id>     # what each launched process runs
 
 `preflight` checks everything that needs no torch (config, dataset exists and suits the mode, sample
@@ -11,7 +11,8 @@ setup     process group (trainer.engine), dataset version (trainer.data: verifie
           DeepSpeed engine, the resume position, and (rank 0) the lineage events (trainer.lineage).
 train     per optimizer step: this rank's micro-batches, loss (trainer.objective, trainer.losses) normalized
           by the step's global totals, backward, DeepSpeed step; metrics summed over ranks; a line per
-          `log_every` on stdout, a `metrics` event and a line in RUN_DIR/steps.jsonl (with the sample keys).
+          `log_every` on stdout, a `metrics` event and a line in RUN_DIR/steps.jsonl (with the sample keys);
+          every step to the experiment trackers of `train.report_to` (trainer.tracking), lineage as their tags.
 save      RUN_DIR/checkpoints/step-<N>/ (step-30, no zero padding): a transformers directory vLLM serves
           (model.safetensors, config.json, tokenizer files and chat template of the input model; the next
           run's `model.name`), klong_state.json (run, step, policy_version, dataset + hash, data position),
@@ -60,6 +61,9 @@ def preflight(settings: Settings, cfg: RunConfig) -> dict:
 
     model_path(cfg.model.name, settings.home)  # ConfigError naming model.name when it is nowhere
     longest = ds_longest(settings, manifest)
+    from trainer.tracking import check_installed, resolve_report_to
+
+    check_installed(resolve_report_to(cfg.train.report_to))  # a tracker that is not here fails now, not after setup
     if longest > cfg.data.micro_batch_tokens:
         raise ConfigError(f"data.micro_batch_tokens={cfg.data.micro_batch_tokens} is below the longest sample of "
                           f"{manifest['ref']} ({longest} tokens; its max_tokens is {manifest['config']['max_tokens']})")
@@ -99,6 +103,7 @@ class TrainRecipe:
         self.settings, self.cfg, self.run_id, self.run_dir = settings, cfg, run_id, Path(run_dir)
         self.resume, self.out = resume, out
         self.events = None
+        self.tracker = None
         self.step = 0
         self.checkpoints: list[Path] = []
 
@@ -159,9 +164,24 @@ class TrainRecipe:
                                     config={**cfg.to_dict(), "run_dir": str(self.run_dir),
                                             "world_size": self.dist.world_size, "zero_stage_run": self.engine.zero_stage,
                                             "resumed_from": str(self.resume) if self.resume else None})
+            self._open_tracker()
             self._say(f"run {self.run_id}: {cfg.mode} on {self.reader.ref} ({len(self.reader)} samples, "
                       f"{per_epoch} steps/epoch), {self.dist.world_size} process(es), ZeRO-{self.engine.zero_stage}, "
                       f"{self.total_steps} steps" + (f", resumed at step {self.step}" if self.resume else ""))
+
+    def _open_tracker(self) -> None:
+        """The experiment trackers of `train.report_to` (trainer.tracking), with the run's lineage as tags."""
+        from trainer.tracking import Tracker
+
+        cfg = self.cfg
+        tags = {"run_id": self.run_id, "mode": cfg.mode, "dataset": self.reader.ref,
+                "dataset_hash": self.reader.content_hash, "policy_version_in": self.policy_version_in,
+                "model": cfg.model.name, "world_size": self.dist.world_size,
+                "resumed_from": str(self.resume) if self.resume else None}
+        self.tracker = Tracker.open(cfg.train.report_to, self.run_dir, name=self.run_id, tags=tags,
+                                    config=cfg.to_dict())
+        if self.tracker.backends:
+            self._say(f"tracking: {self.tracker.where()}")
 
     # ---- train ----------------------------------------------------------------------------------
 
@@ -222,6 +242,8 @@ class TrainRecipe:
         keys = [self.reader.sample_key(j) for j in step.samples.tolist()]
         with open(self.run_dir / "steps.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, **m, "sample_keys": keys}) + "\n")
+        if self.tracker:
+            self.tracker.log(self.step, m)
         if self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps:
             extra = (f" pg {m['pg_loss']:.4f} kl {m.get('kl', 0.0):.4f} clip {m['clip_frac']:.3f} ratio "
                      f"{m['ratio_mean']:.4f} (max {m['ratio_max']:.3f}) entropy {m['entropy']:.3f}" +
@@ -259,6 +281,9 @@ class TrainRecipe:
             if self.events:
                 self.events.checkpoint(self.step, policy_version=self.policy_version, path=final,
                                        dataset=self.reader.ref, dataset_hash=self.reader.content_hash)
+            if self.tracker:
+                self.tracker.set_tags({"policy_version_out": self.policy_version, "checkpoint": str(final),
+                                       "checkpoint_step": self.step})
             self._say(f"checkpoint {final} (policy_version {self.policy_version})")
         _barrier(self.dist)
         self.checkpoints.append(final)
@@ -267,6 +292,9 @@ class TrainRecipe:
     # ---- cleanup --------------------------------------------------------------------------------
 
     def cleanup(self, status: str = "finished", metrics: Optional[dict] = None) -> None:
+        if self.tracker:
+            self.tracker.close(status)
+            self.tracker = None
         if self.events:
             self.events.ended(self.step, status=status,
                               policy_version_out=self.policy_version if self.checkpoints else None,
@@ -335,7 +363,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = Settings.load(args.home, args.bootstrap_servers, args.topic_prefix)
     run_dir = Path(args.run_dir)
     cfg = from_dict(read_yaml(run_dir / "config.yaml"))
-    run(settings, cfg, args.run_id, run_dir, Path(args.resume) if args.resume else None)
+    try:
+        run(settings, cfg, args.run_id, run_dir, Path(args.resume) if args.resume else None)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: the launching `klong train` says what was kept
+        return 130
     return 0
 
 
