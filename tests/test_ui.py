@@ -274,7 +274,7 @@ def test_blacklist_hits_sql_box_csv_and_plots(data, server, page):
     query = "SELECT task_id, count(*) AS n, avg(n_steps) AS steps FROM rollouts GROUP BY 1 ORDER BY 1"
     page.goto(server + "/sql")
     page.fill("#q", query)
-    page.click("#sqlform button[type=submit]")
+    page.click("#run")
     page.wait_for_selector("#result")
     want = rows(cat, query)
     assert [r.locator("td").all_text_contents()[:2] for r in page.locator("#result tbody tr").all()] == \
@@ -285,16 +285,15 @@ def test_blacklist_hits_sql_box_csv_and_plots(data, server, page):
     assert csv.splitlines() == ["task_id,n,steps"] + [f"{w['task_id']},{w['n']},{w['steps']}" for w in want]
     assert "\r" not in csv
     page.fill("#q", "DELETE FROM rollouts")
-    page.click("#sqlform button[type=submit]")
+    page.click("#run")
     assert "read-only" in page.locator("#error").text_content()
     page.fill("#q", "SELECT * FROM read_csv('/etc/passwd')")  # the box reads the archive only, no other file
-    page.click("#sqlform button[type=submit]")
+    page.click("#run")
     assert "/etc/passwd" in page.locator("#error").text_content() and page.locator("#result").count() == 0
 
     page.goto(server + "/plots?plan=ui-plan")
-    page.wait_for_load_state("load")
-    assert page.locator("figure img").count() == len(FIGURES)
-    assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 400)")
+    page.wait_for_selector("#figures[data-drawn='1']", state="attached")
+    assert page.locator("figure").count() == len(FIGURES)
 
 
 def test_report_writes_every_figure_and_plots_what_sql_says(data, tmp_path, capsys):
