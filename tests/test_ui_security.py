@@ -252,3 +252,26 @@ def test_hostile_ids_open_in_a_browser(server):
             page.wait_for_selector("#gid")
             assert page.locator("#gid").text_content() in ("g/../x", "g1")
         b.close()
+
+
+def test_plots_say_one_iteration_so_far_instead_of_a_dot(server):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_ui import CHROMIUM_ARGS
+
+    status, body, took = request(server, path="/api/plots")
+    rl = next(f for f in __import__("json").loads(body)["figures"] if f["name"] == "rl_curves")
+    assert status == 200 and all(len(s["x"]) == 1 for p in rl["panels"] for s in p["series"])  # one iteration here
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = b.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(server + "/plots")
+        page.wait_for_selector("#figures[data-drawn='1']", state="attached")
+        charts = page.locator("#fig-rl_curves .chart")
+        assert charts.count() == len(rl["panels"]) >= 2
+        for c in charts.all():
+            assert "one iteration so far" in c.text_content() and c.locator("path.series, circle").count() == 0
+        assert page.locator("#fig-windows").text_content().count("no data") == 1  # no dataset in this home
+        b.close()

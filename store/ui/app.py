@@ -47,7 +47,7 @@ from store.ui import finder, sql
 from store.ui.guard import Forbidden, HostGuard, allowed_hosts, new_token
 from store.ui.query import Limits
 from store.ui.tokens import step_tokens
-from store.viewer import ROLLOUT_COLUMNS, STATUSES, NotFound, RolloutFilter, Viewer, as_jsonable
+from store.viewer import PAGE_ROWS, ROLLOUT_COLUMNS, STATUSES, NotFound, RolloutFilter, Viewer, as_jsonable
 
 HERE = Path(__file__).parent
 FIRST_STEPS = 200  # steps rendered with a rollout page; the rest come from /api/steps?rollout=ID&start=N
@@ -159,8 +159,8 @@ def create_app(settings: Settings, first_steps: int = FIRST_STEPS, host: str = "
     @app.get("/", response_class=HTMLResponse)
     def rollouts(request: Request, task: str = "", group: str = "", stage: str = "", iteration: str = "",
                  status: str = "", min_score: str = "", max_score: str = "", sort: str = "started_at", desc: int = 1,
-                 page_no: int = Query(0, alias="page")):
-        f = RolloutFilter(task=_opt(task), group=_opt(group), stage=_opt(stage, int), iteration=_opt(iteration, int),
+                 page_no: int = Query(0, alias="page"), n: int = PAGE_ROWS):
+        f = RolloutFilter(limit=n, task=_opt(task), group=_opt(group), stage=_opt(stage, int), iteration=_opt(iteration, int),
                           status=_opt(status), min_score=_opt(min_score, float), max_score=_opt(max_score, float),
                           sort=sort, desc=bool(desc), page=page_no)
         t0 = time.perf_counter()
