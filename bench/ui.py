@@ -8,9 +8,9 @@ each), beside a plain query of the same rows measured in the same run.
 Find part: `--find-rollouts` simulated rollouts of 10-40 turns (real broker, recorder, sink) and an RL dataset
 version; then, served by the app in this process: GET /search over every rollout and within one rollout (a
 word that occurs in some steps, and one that occurs in none: the whole content scanned), beside the same
-match as a plain in-process `Catalog.arrow` count (the floor: one scan of `steps`); GET /api/plots (the
-figures' numbers) the first time (SQL) and again (cached per archive state), and /plots in the browser
-until every figure is drawn.
+match as a plain in-process `Catalog.arrow` count (the floor: one scan of `steps`); /plots in the browser
+until every figure is drawn and its server parts (the page, /api/plots from the cache the app fills in the
+background at start), beside computing the numbers cold and `klong report`'s matplotlib PNGs.
 
 Data: `klong simulate` rollouts of exactly `--turns` turns through the real broker (embedded Tansu) and
 recorder, archived by the sink, and an RL dataset version built from them (max_tokens 32768, so a rollout
@@ -220,9 +220,12 @@ def run_find(root: Path, args) -> int:
 
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    settings, ref = make_find_home(root, args.find_rollouts)
+    if (root / "home" / "datasets" / "bench-find").is_dir():  # --keep DIR of an earlier run: measure it again
+        settings, ref = Settings(home=root / "home"), "bench-find@1"
+    else:
+        settings, ref = make_find_home(root, args.find_rollouts)
     cat = Catalog(settings)
-    n_rollouts, n_steps, n_chars = cat.arrow("SELECT count(DISTINCT rollout_id), count(*), sum(length(content)) "
+    n_rollouts, n_steps, n_chars = cat.arrow("SELECT count(DISTINCT rollout_id), count(*), sum(length(content))::DOUBLE "
                                              "FROM steps").to_pylist()[0].values()
     print(f"data: {n_rollouts:,} rollouts, {n_steps:,} steps, {n_chars / 1e6:.0f} M characters simulated, archived and "
           f"built into {ref} in {time.perf_counter() - t0:.0f} s")
@@ -248,9 +251,9 @@ def run_find(root: Path, args) -> int:
             print(f"search over {n_rollouts:,} rollouts, {label} ({hits} hits shown): {server:.3f} s "
                   f"(goal < {GOAL_S:.0f} s: {verdict(server)}); in-process count of the same match: {floor:.3f} s; "
                   f"ratio {server / floor:.2f}")
-        t1 = time.perf_counter()
-        get(f"{url}/api/plots")
-        first = time.perf_counter() - t1
+        from store.report import figure_data
+
+        cold = timed(lambda: figure_data(cat), 1)  # what the app computes in the background once per archive state
         cached = timed(lambda: get(f"{url}/api/plots"), args.repeat)
         page_html = timed(lambda: get(f"{url}/plots"), args.repeat)
         from store.report import FIGURES, render
@@ -274,10 +277,11 @@ def run_find(root: Path, args) -> int:
     d = statistics.median(drawn)
     print(f"/plots, browser (navigation -> {n_charts} charts drawn, numbers cached): {d:.3f} s "
           f"(goal < {GOAL_S:.0f} s: {verdict(d)})")
-    print(f"/plots, server: page {page_html:.3f} s; figures' numbers first time (SQL) {first:.3f} s "
-          f"(goal < {GOAL_S:.0f} s: {verdict(first)}), then cached {cached:.3f} s")
+    print(f"/plots, server: page {page_html:.3f} s (goal < {GOAL_S:.0f} s: {verdict(page_html)}); figures' numbers "
+          f"{cached:.3f} s from the cache; computing them cold (SQL, done in the background at start and once per "
+          f"archive state): {cold:.3f} s")
     print(f"peer: the same figures as PNG by matplotlib (klong report's path, SQL included): {png:.3f} s; "
-          f"ratio first /api/plots / PNG: {first / png:.2f}")
+          f"ratio cold numbers / PNG: {cold / png:.2f}; browser /plots / PNG: {d / png:.3f}")
     return 0 if all(verdicts) else 1
 
 

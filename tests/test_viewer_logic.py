@@ -48,9 +48,13 @@ def test_rubric_tree_of_a_deep_rubric_needs_no_recursion():
 
 
 def test_snippet_marks_the_first_match_any_case():
-    row = _snippet({"txt": "x" * 300 + "Needle here" + "y" * 300}, "needle")
+    row = _snippet({"txt": "x" * 300 + "Needle here" + "y" * 300, "w0": 0, "n_chars": 611}, "needle")
     assert row["match"] == "Needle" and row["before"].startswith("…") and row["after"].endswith("…")
     assert "txt" not in row and len(row["before"]) == 101
+    whole = _snippet({"txt": "a needle", "w0": 0, "n_chars": 8}, "NEEDLE")
+    assert (whole["before"], whole["match"], whole["after"]) == ("a ", "needle", "")
+    window = _snippet({"txt": "b needle c", "w0": 50, "n_chars": 80}, "needle")  # a window cut from a longer text
+    assert (window["before"], window["after"]) == ("…b ", " c…")
 
 
 @pytest.mark.parametrize("rid, url", [

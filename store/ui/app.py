@@ -100,6 +100,8 @@ def create_app(settings: Settings, first_steps: int = FIRST_STEPS, host: str = "
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        # the figures' numbers for every rollout, computed once in the background: /plots answers from the cache
+        threading.Thread(target=plot_numbers, args=("",), name="klong-ui-plots", daemon=True).start()
         yield
         shutil.rmtree(tmp, ignore_errors=True)  # DuckDB removes its files; this removes what a crash left
 
@@ -134,6 +136,10 @@ def create_app(settings: Settings, first_steps: int = FIRST_STEPS, host: str = "
                     figures.clear()
                 figures[key] = value
         return value
+
+    def plot_numbers(plan: str) -> dict:
+        """Every figure's panels for `plan` ("" = every rollout), computed once per archive state."""
+        return cached(("data", plan, archive_state()), lambda: as_jsonable(figure_data(catalog, plan or None)))
 
     def error(request: Request, status: int, message: str):
         if request.url.path.startswith("/api/"):
@@ -226,12 +232,13 @@ def create_app(settings: Settings, first_steps: int = FIRST_STEPS, host: str = "
 
     @app.get("/plots", response_class=HTMLResponse)
     def plots(request: Request, plan: str = ""):
-        plans = [r["plan"] for r in catalog.arrow("SELECT DISTINCT plan FROM rl_iterations ORDER BY 1").to_pylist()]
+        plans = cached(("plans", archive_state()), lambda: [
+            r["plan"] for r in catalog.arrow("SELECT DISTINCT plan FROM rl_iterations ORDER BY 1").to_pylist()])
         return page(request, "plots.html", figures=list(FIGURES), plan=plan, plans=plans)
 
     @app.get("/api/plots")
     def plot_data(plan: str = ""):
-        return cached(("data", plan, archive_state()), lambda: as_jsonable(figure_data(catalog, plan or None)))
+        return plot_numbers(plan)
 
     @app.get("/plots/{name}.png")
     def plot(name: str, plan: str = ""):

@@ -32,6 +32,7 @@ def _collect(catalog: Catalog, query: str, limits: Limits, running: Optional[set
         return [row for batch in q.batches() for row in batch.to_pylist()]
     finally:
         q.cancel()
+        q.join()
 
 
 def search(catalog: Catalog, limits: Limits, text: str, rollout: Optional[str] = None, role: Optional[str] = None,
@@ -52,38 +53,51 @@ def search(catalog: Catalog, limits: Limits, text: str, rollout: Optional[str] =
         where.append(f"rollout_id = {sql_str(rollout)}")
     if role is not None:
         where.append(f"role = {sql_str(role)}")
+    # Two passes: the page's hits by id (one scan of the text, nothing carried: a common word matches most
+    # steps), then a window of text around the match for those hits only.
+    match = " AND ".join(where)
     rows = _collect(catalog, f"""
-        WITH hit AS (
-            SELECT rollout_id, step_idx, role, tool_name, content, tool_arguments, produced_at
-            FROM steps WHERE {' AND '.join(where)}
-            QUALIFY row_number() OVER (PARTITION BY rollout_id, step_idx ORDER BY produced_at, event_id) = 1),
-        started AS (
-            SELECT rollout_id, arg_min(task_id, produced_at) AS task_id, arg_min(group_id, produced_at) AS group_id,
-                   min(produced_at) AS started_at
-            FROM rollout_started_events WHERE rollout_id IN (SELECT rollout_id FROM hit) GROUP BY ALL),
-        placed AS (
-            SELECT h.*, s.task_id, s.group_id, s.started_at,
-                   CASE WHEN contains(lower(content), {needle}) THEN 'content' ELSE 'tool call' END AS field
-            FROM hit h LEFT JOIN started s USING (rollout_id))
-        SELECT rollout_id, step_idx, role, tool_name, task_id, group_id, field,
-               CASE WHEN field = 'content' THEN content ELSE tool_arguments END AS txt
-        FROM placed ORDER BY started_at DESC NULLS LAST, rollout_id, step_idx
+        SELECT s.rollout_id, s.step_idx, s.role, s.tool_name, s.event_id, r.task_id, r.group_id
+        FROM steps s LEFT JOIN (SELECT rollout_id, arg_min(task_id, produced_at) AS task_id,
+                                       arg_min(group_id, produced_at) AS group_id, min(produced_at) AS started_at
+                                FROM rollout_started_events GROUP BY ALL) r USING (rollout_id)
+        WHERE {match}
+        ORDER BY r.started_at DESC NULLS LAST, s.rollout_id, s.step_idx, s.produced_at
         LIMIT {PAGE + 1} OFFSET {PAGE * page}""", limits, running)
+    seen: set = set()
+    rows = [r for r in rows if (k := (r["rollout_id"], r["step_idx"])) not in seen and not seen.add(k)]  # a re-sent step
+    if rows:
+        ids = ", ".join(sql_str(r["event_id"]) for r in rows)
+        texts = {t.pop("event_id"): t for t in _collect(catalog, f"""
+            SELECT event_id, CASE WHEN at_c > 0 THEN 'content' ELSE 'tool call' END AS field,
+                   CASE WHEN at_c > 0 THEN substring(content, w0 + 1, {3 * CONTEXT + 40} + length({needle}))
+                        ELSE substring(tool_arguments, w0 + 1, {3 * CONTEXT + 40} + length({needle})) END AS txt,
+                   w0, CASE WHEN at_c > 0 THEN length(content) ELSE length(tool_arguments) END AS n_chars
+            FROM (SELECT *, greatest(CASE WHEN at_c > 0 THEN at_c ELSE at_a END - {CONTEXT + 20}, 1) - 1 AS w0
+                  FROM (SELECT event_id, content, tool_arguments, strpos(lower(content), {needle}) AS at_c,
+                               strpos(lower(tool_arguments), {needle}) AS at_a
+                        FROM steps WHERE event_id IN ({ids})))""", limits, running)}
+        for r in rows:
+            r.update(texts.get(r.pop("event_id"), {"field": "content", "txt": "", "w0": 0, "n_chars": 0}))
     hits = [_snippet(r, text) for r in rows[:PAGE]]
     return {"hits": hits, "more": len(rows) > PAGE, "page": page}
 
 
 def _snippet(row: dict, text: str) -> dict:
-    """The row with `before`, `match`, `after` around the first case-insensitive match (and no whole text)."""
+    """The row with `before`, `match`, `after` around the first case-insensitive match of its text window
+    `txt` (`w0`: where the window starts in the whole text, `n_chars`: the whole text's length)."""
     txt = row.pop("txt") or ""
+    w0 = row.pop("w0", 0) or 0
+    n_chars = row.pop("n_chars", None) or w0 + len(txt)
     at = txt.lower().find(text.lower())
     if at < 0:  # lower() changed a length before the match (rare scripts): show the head
         at, n = 0, 0
     else:
         n = len(text)
     start = max(0, at - CONTEXT)
-    row.update(before=("…" if start else "") + txt[start:at], match=txt[at:at + n],
-               after=txt[at + n:at + n + 2 * CONTEXT] + ("…" if at + n + 2 * CONTEXT < len(txt) else ""))
+    end = at + n + 2 * CONTEXT
+    row.update(before=("…" if w0 + start > 0 else "") + txt[start:at], match=txt[at:at + n],
+               after=txt[at + n:end] + ("…" if w0 + min(end, len(txt)) < n_chars else ""))
     return row
 
 

@@ -25,6 +25,10 @@ from store.catalog import Catalog
 from store.ui.guard import check_same_origin
 from store.ui.query import BoundedQuery, Limits
 
+class ClientGone(TerminalError):
+    """The client of a query disconnected (nobody reads the answer)."""
+
+
 SHOWN = 1000  # rows the page shows; the CSV download has them all (up to the caps)
 POLL_S = 0.1  # how often a waiting request checks that its client is still there
 
@@ -39,7 +43,7 @@ async def _next(request: Request, q: BoundedQuery, first: bool = False):
         except queue.Empty:
             if await request.is_disconnected():
                 q.cancel()
-                raise asyncio.CancelledError from None
+                raise ClientGone("the client left: its query was stopped")
 
 
 async def _form(request: Request) -> tuple[str, Optional[str]]:
@@ -126,6 +130,8 @@ def register(app: FastAPI, catalog: Catalog, limits: Limits, token: str, page) -
                     if batch is None:
                         return
                     chunk = csv_bytes(batch, header=False)
+            except ClientGone:  # nobody to tell
+                return
             finally:
                 query.cancel()
 
