@@ -191,7 +191,7 @@ def _draw(fig: Figure, title: str, panels: list[dict]) -> None:
             else:
                 ax.plot(x["x"], [float("nan") if v is None else v for v in x["y"]], marker="o", color=f"C{j}",
                         label=x["name"])
-        if len(p["series"]) > 1:
+        if len(p["series"]) > 1 or p["kind"] == "hist":  # a histogram names its dataset even alone
             ax.legend(fontsize="x-small")
     fig.suptitle(title)
 

@@ -63,3 +63,10 @@ def test_snippet_marks_the_first_match_any_case():
 ])
 def test_id_links_are_encoded(rid, url):
     assert rollout_url(rid) == url and group_url(rid) == url.replace("/rollouts/", "/groups/").replace("/rollout?", "/group?")
+
+
+def test_token_texts_of_ids_a_tokenizer_does_not_know_are_none():
+    from store.ui.tokens import _texts
+
+    assert _texts([104, 20216, 105], "bytes") == ["h", None, "i"]  # 20216: not a byte
+    assert _texts([1, 2], None) == [None, None]

@@ -53,10 +53,19 @@ def _tokenizer(spec: str):
 
 
 def _texts(ids: list[int], spec: Optional[str]) -> list[Optional[str]]:
+    """Each id's text; None where there is no tokenizer or the id is not in its vocabulary (a tokenizer that
+    is not the rollout's: the id is shown instead)."""
     if not spec:
         return [None] * len(ids)
     tok = _tokenizer(spec)
-    return [tok.decode([i]) for i in ids]
+
+    def text(i: int) -> Optional[str]:
+        try:
+            return tok.decode([i])
+        except (ValueError, OverflowError, IndexError, TypeError, KeyError):
+            return None
+
+    return [text(i) for i in ids]
 
 
 def resolve_tokenizer(home: Path, spec: Optional[str]) -> Optional[str]:

@@ -70,6 +70,7 @@ conv.addEventListener("click", (ev) => {
 function fmt(x, digits) { return x === null || x === undefined ? "–" : Number(x).toFixed(digits); }
 
 function clearOverlay() {
+  document.querySelectorAll("a.toklink").forEach((a) => { a.href = a.href.replace(/&ref=.*$/, ""); });
   document.querySelectorAll(".ov").forEach((el) => { el.textContent = ""; });
   document.querySelectorAll(".step.in-window, .step.dropped, .step.truncated").forEach((el) =>
     el.classList.remove("in-window", "dropped", "truncated"));
@@ -113,6 +114,8 @@ async function showOverlay(ref) {
   for (const [idx, s] of Object.entries(ov.steps)) {
     const el = document.getElementById(`ov-${idx}`);
     if (!el) continue;
+    const tok = el.closest(".step").querySelector("a.toklink");  // the token view opens with this window's mask
+    if (tok && s.windows.length) tok.href = `/tokens?${q}&step=${idx}&ref=${encodeURIComponent(ov.ref)}&window=${s.windows[0]}`;
     for (const w of s.windows) {
       const chip = document.createElement("span");
       chip.className = `chip w${w % 6}`; chip.textContent = `w${w}`; el.appendChild(chip);
