@@ -261,7 +261,7 @@ def serve(app: FastAPI, port: int = 8765, host: str = "127.0.0.1") -> None:
 
     import uvicorn
 
-    with socket.socket() as probe:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:
             probe.bind((host, port))
         except OSError as e:
