@@ -1,7 +1,16 @@
-"""Benchmark: `klong ui` on a 700-turn rollout: the conversation page and a dataset overlay, server time and
-browser load (goal < 1 s each), beside a plain `klong sql` of the same rows measured in the same run.
+"""Benchmark: `klong ui` on a 700-turn rollout (the conversation page and a dataset overlay, server time and
+browser load, goal < 1 s each), and on a 1,000-rollout archive (full-text search and /plots, goal < 1 s
+each), beside a plain query of the same rows measured in the same run.
 
-    .venv/bin/python bench/ui.py [--turns 700] [--rollouts 4] [--repeat 5] [--keep DIR]
+    .venv/bin/python bench/ui.py [--part all|page|find] [--turns 700] [--rollouts 4] [--find-rollouts 1000]
+                                 [--repeat 5] [--keep DIR]
+
+Find part: `--find-rollouts` simulated rollouts of 10-40 turns (real broker, recorder, sink) and an RL dataset
+version; then, served by the app in this process: GET /search over every rollout and within one rollout (a
+word that occurs in some steps, and one that occurs in none: the whole content scanned), beside the same
+match as a plain in-process `Catalog.arrow` count (the floor: one scan of `steps`); /plots in the browser
+until every figure is drawn and its server parts (the page, /api/plots from the cache the app fills in the
+background at start), beside computing the numbers cold and `klong report`'s matplotlib PNGs.
 
 Data: `klong simulate` rollouts of exactly `--turns` turns through the real broker (embedded Tansu) and
 recorder, archived by the sink, and an RL dataset version built from them (max_tokens 32768, so a rollout
@@ -85,11 +94,15 @@ def main() -> int:
     ap.add_argument("--rollouts", type=int, default=4, help="rollouts in the archive (default 4)")
     ap.add_argument("--repeat", type=int, default=5, help="runs per measurement; the median is printed")
     ap.add_argument("--keep", help="build the data home here and keep it (default: a temp dir, removed)")
+    ap.add_argument("--part", choices=("all", "page", "find"), default="all", help="what to measure (default all)")
+    ap.add_argument("--find-rollouts", type=int, default=1000, help="rollouts of the search/plots archive (default 1000)")
     args = ap.parse_args()
     root = Path(args.keep or tempfile.mkdtemp(prefix="klong-bench-ui-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        return run(root, args)
+        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work slows every figure alike)")
+        rc = run(root / "page", args) if args.part in ("all", "page") else 0
+        return rc or (run_find(root / "find", args) if args.part in ("all", "find") else 0)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -102,11 +115,11 @@ def run(root: Path, args) -> int:
     from store.ui.app import FIRST_STEPS, ServerThread, create_app
 
     t0 = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
     settings, rid, ref = make_home(root, args.rollouts, args.turns)
     cat = Catalog(settings)
     info = cat.arrow(f"SELECT n_steps, n_turns, n_tokens FROM rollouts WHERE rollout_id = {sql_str(rid)}").to_pylist()[0]
     n_windows = cat.scalar(f"SELECT count(*) FROM samples WHERE rollout_id = {sql_str(rid)}")
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work slows every figure alike)")
     print(f"data: {args.rollouts} rollouts of {args.turns} turns simulated, archived and built into {ref} in "
           f"{time.perf_counter() - t0:.0f} s; rollout {rid}: {info['n_steps']:,} steps, {info['n_turns']} turns, "
           f"{info['n_tokens']:,} tokens, {n_windows} windows")
@@ -123,7 +136,7 @@ def run(root: Path, args) -> int:
 
     with ServerThread(create_app(settings)) as url:
         page_url = f"{url}/rollouts/{rid}"
-        overlay_url = f"{url}/api/rollouts/{rid}/overlay?ref={ref}"
+        overlay_url = f"{url}/api/overlay?rollout={rid}&ref={ref}"
         get(page_url)  # first request: imports and template compilation
         html_bytes = len(get(page_url))
         server_page = timed(lambda: get(page_url), args.repeat)
@@ -173,6 +186,103 @@ def run(root: Path, args) -> int:
     print(f"peer: klong sql of the rollout's samples (a process): {samples_proc:.3f} s; in-process: {samples_inproc:.3f} s; "
           f"ratio overlay server / klong sql process: {server_overlay / samples_proc:.2f}")
     return 0
+
+
+def make_find_home(root: Path, rollouts: int) -> tuple[Settings, str]:
+    """`rollouts` simulated rollouts of 10-40 turns through the real broker, archived, and an RL dataset."""
+    from consumers.materialize import build_version
+    from consumers.sink import Sink
+    from producers.outbox import Outbox
+    from producers.simulate import simulate
+
+    broker = BrokerProcess.start(free_port(), root / "broker.log")
+    try:
+        settings = Settings(home=root / "home", bootstrap_servers=broker.bootstrap, topics=Topics("benchfind"),
+                            partitions=4)
+        settings.home.mkdir(parents=True)
+        ensure_topics(settings)
+        with Outbox(settings, fsync="batch", retain="acked") as outbox:
+            simulate(outbox, rollouts=rollouts, seed=1, turns=(10, 40), running_fraction=0.0)
+            outbox.flush(timeout=900)
+        Sink(settings).run(until_idle=True)
+    finally:
+        broker.stop()
+    return settings, build_version(settings.home, "bench-find", "rl", {"max_tokens": 32768, "overlap_turns": 2}).ref
+
+
+def run_find(root: Path, args) -> int:
+    from urllib.parse import quote
+
+    from playwright.sync_api import sync_playwright
+
+    from store.catalog import Catalog, sql_str
+    from store.ui.app import ServerThread, create_app
+
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if (root / "home" / "datasets" / "bench-find").is_dir():  # --keep DIR of an earlier run: measure it again
+        settings, ref = Settings(home=root / "home"), "bench-find@1"
+    else:
+        settings, ref = make_find_home(root, args.find_rollouts)
+    cat = Catalog(settings)
+    n_rollouts, n_steps, n_chars = cat.arrow("SELECT count(DISTINCT rollout_id), count(*), sum(length(content))::DOUBLE "
+                                             "FROM steps").to_pylist()[0].values()
+    print(f"data: {n_rollouts:,} rollouts, {n_steps:,} steps, {n_chars / 1e6:.0f} M characters simulated, archived and "
+          f"built into {ref} in {time.perf_counter() - t0:.0f} s")
+    # a word some steps hold (from the simulated steps themselves), and one no step holds
+    word = cat.scalar("SELECT split_part(trim(content), ' ', 1) FROM steps WHERE role = 'assistant' "
+                      "AND length(split_part(trim(content), ' ', 1)) >= 5 ORDER BY rollout_id, step_idx LIMIT 1")
+    rid = cat.scalar("SELECT rollout_id FROM rollouts ORDER BY n_steps DESC, rollout_id LIMIT 1")
+    floor_sql = ("SELECT count(*) FROM steps WHERE contains(lower(content), {w}) OR contains(lower(tool_arguments), {w})")
+    verdicts = []
+
+    def verdict(x: float) -> str:
+        verdicts.append(x < GOAL_S)
+        return "ok" if x < GOAL_S else "OVER the goal"
+
+    with ServerThread(create_app(settings)) as url:
+        get(f"{url}/search?q=warmup")
+        for label, text, scope in (("a word in some steps", word, ""), ("text in no step", "zq-no-such-text-xj", ""),
+                                   ("a word, one rollout", word, f"&rollout={quote(rid, safe='')}")):
+            q = f"{url}/search?q={quote(text)}{scope}"
+            server = timed(lambda: get(q), args.repeat)
+            hits = get(q).decode().count('class="hit"')
+            floor = timed(lambda: cat.arrow(floor_sql.format(w=sql_str(text.lower()))), args.repeat)
+            print(f"search over {n_rollouts:,} rollouts, {label} ({hits} hits shown): {server:.3f} s "
+                  f"(goal < {GOAL_S:.0f} s: {verdict(server)}); in-process count of the same match: {floor:.3f} s; "
+                  f"ratio {server / floor:.2f}")
+        from store.report import figure_data
+
+        cold = timed(lambda: figure_data(cat), 1)  # what the app computes in the background once per archive state
+        cached = timed(lambda: get(f"{url}/api/plots"), args.repeat)
+        page_html = timed(lambda: get(f"{url}/plots"), args.repeat)
+        from store.report import FIGURES, render
+
+        t1 = time.perf_counter()
+        for name in FIGURES:
+            render(name, cat)
+        png = time.perf_counter() - t1
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(120_000)
+            drawn = []
+            for _ in range(args.repeat):
+                t1 = time.perf_counter()
+                page.goto(f"{url}/plots")
+                page.wait_for_selector("#figures[data-drawn='1']", state="attached")
+                drawn.append(time.perf_counter() - t1)
+            n_charts = page.locator(".chart").count()
+            browser.close()
+    d = statistics.median(drawn)
+    print(f"/plots, browser (navigation -> {n_charts} charts drawn, numbers cached): {d:.3f} s "
+          f"(goal < {GOAL_S:.0f} s: {verdict(d)})")
+    print(f"/plots, server: page {page_html:.3f} s (goal < {GOAL_S:.0f} s: {verdict(page_html)}); figures' numbers "
+          f"{cached:.3f} s from the cache; computing them cold (SQL, done in the background at start and once per "
+          f"archive state): {cold:.3f} s")
+    print(f"peer: the same figures as PNG by matplotlib (klong report's path, SQL included): {png:.3f} s; "
+          f"ratio cold numbers / PNG: {cold / png:.2f}; browser /plots / PNG: {d / png:.3f}")
+    return 0 if all(verdicts) else 1
 
 
 if __name__ == "__main__":

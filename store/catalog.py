@@ -181,8 +181,11 @@ def _one_line(e: duckdb.Error) -> str:
 
 
 class Catalog:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, config: dict | None = None):
+        """`config`: more DuckDB settings for every connection (`memory_limit`, `threads`, `temp_directory`),
+        fixed before the lock-down (`klong ui` bounds its queries this way)."""
         self.settings = settings
+        self.config = dict(config or {})
 
     def readable_dirs(self) -> list[Path]:
         """What SQL may read: the archive and the dataset versions (nothing else of the data home)."""
@@ -194,7 +197,8 @@ class Catalog:
         """A connection with every view; with `query`, the extension views (VIEW_EXTENSIONS) it does not
         name are left out: DuckDB binds each view when it is created, so the unused ones cost time on
         every connection (a freshness poll reconnects ten times a second)."""
-        con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": True})
+        con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": True,
+                                     **self.config})
         register_array_functions(con)
         archive = self.settings.archive_dir
         archived = archived_files(archive)

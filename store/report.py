@@ -15,7 +15,10 @@ columns `series` returns):
 - `training` (Fig. 8): training loss per step of every run, and a panel per further metric the runs
   recorded among TRAIN_METRICS (metrics are read by name; absent ones are skipped).
 - `windows`: window length (tokens, prefix included) per window and K (windows) per rollout, over the
-  latest version of each dataset (with a plan: its iterations' versions).
+  latest version of each dataset (with a plan: its iterations' versions), one histogram series per dataset.
+Each figure is a list of panels (`panels`, `figure_data`): matplotlib draws them here, `klong ui`'s /plots
+draws the same panels in the browser. Every axis is labelled; a curve with one point says "one iteration so
+far" with its value instead of a lone dot.
 With `plan`, only that progressive-RL plan's rollouts, datasets and training runs count.
 """
 
@@ -92,80 +95,124 @@ def windows_series(cat: Catalog, plan: Optional[str]) -> dict[str, list]:
         FROM samples WHERE dataset || '@' || version IN ({_datasets(plan)}) GROUP BY ALL ORDER BY ref, rollout_id""")
 
 
-def _no_data(fig: Figure, title: str) -> None:
-    ax = fig.add_subplot(1, 1, 1)
-    ax.text(0.5, 0.5, "no data for this figure yet", ha="center", va="center")
-    ax.set_axis_off()
-    fig.suptitle(title)
+# ---- figures as panels: one description drawn by matplotlib (PNG) and by the viewer's script (SVG) ----------
+# A figure is a list of panels: {"title", "xlabel", "ylabel", "kind": "line" | "bar" | "hist", "series": [{"name",
+# "x", "y"}]} ("hist": x = bin edges, y = counts per bin; one series per dataset). Every panel says what its axes
+# are; a line panel whose series have one point says "one iteration so far" instead of drawing a dot.
 
 
-def _draw_stages(fig: Figure, s: dict) -> None:
-    title = "Per stage and iteration (KLong Fig. 6, 9)"
-    if not s["stage"]:
-        return _no_data(fig, title)
+def _panel(title: str, xlabel: str, ylabel: str, kind: str, series: list[dict]) -> dict:
+    return {"title": title, "xlabel": xlabel, "ylabel": ylabel, "kind": kind,
+            "series": [x for x in series if any(v is not None for v in x["y"])]}
+
+
+def _stages_panels(s: dict) -> list[dict]:
     labels = [f"s{a}·i{b}" for a, b in zip(s["stage"], s["iteration"])]
-    for k, (key, name) in enumerate((("turns", "assistant turns"), ("hours", "running hours"), ("score", "score"))):
-        ax = fig.add_subplot(1, 3, k + 1)
-        ax.bar(labels, [v if v is not None else 0 for v in s[key]], color=f"C{k}")
-        ax.set_title(name)
-        ax.set_xlabel("stage · iteration")
-    fig.suptitle(title)
+    return [_panel(name, "stage · iteration ended in", unit, "bar", [{"name": "rollouts", "x": labels, "y": s[key]}])
+            for key, name, unit in (("turns", "assistant turns", "mean turns per rollout"),
+                                    ("hours", "running hours", "mean hours per rollout"),
+                                    ("score", "judge score", "mean score (0-1)"))] if labels else []
 
 
-def _draw_rl(fig: Figure, s: dict) -> None:
-    title = "RL curves per iteration (KLong Fig. 7)"
+def _rl_panels(s: dict) -> list[dict]:
     if not s["iteration"]:
-        return _no_data(fig, title)
+        return []
     x = s["iteration"]
-    for k, (key, name) in enumerate((("score", "score"), ("turns", "assistant turns"),
-                                     ("entropy", "entropy (-mean log p, behaviour)"))):
-        ax = fig.add_subplot(1, 3, k + 1)
-        ax.plot(x, s[key], marker="o", color=f"C{k}", label=name)
-        if key == "entropy" and any(v is not None for v in s["train_entropy"]):
-            ax.plot(x, s["train_entropy"], marker="s", color="C3", label="trainer entropy")
-            ax.legend()
-        ax.set_title(name)
-        ax.set_xlabel("iteration")
-    fig.suptitle(title)
+    extra = [k for k in s if k not in ("iteration", "score", "turns", "entropy", "train_entropy")]
+    return [_panel("score", "iteration", "mean judge score (0-1)", "line",
+                   [{"name": "train rollouts", "x": x, "y": s["score"]}]
+                   + [{"name": k, "x": x, "y": s[k]} for k in extra if "score" in k]),  # e.g. eval scores
+            _panel("assistant turns", "iteration", "mean turns per rollout", "line",
+                   [{"name": "train rollouts", "x": x, "y": s["turns"]}]),
+            _panel("entropy", "iteration", "-mean log p (nats/token)", "line",
+                   [{"name": "behaviour", "x": x, "y": s["entropy"]},
+                    {"name": "trainer", "x": x, "y": s["train_entropy"]}])]
 
 
-def _draw_training(fig: Figure, s: dict) -> None:
-    title = "Training (KLong Fig. 8)"
+def _training_panels(s: dict) -> list[dict]:
     metrics = sorted(set(s["metric"]), key=lambda m: (m != "loss", m))
-    if not metrics:
-        return _no_data(fig, title)
-    for k, metric in enumerate(metrics):
-        ax = fig.add_subplot(1, len(metrics), k + 1)
+    panels = []
+    for metric in metrics:
+        series = []
         for run in sorted(set(s["run_id"])):
             pts = [(st, v) for r, m, st, v in zip(s["run_id"], s["metric"], s["step"], s["value"]) if r == run and m == metric]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=run[-24:])
-        ax.set_title(metric)
-        ax.set_xlabel("step")
-    fig.axes[0].legend(fontsize="x-small")
+                series.append({"name": run, "x": [p[0] for p in pts], "y": [p[1] for p in pts]})
+        panels.append(_panel(metric, "training step", metric, "line", series))
+    return panels
+
+
+def _histogram(values: dict[str, list], bins: list) -> list[dict]:
+    import numpy as np
+
+    return [{"name": name, "x": [float(b) for b in bins], "y": np.histogram(v, bins=bins)[0].tolist()}
+            for name, v in values.items()]
+
+
+def _windows_panels(s: dict) -> list[dict]:
+    import numpy as np
+
+    if not s["k"]:
+        return []
+    refs = sorted(set(s["ref"]))
+    lengths = {r: [n for ref, ls in zip(s["ref"], s["lengths"]) if ref == r for n in ls] for r in refs}
+    ks = {r: [k for ref, k in zip(s["ref"], s["k"]) if ref == r] for r in refs}
+    every = [n for v in lengths.values() for n in v]
+    edges = np.histogram_bin_edges(every, bins=min(30, max(1, len(set(every))))).tolist()
+    k_edges = [k - 0.5 for k in range(1, max(s["k"]) + 2)]
+    return [_panel("window length", "tokens per window (prefix included)", "windows", "hist", _histogram(lengths, edges)),
+            _panel("windows per rollout", "K (windows of one rollout)", "rollouts", "hist", _histogram(ks, k_edges))]
+
+
+def _draw(fig: Figure, title: str, panels: list[dict]) -> None:
+    if not panels:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no data for this figure yet", ha="center", va="center")
+        ax.set_axis_off()
+        fig.suptitle(title)
+        return
+    for k, p in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        ax.set_title(p["title"])
+        ax.set_xlabel(p["xlabel"])
+        ax.set_ylabel(p["ylabel"])
+        if p["kind"] == "line" and all(len(x["x"]) <= 1 for x in p["series"]):
+            text = "; ".join(f"{x['name']}: {x['y'][0]:.4g}" for x in p["series"] if x["y"] and x["y"][0] is not None)
+            ax.text(0.5, 0.5, f"one iteration so far\n{text}" if text else "no data yet", ha="center", va="center",
+                    transform=ax.transAxes, wrap=True)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        for j, x in enumerate(p["series"]):
+            if p["kind"] == "bar":
+                ax.bar(x["x"], [v if v is not None else 0 for v in x["y"]], color=f"C{j}", label=x["name"])
+            elif p["kind"] == "hist":
+                ax.stairs(x["y"], x["x"], color=f"C{j}", label=x["name"])
+            else:
+                ax.plot(x["x"], [float("nan") if v is None else v for v in x["y"]], marker="o", color=f"C{j}",
+                        label=x["name"])
+        if len(p["series"]) > 1 or p["kind"] == "hist":  # a histogram names its dataset even alone
+            ax.legend(fontsize="x-small")
     fig.suptitle(title)
 
 
-def _draw_windows(fig: Figure, s: dict) -> None:
-    title = "Sub-trajectories: window length and K per rollout"
-    if not s["k"]:
-        return _no_data(fig, title)
-    ax = fig.add_subplot(1, 2, 1)
-    ax.hist([n for lengths in s["lengths"] for n in lengths], bins=30, color="C0")
-    ax.set_title("window length (tokens, prefix included)")
-    ax = fig.add_subplot(1, 2, 2)
-    ks = s["k"]
-    ax.hist(ks, bins=range(1, max(ks) + 2), color="C1", align="left")
-    ax.set_title("K (windows per rollout)")
-    fig.suptitle(f"{title} ({', '.join(sorted(set(s['ref'])))})")
-
-
-FIGURES: dict[str, tuple[Callable[[Catalog, Optional[str]], dict], Callable[[Figure, dict], None]]] = {
-    "stages": (stages_series, _draw_stages),
-    "rl_curves": (rl_series, _draw_rl),
-    "training": (training_series, _draw_training),
-    "windows": (windows_series, _draw_windows),
+FIGURES: dict[str, tuple[str, Callable[[Catalog, Optional[str]], dict], Callable[[dict], list[dict]]]] = {
+    "stages": ("Per stage and iteration (KLong Fig. 6, 9)", stages_series, _stages_panels),
+    "rl_curves": ("RL curves per iteration (KLong Fig. 7)", rl_series, _rl_panels),
+    "training": ("Training (KLong Fig. 8)", training_series, _training_panels),
+    "windows": ("Sub-trajectories: window length and K per rollout, per dataset", windows_series, _windows_panels),
 }
+
+
+def panels(name: str, cat: Catalog, plan: Optional[str] = None) -> dict:
+    """Figure `name` as {"name", "title", "panels": [...]} (see above)."""
+    title, _, to_panels = FIGURES[name]
+    return {"name": name, "title": title, "panels": to_panels(series(name, cat, plan))}
+
+
+def figure_data(cat: Catalog, plan: Optional[str] = None) -> dict:
+    """Every figure's panels (what `klong ui`'s /plots draws in the browser)."""
+    return {"plan": plan, "figures": [panels(name, cat, plan) for name in FIGURES]}
 
 
 def check_plan(cat: Catalog, plan: Optional[str]) -> None:
@@ -181,14 +228,16 @@ def series(name: str, cat: Catalog, plan: Optional[str] = None) -> dict[str, lis
     """The columns figure `name` plots (see the module docstring)."""
     if name not in FIGURES:
         raise ConfigError(f"unknown figure {name!r}: choose one of {', '.join(FIGURES)}")
-    return FIGURES[name][0](cat, plan)
+    return FIGURES[name][1](cat, plan)
 
 
 def render(name: str, cat: Catalog, plan: Optional[str] = None) -> bytes:
     """Figure `name` as PNG bytes."""
-    data = series(name, cat, plan)
+    if name not in FIGURES:
+        raise ConfigError(f"unknown figure {name!r}: choose one of {', '.join(FIGURES)}")
     fig = Figure(figsize=(12, 3.8), layout="constrained")
-    FIGURES[name][1](fig, data)
+    spec = panels(name, cat, plan)
+    _draw(fig, spec["title"], spec["panels"])
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     return buf.getvalue()

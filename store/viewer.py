@@ -22,7 +22,6 @@ import numpy as np
 
 from consumers.turns import build_turns
 from schemas.errors import ConfigError, TerminalError, ValidationError
-from schemas.rubric import node_scores
 from store.catalog import Catalog, sql_str
 
 # Longer contents are shown as head ... tail until expanded: observations (tool outputs, prompts) beyond
@@ -32,6 +31,7 @@ HEAD_CHARS, TAIL_CHARS = 300, 200
 ROLLOUT_COLUMNS = ("rollout_id", "task_id", "stage", "iteration", "last_iteration", "status", "final_score", "n_turns",
                    "n_steps", "n_tokens", "elapsed_s", "n_judged", "n_resumes", "policy_version", "last_policy_version",
                    "group_id", "model", "started_at")
+PAGE_ROWS = 50  # rollouts per page of the list: 50 rows of compact columns fit a 1,400 px window
 STATUSES = ("running", "finished", "timeout", "error", "aborted")
 # Views a rollout page reads: the catalog creates only the extension views a connection names.
 PAGE_VIEWS = "rollouts steps rollout_resumes judge_results judge_leaf_scores rubric_nodes blacklist_hits samples datasets"
@@ -47,6 +47,7 @@ class RolloutFilter:
     into it or ended in it: iteration <= i <= last_iteration)."""
 
     task: Optional[str] = None
+    group: Optional[str] = None
     stage: Optional[int] = None
     iteration: Optional[int] = None
     status: Optional[str] = None
@@ -54,7 +55,8 @@ class RolloutFilter:
     max_score: Optional[float] = None
     sort: str = "started_at"
     desc: bool = True
-    limit: int = 500
+    limit: int = PAGE_ROWS
+    page: int = 0  # rows [page * limit, (page + 1) * limit) of the sorted list
 
     def check(self) -> None:
         if self.sort not in ROLLOUT_COLUMNS:
@@ -63,6 +65,8 @@ class RolloutFilter:
             raise ConfigError(f"unknown status {self.status!r}: choose one of {', '.join(STATUSES)}")
         if not 1 <= self.limit <= 100_000:
             raise ConfigError(f"limit {self.limit} must be in [1, 100000]")
+        if not 0 <= self.page <= 10_000_000:
+            raise ConfigError(f"page {self.page} must be >= 0")
 
 
 def _rows(con, query: str, params: tuple = ()) -> list[dict]:
@@ -79,7 +83,7 @@ class Viewer:
         """{"rows": [...], "choices": {task, stage, iteration, status: sorted distinct values}, "total": n}."""
         f.check()
         where, params = [], []
-        for column, value in (("task_id", f.task), ("stage", f.stage), ("status", f.status)):
+        for column, value in (("task_id", f.task), ("group_id", f.group), ("stage", f.stage), ("status", f.status)):
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
@@ -96,7 +100,8 @@ class Viewer:
         order = f"{f.sort} {'DESC' if f.desc else 'ASC'} NULLS LAST, rollout_id"
         with self.catalog.connect("rollouts") as con:
             con.execute(f"CREATE TEMP TABLE _r AS SELECT {', '.join(ROLLOUT_COLUMNS)} FROM rollouts")
-            rows = _rows(con, f"SELECT * FROM _r {cond} ORDER BY {order} LIMIT {f.limit}", tuple(params))
+            rows = _rows(con, f"SELECT * FROM _r {cond} ORDER BY {order} LIMIT {f.limit} OFFSET {f.page * f.limit}",
+                         tuple(params))
             total = con.execute(f"SELECT count(*) FROM _r {cond}", params).fetchone()[0]
             choices = {c: [r[0] for r in con.execute(f"SELECT DISTINCT v FROM (SELECT {col} AS v FROM _r) "
                                                      "WHERE v IS NOT NULL ORDER BY 1").fetchall()]
@@ -119,10 +124,15 @@ class Viewer:
                                   "LEFT JOIN (SELECT dataset, version, count(*) AS n_windows FROM samples "
                                   "WHERE rollout_id = ? GROUP BY ALL) s USING (dataset, version) "
                                   "ORDER BY s.n_windows IS NULL, d.dataset, d.version DESC", (rollout_id,))
+            near = con.execute("""
+                SELECT prev, next FROM (
+                    SELECT rollout_id, lag(rollout_id) OVER w AS prev, lead(rollout_id) OVER w AS next
+                    FROM (SELECT rollout_id, min(produced_at) AS t FROM rollout_started_events GROUP BY ALL)
+                    WINDOW w AS (ORDER BY t DESC, rollout_id)) WHERE rollout_id = ?""", [rollout_id]).fetchone()
         for j in judged:
             j["tree"] = trees.get(j["request_id"])
         return {"meta": meta[0], "steps": steps, "resumes": resumes, "judge": judged, "blacklist_hits": hits,
-                "versions": versions}
+                "versions": versions, "prev": near[0] if near else None, "next": near[1] if near else None}
 
     def conversation(self, rollout_id: str) -> list[dict]:
         """The rollout's steps alone (annotated as on the page), on a lighter connection: the page's later steps."""
@@ -142,6 +152,19 @@ class Viewer:
             raise NotFound(f"rollout {rollout_id!r} has no step {step_idx}")
         return rows[0]
 
+    def windows_of(self, rollout_id: str, step_idx: int) -> list[dict]:
+        """Every dataset window of the rollout (dataset, version, window_idx, first_step, last_step, holds: the
+        window's input holds the step, as prefix or span), newest versions first."""
+        rows = self.catalog.arrow(
+            "SELECT dataset || '@' || version AS ref, window_idx, first_step, last_step FROM samples "
+            f"WHERE rollout_id = {sql_str(rollout_id)} ORDER BY dataset, version DESC, window_idx").to_pylist()
+        first = {}
+        for r in rows:
+            first[r["ref"]] = min(first.get(r["ref"], r["first_step"]), r["first_step"])
+        for r in rows:  # steps before a version's first window start are its prefix: in every window
+            r["holds"] = step_idx < first[r["ref"]] or r["first_step"] <= step_idx <= r["last_step"]
+        return rows
+
     def blacklist_hits(self, limit: int = 1000) -> list[dict]:
         return self.catalog.arrow('SELECT rollout_id, step_idx, task_id, role, url, "where", matched FROM '
                                   f"blacklist_hits ORDER BY rollout_id, step_idx LIMIT {int(limit)}").to_pylist()
@@ -153,12 +176,13 @@ class Viewer:
         if not nodes:
             return {}
         leaves: dict[str, dict[str, dict]] = {}
-        request_ids = [r[0] for r in con.execute("SELECT DISTINCT request_id FROM judge_results WHERE rollout_id = ?",
-                                                 [rollout_id]).fetchall()]
+        scores = dict(con.execute("SELECT request_id, arg_max(score, produced_at) FROM judge_results WHERE rollout_id = ? "
+                                  "GROUP BY ALL", [rollout_id]).fetchall())
+        request_ids = list(scores)
         for r in _rows(con, "SELECT request_id, leaf_id, score, valid, explanation FROM judge_leaf_scores "
                             "WHERE rollout_id = ?", (rollout_id,)):
             leaves.setdefault(r["request_id"], {})[r["leaf_id"]] = r
-        return {rid: rubric_tree(nodes, leaves.get(rid, {})) for rid in request_ids}
+        return {rid: rubric_tree(nodes, leaves.get(rid, {}), scores.get(rid)) for rid in request_ids}
 
 
 def _conversation(con, rollout_id: str) -> tuple[list[dict], list[dict], list[dict]]:
@@ -181,10 +205,15 @@ def _conversation(con, rollout_id: str) -> tuple[list[dict], list[dict], list[di
     return annotate(steps, resumes, hits), resumes, hits
 
 
-def rubric_tree(nodes: list[dict], leaf_scores: dict[str, dict]) -> dict:
+def rubric_tree(nodes: list[dict], leaf_scores: dict[str, dict], judge_score: Optional[float] = None) -> dict:
     """The rubric as nested dicts (id, requirements, weight, is_leaf, category, score, graded, valid, explanation,
-    children) from `rubric_nodes` rows; parents score the weighted mean of their children (schemas.rubric:
-    an ungraded or invalid leaf counts 0, as in the judge)."""
+    children) from `rubric_nodes` rows and one result's leaf scores.
+
+    A leaf the result holds scores what the judge gave it (an invalid grade counts 0, as in the judge); a leaf
+    it does not hold (a rubric that changed since, a leaf left out) is *not graded*: score None, never 0, and
+    left out of its parents' weighted means, so the tree re-derives the judge's Q from the leaves the judge
+    graded. The root shows the judge's own score (`judge_score`); `derived` keeps the tree's value, and
+    `mismatch` says when the two differ (the rubric changed in a way the tree cannot undo)."""
     by_path = {n["path"]: {"id": n["node_id"], "requirements": n["requirements"], "weight": n["weight"],
                            "is_leaf": n["is_leaf"], "category": n["task_category"], "children": []} for n in nodes}
 
@@ -194,19 +223,30 @@ def rubric_tree(nodes: list[dict], leaf_scores: dict[str, dict]) -> dict:
     for path in sorted((p for p in by_path if p != "$"), key=lambda p: (p.count("."), index(p))):
         by_path[path.rsplit(".sub_tasks[", 1)[0]]["children"].append(by_path[path])
 
-    def plain(n: dict) -> dict:  # the PaperBench shape node_scores walks
-        return {"id": n["id"], "weight": n["weight"] or 0, "sub_tasks": [plain(c) for c in n["children"]]}
-
-    valid = {k: float(v["score"]) for k, v in leaf_scores.items() if v["valid"] and v["score"] is not None}
-    scores = node_scores(plain(by_path["$"]), valid)
-    for path, n in by_path.items():
-        n["score"] = scores.get(path)
-        graded = leaf_scores.get(n["id"]) if n["is_leaf"] else None
-        n["graded"] = graded is not None
-        n["valid"] = bool(graded["valid"]) if graded else None
-        n["leaf_score"] = graded["score"] if graded else None
-        n["explanation"] = graded["explanation"] if graded else None
-    return by_path["$"]
+    root = by_path["$"]
+    order, k = [root], 0
+    while k < len(order):  # breadth first; scored children before parents below, without recursion
+        order.extend(order[k]["children"])
+        k += 1
+    for n in reversed(order):
+        n["valid"] = n["leaf_score"] = n["explanation"] = None
+        if not n["children"]:
+            graded = leaf_scores.get(n["id"])
+            n["graded"] = graded is not None
+            if graded is not None:
+                n["valid"], n["leaf_score"], n["explanation"] = bool(graded["valid"]), graded["score"], graded["explanation"]
+            n["score"] = None if graded is None else float(graded["score"] or 0.0) if graded["valid"] else 0.0
+            continue
+        parts = [(float(c["weight"] or 0), c["score"]) for c in n["children"] if c["score"] is not None]
+        total = sum(w for w, _ in parts)
+        n["graded"] = bool(parts)
+        n["score"] = None if not parts else 0.0 if total <= 0 else sum(w * x for w, x in parts) / total
+    derived = root["score"]
+    root["derived"] = derived
+    if judge_score is not None:
+        root["mismatch"] = derived is None or abs(derived - judge_score) > 5e-4
+        root["score"] = judge_score
+    return root
 
 
 def annotate(steps: list[dict], resumes: list[dict], hits: list[dict]) -> list[dict]:

@@ -274,7 +274,7 @@ def test_blacklist_hits_sql_box_csv_and_plots(data, server, page):
     query = "SELECT task_id, count(*) AS n, avg(n_steps) AS steps FROM rollouts GROUP BY 1 ORDER BY 1"
     page.goto(server + "/sql")
     page.fill("#q", query)
-    page.click("#sqlform button[type=submit]")
+    page.click("#run")
     page.wait_for_selector("#result")
     want = rows(cat, query)
     assert [r.locator("td").all_text_contents()[:2] for r in page.locator("#result tbody tr").all()] == \
@@ -285,16 +285,15 @@ def test_blacklist_hits_sql_box_csv_and_plots(data, server, page):
     assert csv.splitlines() == ["task_id,n,steps"] + [f"{w['task_id']},{w['n']},{w['steps']}" for w in want]
     assert "\r" not in csv
     page.fill("#q", "DELETE FROM rollouts")
-    page.click("#sqlform button[type=submit]")
+    page.click("#run")
     assert "read-only" in page.locator("#error").text_content()
     page.fill("#q", "SELECT * FROM read_csv('/etc/passwd')")  # the box reads the archive only, no other file
-    page.click("#sqlform button[type=submit]")
+    page.click("#run")
     assert "/etc/passwd" in page.locator("#error").text_content() and page.locator("#result").count() == 0
 
     page.goto(server + "/plots?plan=ui-plan")
-    page.wait_for_load_state("load")
-    assert page.locator("figure img").count() == len(FIGURES)
-    assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 400)")
+    page.wait_for_selector("#figures[data-drawn='1']", state="attached")
+    assert page.locator("figure").count() == len(FIGURES)
 
 
 def test_report_writes_every_figure_and_plots_what_sql_says(data, tmp_path, capsys):
@@ -358,3 +357,191 @@ def test_report_writes_every_figure_and_plots_what_sql_says(data, tmp_path, caps
     (tmp_path / "empty").mkdir()
     empty = Catalog(Settings(home=tmp_path / "empty", bootstrap_servers=settings.bootstrap_servers))
     assert [p.name for p in write_report(empty, tmp_path / "empty-report")] == [f"{n}.png" for n in FIGURES]
+
+
+# ---- finding things: search, groups, tokens, keys, paging, rubric leaves not graded, plots -----------------------
+
+
+def test_search_over_all_rollouts_or_one_opens_the_step_with_its_collapsed_middle(data, server, page):
+    _, ids, cat = data
+    want = rows(cat, "SELECT DISTINCT rollout_id, step_idx FROM steps WHERE contains(lower(content), 'seq 1 3000') "
+                     "OR contains(lower(tool_arguments), 'seq 1 3000')")
+    page.goto(server + "/search?q=SEQ+1+3000")  # any case
+    got = [(r.locator("td").nth(0).text_content(), int(r.locator("td").nth(1).text_content()))
+           for r in page.locator("#hits tr.hit").all()]
+    assert sorted(got) == sorted((w["rollout_id"], w["step_idx"]) for w in want) and len(got) > 3
+    assert page.locator("#hits mark").first.text_content().lower() == "seq 1 3000"
+
+    rid = ids["long"]  # "1499" sits in the middle of a 3,000-line output the page shows collapsed
+    mid = rows(cat, f"SELECT step_idx FROM steps WHERE rollout_id = {sql_str(rid)} AND contains(content, '\n1499\n') "
+                    "ORDER BY step_idx")
+    page.goto(server + "/")
+    page.fill("#navq", "1499")
+    page.press("#navq", "Enter")
+    page.wait_for_selector("#hits")
+    page.fill("#searchform input[name=rollout]", rid)
+    page.click("#searchform button[type=submit]")
+    page.wait_for_url("**rollout=**")
+    hits = page.locator("#hits tr.hit")
+    assert [int(h.locator("td").nth(1).text_content()) for h in hits.all()] == [m["step_idx"] for m in mid]
+    assert {h.locator("td").nth(0).text_content() for h in hits.all()} == {rid}
+    hits.first.locator("a.open").click()
+    page.wait_for_selector("#conversation[data-complete='1']", state="attached")
+    box = page.locator(f"#s-{mid[0]['step_idx']}")
+    box.locator("pre.full").wait_for()  # expanded: the match is in the middle the page had left out
+    assert box.locator("mark").first.text_content() == "1499"
+
+    page.goto(server + "/search?q=no+such+text+anywhere")
+    assert "no step contains" in page.locator("#count").text_content()
+
+
+def test_filter_by_group_and_the_group_page_side_by_side(data, server, page):
+    _, ids, cat = data
+    gid = rows(cat, f"SELECT group_id FROM rollouts WHERE rollout_id = {sql_str(ids['long'])}")[0]["group_id"]
+    members = rows(cat, f"SELECT rollout_id, final_score, n_turns, n_steps FROM rollouts WHERE group_id = {sql_str(gid)} "
+                        "ORDER BY final_score DESC NULLS LAST, n_turns, rollout_id")
+    assert len(members) >= 2
+    page.goto(server + "/")
+    page.fill("#filters input[name=group]", gid)
+    page.click("#filters button[type=submit]")
+    page.wait_for_url("**group=**")
+    assert sorted(page.locator("#rollouts tbody td.id:first-child a").all_text_contents()) == \
+        sorted(m["rollout_id"] for m in members)
+    page.locator("#rollouts a.grp").first.click()
+    page.wait_for_selector("#group")
+    cols = page.locator("#group th.rcol")
+    assert [c.get_attribute("data-rollout") for c in cols.all()] == [m["rollout_id"] for m in members]
+    for c, m in zip(cols.all(), members):
+        assert c.locator(".score").text_content() == (f"{m['final_score']:.3f}" if m["final_score"] is not None else "–")
+        assert int(c.locator(".turns").text_content()) == m["n_turns"]
+        assert int(c.locator(".nsteps").text_content()) == m["n_steps"]
+    # where they diverge: the first step whose role, content or tool call differs between the rollouts
+    steps = rows(cat, "SELECT rollout_id, step_idx, role, content, tool_name, tool_arguments FROM steps "
+                      f"WHERE rollout_id IN (SELECT rollout_id FROM rollouts WHERE group_id = {sql_str(gid)})")
+    by = defaultdict(dict)
+    for s in steps:
+        by[s["rollout_id"]][s["step_idx"]] = (s["role"], s["content"], s["tool_name"], s["tool_arguments"])
+    common = 0
+    while all(common in by[m["rollout_id"]] for m in members) and \
+            len({by[m["rollout_id"]][common] for m in members}) == 1:
+        common += 1
+    assert common > 0 and int(page.locator("#common").get_attribute("data-common")) == common
+    assert page.locator(f"#g-{common}").get_attribute("class").split() == ["srow", "differs"]
+    assert page.locator(f"#g-{common - 1}").count() == 0  # the shared steps are hidden
+
+
+def test_token_view_colours_logprobs_and_shows_a_windows_loss_mask(data, server, page):
+    settings, ids, cat = data
+    from store.ui.tokens import step_tokens
+
+    rid = ids["long"]
+    step = rows(cat, f"SELECT step_idx, token_ids, logprobs FROM step_tokens WHERE rollout_id = {sql_str(rid)} "
+                     "AND role = 'assistant' ORDER BY step_idx LIMIT 1")[0]
+    open_rollout(page, server, rid)
+    page.locator(f"#s-{step['step_idx']} a.toklink").click()
+    page.wait_for_selector("#tokens")
+    toks = page.locator("#tokens .tk")
+    assert toks.count() == len(step["token_ids"])
+    shown = page.evaluate("Array.from(document.querySelectorAll('#tokens .tk')).map(t => "
+                          "[+t.dataset.id, t.dataset.lp === undefined ? null : +t.dataset.lp])")
+    assert [s[0] for s in shown] == step["token_ids"]
+    for (_, lp), want in zip(shown, step["logprobs"]):
+        assert (lp is None) == (want is None or np.isnan(want)) and (lp is None or lp == pytest.approx(want, abs=1e-4))
+    assert page.locator("#maskinfo").count() == 0
+
+    window = rows(cat, f"SELECT dataset || '@' || version AS ref, window_idx, first_step, last_step, n_loss_tokens "
+                       f"FROM samples WHERE rollout_id = {sql_str(rid)} AND first_step <= {step['step_idx']} "
+                       f"AND {step['step_idx']} <= last_step ORDER BY dataset, version DESC, window_idx LIMIT 1")
+    w = window[0] if window else None
+    if w is None:  # the step is in the prefix: every window holds it
+        w = rows(cat, f"SELECT dataset || '@' || version AS ref, window_idx, first_step, last_step, n_loss_tokens "
+                      f"FROM samples WHERE rollout_id = {sql_str(rid)} ORDER BY dataset, version DESC LIMIT 1")[0]
+    page.select_option("#winselect", f"{w['ref']}#{w['window_idx']}")
+    page.wait_for_selector("#maskinfo")
+    loss = page.locator("#tokens .tk.loss").count()
+    assert page.locator("#maskinfo b").text_content() == str(loss) and loss > 0
+    # the mask is the dataset's: over every step the window holds, the view's loss tokens add up to the window's
+    held = [r["step_idx"] for r in rows(cat, f"SELECT step_idx FROM steps WHERE rollout_id = {sql_str(rid)} "
+                                             f"AND step_idx <= {w['last_step']}")]
+    total = 0
+    for s in held:
+        try:
+            tv = step_tokens(cat, rid, s, home=settings.home, ref=w["ref"], window=w["window_idx"])
+        except Exception:  # not in this window (before it, or dropped)
+            continue
+        total += tv["mask"]["loss"]
+    assert total == w["n_loss_tokens"]
+
+
+def test_keyboard_j_k_steps_and_n_p_rollouts(data, server, page):
+    page.goto(server + "/?n=5")
+    links = page.locator("#rollouts tbody td.id:first-child a")
+    hrefs = [a.get_attribute("href") for a in links.all()]
+    page.keyboard.press("j")
+    page.keyboard.press("j")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#conversation[data-complete='1']", state="attached")
+    assert page.url.endswith(hrefs[1])
+    for key, want in (("j", "#s-0"), ("j", "#s-1"), ("j", "#s-2"), ("k", "#s-1")):
+        page.keyboard.press(key)
+        assert page.evaluate("location.hash") == want
+    page.keyboard.press("n")
+    page.wait_for_url("**" + hrefs[2])
+    page.wait_for_selector("#conversation")
+    page.keyboard.press("p")
+    page.wait_for_url("**" + hrefs[1])
+
+
+def test_the_list_is_paged_and_fits_1400_px(data, server, page):
+    _, ids, cat = data
+    page.goto(server + "/")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1400
+    seen = []
+    page.goto(server + "/?n=5&sort=rollout_id&desc=0")
+    while True:
+        seen += page.locator("#rollouts tbody td.id:first-child a").all_text_contents()
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1400
+        if page.locator("#nextpage").count() == 0:
+            break
+        page.click("#nextpage")
+        page.wait_for_load_state("load")
+    assert seen == sorted(ids["rollouts"]) and len(seen) > 5
+    assert page.locator("#count").text_content().startswith(f"11–{len(seen)} of {len(seen)} rollouts")
+
+
+def test_a_leaf_not_graded_is_not_a_zero_and_the_root_is_the_judges_score(data, server, page, tmp_path):
+    settings, ids, cat = data
+    from consumers.sink import Sink
+    from producers.tasks import import_tasks
+    from tests.test_rubric import leaf, parent
+    from tests.test_tasks import make_task
+    from tests.ui_data import BLACKLISTED, PAPER
+
+    r = rows(cat, "SELECT rollout_id, request_id, score FROM judge_results WHERE task_id = 'tb' AND valid "
+                  "ORDER BY produced_at LIMIT 1")[0]
+    # the rubric gains a leaf after the judgement: that leaf was never graded
+    make_task(tmp_path, "tb", paper=PAPER, blacklist=BLACKLISTED + "\n", rubric=parent("tb", [
+        leaf("good [score=1]"), leaf("bad [score=0]"), leaf("added later", weight=3)]))
+    import_tasks(settings, [tmp_path / "tb"], "train")
+    Sink(settings).run(until_idle=True)
+    open_rollout(page, server, r["rollout_id"])
+    tree = page.locator(f"details.judge[data-request='{r['request_id']}'] > ul.tree > li")
+    tree.locator("xpath=..").locator("xpath=..").evaluate("d => d.open = true")
+    assert tree.locator(":scope > .score").text_content() == f"{r['score']:.2f}"
+    added = tree.locator("li.leaf").filter(has_text="criterion added later")
+    assert added.locator(".score").text_content() == "n/g" and "not graded" in added.text_content()
+    assert "ungraded" in added.locator(".score").get_attribute("class")
+    assert tree.locator(".mismatch").count() == 0  # the graded leaves give the judge's score
+
+
+def test_plots_draw_one_series_per_dataset_with_labelled_axes(data, server, page):
+    _, _, cat = data
+    page.goto(server + "/plots?plan=ui-plan")
+    page.wait_for_selector("#figures[data-drawn='1']", state="attached")
+    refs = {r["ref"] for r in rows(cat, "SELECT DISTINCT dataset AS ref FROM rl_iterations "
+                                        "WHERE plan = 'ui-plan' AND dataset IS NOT NULL")}
+    lengths = page.locator("#fig-windows .chart").first
+    assert lengths.locator("path.series").count() == len(refs) > 1
+    for chart in page.locator(".chart").all():
+        if chart.locator("path.series, rect.bar").count():
+            assert chart.locator(".xlabel").text_content() and chart.locator(".ylabel").text_content()
