@@ -68,12 +68,14 @@ def record(settings, chat, *, how: str, temperature: float = 0.7) -> str:
                 rec.observation(text, role=role, pinned=pinned, token_ids=ids, context_start=ctx.context_start(step))
                 continue
             t = ctx.sample(policy, step_idx=step, pinned=False, timeout_s=60, rollout_id=rec.rollout_id)
-            kw = dict(token_ids=t.token_ids, context_start=t.context_start, finish_reason=t.finish_reason)
+            kw = dict(token_ids=t.token_ids, context_start=t.context_start)  # what an earlier runner recorded
             if how == "counts":
                 kw.update(logprobs=t.logprobs, n_generation_prompt=t.n_generation_prompt, n_sampled=t.n_sampled,
-                          temperature=temperature, top_p=1.0, top_k=-1)
+                          finish_reason=t.finish_reason, temperature=temperature, top_p=1.0, top_k=-1)
             elif how == "nan":
-                kw.update(logprobs=t.logprobs, finish_reason=None)
+                kw.update(logprobs=t.logprobs)
+            else:
+                kw.update(finish_reason=t.finish_reason)
             rec.action(t.text, **kw)
         rid = rec.rollout_id
     produce(settings, [new_event(JudgeResult, rollout_id=rid, payload=JudgeResultPayload(
@@ -110,7 +112,8 @@ def test_only_sampled_ids_carry_loss_in_recorded_windows(make_settings, chat, sm
         assert _loss_texts(chat, ids, mask) == want, (kind, how)
         n_loss = pq.read_table(reader.path / "samples.parquet", columns=["n_loss_tokens"]).column(0).to_pylist()
         assert n_loss == [int(mask.sum())]
-        assert out.manifest["counts"]["assistant_markup_tokens"] == 2 * 3 + 1 + 2  # 2 headers, \n, <|im_end|>\n
+        markup = 2 * len(chat.encode("<|im_start|>assistant\n")) + len(chat.encode("\n<|im_end|>\n"))
+        assert out.manifest["counts"]["assistant_markup_tokens"] == markup  # 2 headers, \n, <|im_end|>\n
         # the dataset layer's own iteration, and every export format, give the same mask
         (sample,) = list(open_version(settings.home, out.ref))
         assert np.array_equal(sample.input_ids, ids) and np.array_equal(sample.loss_mask, mask)
@@ -119,9 +122,12 @@ def test_only_sampled_ids_carry_loss_in_recorded_windows(make_settings, chat, sm
         exported = np.array(row["assistant_masks"], np.uint8)
         assert _loss_texts(chat, np.array(row["input_ids"]), exported) == want
         if kind == "rl":
-            (mb,) = next(BatchPlan(reader, 4096, shuffle=False).steps()).micro_batches
+            # recompute mode (need_behaviour=False) trains every sampled id; recorded ones all have a logprob
+            recompute = DatasetReader(settings.home, out.ref, need_behaviour=False)
+            (mb,) = next(BatchPlan(recompute, 4096, shuffle=False).steps()).micro_batches
             on = mb.loss_mask[0] == 1
-            assert mb.has_logprob[0][on].all() == (how != "ids")  # every trained id has a behaviour logprob
+            assert _loss_texts(chat, mb.input_ids[0], mb.loss_mask[0]) == want
+            assert mb.has_logprob[0][on].all() == (how != "ids")
             assert np.all(mb.temperature[0][on] == (np.float32(0.7) if how == "counts" else 1.0))
 
 
@@ -132,12 +138,15 @@ def test_older_archives_without_the_fields_still_build(make_settings, chat):
     with Outbox(settings) as outbox, RolloutRecorder(outbox, task_id="fre", group_id="g", timeout_s=60) as rec:
         rec.observation("Say hello.", role="user", pinned=True, token_ids=chat.encode("<|im_start|>user\nSay hello.<|im_end|>\n"))
         ids = chat.encode("<|im_start|>assistant\nHello.<|im_end|>\n")
-        rec.action("Hello.", token_ids=ids, logprobs=[np.nan] * 3 + [-0.5] * (len(ids) - 4) + [np.nan])
+        h = len(chat.encode("<|im_start|>assistant\n"))  # an earlier runner: NaN on the header and the closing \n
+        rec.action("Hello.", token_ids=ids, logprobs=[np.nan] * h + [-0.5] * (len(ids) - h - 1) + [np.nan])
     sink(settings)
     import pyarrow as pa
 
     # drop the new columns from the archived step file: an archive written before them
-    for f in settings.home.glob("archive/**/step.parquet"):
+    files = list(settings.home.glob("archive/**/step.parquet"))
+    assert files
+    for f in files:
         t = pq.read_table(f)
         keep = [c for c in t.column_names if c not in ("n_generation_prompt", "n_sampled", "finish_reason",
                                                         "temperature", "top_p", "top_k")]

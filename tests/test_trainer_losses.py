@@ -199,3 +199,14 @@ def test_temperature_changes_the_ratio_the_way_the_issue_measured():
     at_1, _ = head_logprobs(hidden, head, ids, chunk=0)
     at_07, _ = head_logprobs(hidden, head, ids, chunk=0, temperature=torch.full((1, 3), 0.7))
     assert torch.exp(at_1 - at_07)[0].tolist() == pytest.approx([0.86, 1.33, 2.03], abs=0.01)
+
+
+def test_sample_weights_scale_each_samples_share_of_the_reduction():
+    per_token = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = t([[1, 1, 0], [1, 1, 1]])
+    w = t([2.0, 0.5])
+    assert reduce(per_token, mask, Norm("token", 5, 2), w).item() == pytest.approx((2 * 3 + 0.5 * 15) / 5)
+    assert reduce(per_token, mask, Norm("sample", 5, 2), w).item() == pytest.approx((2 * 1.5 + 0.5 * 5) / 2)
+    assert reduce(per_token, mask, Norm("sample_sum", 5, 2), w).item() == pytest.approx((2 * 3 + 0.5 * 15) / 2)
+    assert reduce(per_token, mask, Norm("token", 5, 2), torch.ones(2)).item() == pytest.approx(
+        reduce(per_token, mask, Norm("token", 5, 2)).item())

@@ -34,7 +34,7 @@ they are trained when the trainer recomputes the old logprobs (`need_behaviour=F
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -61,6 +61,7 @@ class MicroBatch:
     lengths: np.ndarray  # int64 [b]: unpadded lengths
     temperature: Optional[np.ndarray] = None  # float32 [b, T] (rl): the temperature each token was sampled at
     #                                           (1.0 where unknown and on pads): the trainer divides logits by it
+    weight: Optional[np.ndarray] = None  # float32 [b]: each sample's weight in the step (loss.group_weight: equal)
 
     @property
     def n_tokens(self) -> int:
@@ -193,11 +194,13 @@ class DatasetReader:
         ctx_cols = ["span_same_ctx", "prefix_same_ctx"]
         self.has_ctx = set(ctx_cols) <= set(pq.read_schema(self.path / ds.SAMPLES).names)
         s = pq.read_table(self.path / ds.SAMPLES, columns=[
-            "rollout_id", "window_idx", "n_tokens", "n_loss_tokens", "prefix_loss", "advantage",
+            "rollout_id", "group_id", "window_idx", "n_tokens", "n_loss_tokens", "prefix_loss", "advantage",
             "span_step", "span_start", "span_end", "span_loss"] + (ctx_cols if self.has_ctx else [])).combine_chunks()
         n = s.num_rows
         self.rollout_id = s.column("rollout_id")
         self.window_idx = s.column("window_idx").to_numpy()
+        self.group = (pc.dictionary_encode(s.column("group_id").combine_chunks()).indices  # int64 [n]: group codes
+                      .to_numpy(zero_copy_only=False).astype(np.int64))
         found = pc.index_in(s.column("rollout_id"), value_set=self._rollout_ids)
         if found.null_count:
             raise ds.DatasetError(f"{self.ref}: a sample names a rollout missing from {ds.TOKENS}; rebuild the dataset")
@@ -397,7 +400,8 @@ class BatchPlan:
     """Epoch order, packing into global micro-batches, and this rank's share of each optimizer step."""
 
     def __init__(self, reader: DatasetReader, micro_batch_tokens: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, accumulation: int = 1):
+                 rank: int = 0, world_size: int = 1, accumulation: int = 1, group_weight: str = "windows",
+                 reduction: str = "token"):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
         longest = int(reader.lengths.max()) if len(reader) else 0
@@ -410,6 +414,7 @@ class BatchPlan:
         self.reader, self.budget, self.seed, self.shuffle = reader, micro_batch_tokens, seed, shuffle
         self.rank, self.world, self.accum = rank, world_size, accumulation
         self.group = world_size * accumulation  # global micro-batches per optimizer step
+        self.group_weight, self.reduction = group_weight, reduction
         self._cache: tuple[int, list[np.ndarray]] | None = None
 
     def order(self, epoch: int) -> np.ndarray:
@@ -447,6 +452,19 @@ class BatchPlan:
             total += self.steps_in_epoch(e)
         return total if max_steps is None else min(total, max_steps)
 
+    def group_weights(self, every: np.ndarray) -> np.ndarray:
+        """float32 [len(every)], in sorted sample order: weights that make every group of the step weigh 1/G of
+        it (G groups) under the reduction: w = total / (G x the group's total), totals in trainable tokens
+        (token) or samples (sample, sample_sum). The reduction's own normalisation then gives each group's
+        reduced loss the same share, and the weights sum to the step's total (the loss scale is unchanged)."""
+        every = np.sort(every)
+        _, inv = np.unique(self.reader.group[every], return_inverse=True)
+        size = (self.reader.trainable[every].astype(np.float64) if self.reduction == "token"
+                else np.ones(len(every)))
+        per_group = np.bincount(inv, weights=size)
+        w = size.sum() / (len(per_group) * np.maximum(per_group[inv], 1e-12))
+        return w.astype(np.float32)
+
     def steps(self, start: Position = Position(), epochs: Optional[int] = None) -> Iterator[Step]:
         """Optimizer steps from `start` on, through epoch `epochs - 1` (None: forever)."""
         if start.microbatch % self.group:
@@ -466,6 +484,10 @@ class BatchPlan:
                                     int(self.reader.lengths[every].sum()))
                 k += self.group
                 nxt = Position(epoch, k) if k < len(mbs) else Position(epoch + 1, 0)
-                yield Step([empty_batch(rl) if m is None else self.reader.batch(m) for m in mine],
-                           totals, nxt, epoch, every)
+                batches = [empty_batch(rl) if m is None else self.reader.batch(m) for m in mine]
+                if self.group_weight == "equal":  # weights over the whole step (every rank computes the same)
+                    order, w = np.sort(every), self.group_weights(every)
+                    batches = [b if m is None else replace(b, weight=w[np.searchsorted(order, m)])
+                               for b, m in zip(batches, mine)]
+                yield Step(batches, totals, nxt, epoch, every)
             epoch, k = epoch + 1, 0

@@ -143,20 +143,24 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(lp.exp() * lp).sum(-1)
 
 
-def reduce(per_token: torch.Tensor, mask: torch.Tensor, norm: Norm) -> torch.Tensor:
-    """Sum of this micro-batch's share of the step loss (see the module docstring)."""
+def reduce(per_token: torch.Tensor, mask: torch.Tensor, norm: Norm, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum of this micro-batch's share of the step loss (see the module docstring). `weight` [b]: each sample's
+    weight (`loss.group_weight: equal`, trainer.data.BatchPlan.group_weights); None: 1."""
     masked = per_token * mask
-    if norm.reduction == "token":
+    if norm.reduction == "token" and weight is None:
         return masked.sum() / max(norm.loss_tokens, 1)
     per_sample = masked.sum(-1)
     if norm.reduction == "sample":
         per_sample = per_sample / mask.sum(-1).clamp(min=1)
-    return per_sample.sum() / max(norm.samples, 1)
+    if weight is not None:
+        per_sample = per_sample * weight
+    return per_sample.sum() / max(norm.loss_tokens if norm.reduction == "token" else norm.samples, 1)
 
 
-def sft_loss(logp: torch.Tensor, mask: torch.Tensor, norm: Norm) -> tuple[torch.Tensor, dict]:
-    """Eq. 6: negative log-likelihood of the actions (mask = 1 on assistant tokens)."""
-    loss = reduce(-logp, mask, norm)
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, norm: Norm,
+             weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+    """Eq. 6: negative log-likelihood of the actions (mask = 1 on the sampled ids of assistant steps)."""
+    loss = reduce(-logp, mask, norm, weight)
     nll_sum = (-logp * mask).sum().detach()
     return loss, {"nll_sum": nll_sum}
 
@@ -184,7 +188,7 @@ def truncated_is_weight(old_logp: torch.Tensor, behaviour_logp: torch.Tensor, ha
 
 def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, norm: Norm, *,
             clip_eps: float, dual_clip: Optional[float] = None, beta: float = 0.0, kl: Optional[torch.Tensor] = None,
-            is_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+            is_weight: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
     """Eq. 7: clipped surrogate (dual-clipped for A < 0 when `dual_clip`, weighted by `is_weight` when given)
     + beta * KL. `kl`: per-token KL [b, T-1] (k3 or full); its sum is reported whenever it is given, and it
     joins the loss when beta > 0. Returns the loss and detached sums (and the max ratio) for metrics."""
@@ -195,7 +199,7 @@ def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask:
         surrogate = torch.where(adv < 0, torch.maximum(surrogate, dual_clip * adv), surrogate)
     if is_weight is not None:
         surrogate = surrogate * is_weight
-    loss = reduce(-surrogate, mask, norm)
+    loss = reduce(-surrogate, mask, norm, weight)
     on = mask > 0
     unclipped = ratio * adv * (is_weight if is_weight is not None else 1.0)
     stats = {"pg_sum": (-surrogate * mask).sum().detach(), "ratio_sum": (ratio * mask).sum().detach(),

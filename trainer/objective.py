@@ -66,8 +66,9 @@ class Objective:
         temp = (torch.from_numpy(mb.temperature[:, 1:]).to(dev)
                 if self.rl and mb.temperature is not None else None)
         logp, ent = head_logprobs(hidden, head, ids, chunk=chunk, entropy=self.rl, temperature=temp)
+        weight = None if mb.weight is None else torch.from_numpy(mb.weight).to(dev)  # loss.group_weight: equal
         if not self.rl:
-            loss, st = sft_loss(logp, mask, norm)
+            loss, st = sft_loss(logp, mask, norm, weight)
             return loss, {"nll_sum": float(st["nll_sum"])}, {}
         behaviour = torch.from_numpy(mb.logprobs[:, 1:]).to(dev)
         has = torch.from_numpy(mb.has_logprob[:, 1:]).to(dev).float() * mask
@@ -82,16 +83,17 @@ class Objective:
         if ref_logp is not None:
             kl = (head_kl_full(hidden, head, ref_hidden, ref_head, chunk=chunk, temperature=temp)
                   if lc.kl_estimator == "full" and lc.beta > 0 else kl_k3(logp, ref_logp))
-        weight = truncated_is_weight(old, behaviour, has, lc.tis_cap) if lc.tis_cap is not None else None
+        is_w = truncated_is_weight(old, behaviour, has, lc.tis_cap) if lc.tis_cap is not None else None
         loss, st = rl_loss(logp, old, torch.from_numpy(mb.advantage[:, 1:]).to(dev), mask, norm,
-                           clip_eps=lc.clip_eps, dual_clip=lc.dual_clip, beta=lc.beta, kl=kl, is_weight=weight)
+                           clip_eps=lc.clip_eps, dual_clip=lc.dual_clip, beta=lc.beta, kl=kl, is_weight=is_w,
+                           weight=weight)
         sums = {k: float(st[k]) for k in ("pg_sum", "clipped", "ratio_sum")}
         sums["kl_sum"] = float(st.get("kl_sum", 0.0))
         sums["entropy_sum"] = float((ent * mask).sum())
         mismatch_ref = ref_logp if ref_logp is not None else None  # the input policy's logprob, when it was run
         sums["mismatch_sum"] = float(((mismatch_ref - behaviour).abs() * same).sum()) if mismatch_ref is not None else 0.0
         sums["mismatch_tokens"] = float(same.sum()) if mismatch_ref is not None else 0.0
-        sums["is_sum"] = float((weight * mask).sum()) if weight is not None else 0.0
+        sums["is_sum"] = float((is_w * mask).sum()) if is_w is not None else 0.0
         return loss, sums, {"ratio_max": float(st["ratio_max"])}
 
     def metrics(self, sums: dict, maxes: dict, loss_tokens: int) -> dict:
