@@ -11,9 +11,10 @@ one whole message in its markup: an assistant span is its role header (the gener
 prompted with), what the model wrote (text, tool calls) and the end-of-turn markup, and a window that
 starts at any message is well-formed ChatML. Every partial rendering must be a prefix of the whole one
 (checked), and the whole rendering is tokenized once: a cut that falls inside a token is an error, so the
-spans concatenated are exactly `apply_chat_template(messages, tools=tools)` (the loss mask then covers
-exactly the assistant spans). The token-in/token-out runner (`producers.agent`) records its assistant
-steps the same way: the header ids, the sampled ids, the template's end-of-turn ids.
+spans concatenated are exactly `apply_chat_template(messages, tools=tools)`. The token-in/token-out runner
+(`producers.agent`) records its assistant steps the same way: the header ids, the sampled ids, the template's
+end-of-turn ids. Only what the assistant produced carries loss: `assistant_markup` gives the header and closing
+ids the dataset builder leaves out of an assistant span's loss (`consumers.sampled`).
 
 `fingerprint` = sha256 of tokenizer.json and the template: rollouts whose ids come from different
 vocabularies or templates never share a dataset (`consumers.materialize`). Nothing is downloaded.
@@ -64,6 +65,7 @@ class ChatTokenizer:
         digest = hashlib.sha256((model_dir / "tokenizer.json").read_bytes())
         digest.update(b"\0" + template.encode())
         self.fingerprint = "sha256:" + digest.hexdigest()
+        self._markup: Optional[tuple[np.ndarray, np.ndarray]] = None
 
     # -- plain text ----------------------------------------------------------------------------------
 
@@ -135,6 +137,20 @@ class ChatTokenizer:
     def generation_prompt(self, history: Sequence[dict], tools: Optional[Sequence[dict]] = None) -> np.ndarray:
         """The ids the template puts after `history` to prompt an assistant turn."""
         return self.encode(self.added_text(history, [], tools, add_generation_prompt=True))
+
+    def assistant_markup(self) -> tuple[np.ndarray, np.ndarray]:
+        """(header, closing) int32 ids the template puts around an assistant message's content: the generation
+        prompt (`<|im_start|>assistant\\n`) and the end of turn (`<|im_end|>\\n`). Neither is the policy's output
+        (`consumers.sampled`), except the end-of-turn id when the model sampled it."""
+        if self._markup is None:
+            history, probe = [{"role": "user", "content": "Hi."}], "Hello."
+            header = self.generation_prompt(history)
+            text = self.added_text(history, [{"role": "assistant", "content": probe}], history_generation_prompt=True)
+            if not text.startswith(probe):
+                raise TemplateError(f"the chat template of {self.path} does not render an assistant message's "
+                                    "content verbatim after its generation prompt")
+            self._markup = (header, self.encode(text[len(probe):]))
+        return self._markup
 
     def added_ids(self, history: Sequence[dict], new: Sequence[dict], tools: Optional[Sequence[dict]] = None,
                   add_generation_prompt: bool = False) -> np.ndarray:

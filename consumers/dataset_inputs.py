@@ -107,7 +107,7 @@ CREATE TEMP TABLE step_meta AS
 WITH d AS (
     SELECT DISTINCT ON (event_id) event_id, rollout_id, step_idx, role, pinned, policy_version, produced_at,
            kafka_topic, kafka_partition, kafka_offset, octet_length(token_ids) // 4 AS n_tokens, filename, file_row_number,
-           {context_start} AS context_start
+           {context_start} AS context_start, {sampling}
     FROM raw_step ORDER BY event_id, kafka_topic, kafka_partition, kafka_offset)
 SELECT *, row_number() OVER (PARTITION BY rollout_id, step_idx
                              ORDER BY produced_at, kafka_topic, kafka_partition, kafka_offset, event_id) AS copy
@@ -132,12 +132,22 @@ def column_or(con: duckdb.DuckDBPyConnection, view: str, name: str, default: str
     return name if name in {r[0] for r in con.execute(f"DESCRIBE {view}").fetchall()} else default
 
 
+# Which ids an assistant step sampled and how (schemas.events.StepPayload); archives older than these columns
+# read them as unknown (consumers.sampled infers the range; temperature 1.0).
+SAMPLING_COLUMNS = {"n_generation_prompt": "NULL::BIGINT", "n_sampled": "NULL::BIGINT",
+                    "finish_reason": "NULL::VARCHAR", "temperature": "NULL::DOUBLE"}
+
+
 def step_table(con: duckdb.DuckDBPyConnection, tokenizer, drops: Counter) -> dict:
-    con.execute(STEPS_SQL.format(context_start=column_or(con, "raw_step", "context_start", "NULL::BIGINT")))
+    sampling = ", ".join(f"{column_or(con, 'raw_step', c, d)} AS {c}" for c, d in SAMPLING_COLUMNS.items())
+    con.execute(STEPS_SQL.format(context_start=column_or(con, "raw_step", "context_start", "NULL::BIGINT"),
+                                 sampling=sampling))
     drops["duplicate_step"] += scalar(con, "SELECT count(*) FROM step_meta WHERE copy > 1")
     t = arrow(con, "SELECT rollout_id, step_idx, role = 'assistant' AS is_asst, pinned, policy_version, n_tokens, "
-                    "coalesce(context_start, -1) AS context_start, filename, file_row_number FROM step_meta "
-                    "WHERE copy = 1 ORDER BY rollout_id, step_idx")
+                    "coalesce(context_start, -1) AS context_start, filename, file_row_number, "
+                    "coalesce(n_generation_prompt, -1) AS n_generation_prompt, coalesce(n_sampled, -1) AS n_sampled, "
+                    "coalesce(finish_reason = 'length', false) AS cut, coalesce(temperature, 'NaN'::DOUBLE) AS temperature "
+                    "FROM step_meta WHERE copy = 1 ORDER BY rollout_id, step_idx")
     files = t.column("filename").combine_chunks().dictionary_encode()
     names = files.dictionary.to_pylist()
     order = np.argsort(names)  # file index = rank of the path: flush names sort by partition, then offset
@@ -154,6 +164,10 @@ def step_table(con: duckdb.DuckDBPyConnection, tokenizer, drops: Counter) -> dic
         "file": rank[files.indices.to_numpy()] if len(names) else np.zeros(0, np.int64),
         "row": t.column("file_row_number").to_numpy(), "files": [names[i] for i in order],
         "context_start": t.column("context_start").to_numpy(),  # -1: not recorded
+        "n_generation_prompt": t.column("n_generation_prompt").to_numpy(),  # -1: not recorded
+        "n_sampled": t.column("n_sampled").to_numpy(),  # -1: not recorded
+        "cut": t.column("cut").to_numpy(zero_copy_only=False),  # finish_reason length: no end-of-turn id sampled
+        "temperature": t.column("temperature").to_numpy(zero_copy_only=False),  # NaN: not recorded
     }
     if text_only.any():  # text-only steps: their token count comes from the tokenizer
         idx = np.flatnonzero(text_only)

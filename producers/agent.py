@@ -100,7 +100,7 @@ def run_agent(outbox: Outbox, settings: Settings, task_id: str, policy: PolicyEn
     control.rollout_id = rec.rollout_id
     sandbox = _make_sandbox(config, settings, rec.rollout_id, payload.blacklist)
     client = PolicyClient(policy, request_token_ids=config.request_token_ids, temperature=config.temperature,
-                          max_tokens=config.max_tokens, seed=config.seed,
+                          top_p=config.top_p, top_k=config.top_k, max_tokens=config.max_tokens, seed=config.seed,
                           tool_call_regex=tool_call_regex(TOOLS) if config.tool_call_grammar else None)
     loop, status, error, ref, request_id = None, "error", None, None, None
     try:

@@ -34,7 +34,11 @@ class AgentConfig:
     k8s_image: str = "python:3.11-slim"
     k8s_namespace: str = "default"
     request_token_ids: bool = True  # ask for vLLM's token-id extras (off for plain OpenAI endpoints)
+    # Sampling: temperature (recorded with every assistant step: the trainer takes log-probs at it); top_p 1.0 and
+    # top_k -1 are off. RL refuses truncated sampling (check_rl): the trainer's ratio is of the full distribution.
     temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
     max_tokens: Optional[int] = None  # per completion
     max_transient_errors: int = 3  # consecutive policy failures (after the client's retries) before 'error'
     snapshot_every_turns: int = 0  # extra snapshots during the rollout (0: only at the end)
@@ -60,6 +64,25 @@ class AgentConfig:
             raise ConfigError(f"prompt must be paperbench or inline, got {self.prompt!r}")
         if self.sandbox not in SANDBOX_KINDS:
             raise ConfigError(f"sandbox must be one of {', '.join(SANDBOX_KINDS)}, got {self.sandbox!r}")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) or self.temperature < 0:
+            raise ConfigError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1] (1: off), got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise ConfigError(f"top_k must be an integer >= 1, or -1 (off), got {self.top_k!r}")
+
+    def check_rl(self) -> "AgentConfig":
+        """Refuses sampling an RL trainer cannot reproduce (a ConfigError naming the key); returns self.
+        The trainer computes log-probs of the whole temperature-scaled distribution, softmax(logits / T):
+        that is the distribution sampled only with top_p and top_k off. Truncated sampling would make every
+        ratio, KL and mismatch figure describe a distribution nothing was sampled from."""
+        if self.top_p != 1.0:
+            raise ConfigError(f"agent.top_p={self.top_p}: RL trains the log-probs of the distribution sampled, and "
+                              "the trainer computes the whole one (logits / temperature); set agent.top_p: 1.0 (off)")
+        if self.top_k not in (-1, 0):
+            raise ConfigError(f"agent.top_k={self.top_k}: RL trains the log-probs of the distribution sampled, and "
+                              "the trainer computes the whole one (logits / temperature); set agent.top_k: -1 (off)")
+        return self
 
 
 class RolloutControl:

@@ -12,8 +12,9 @@ the ids the chat template adds for it are appended (`ChatTokenizer.added_ids`: t
 without it, checked append-only). An assistant step records, like an imported one (`consumers.chat`),
 its whole message: the generation prompt ids (`<|im_start|>assistant\\n`), the sampled ids, and the ids
 the template closes the turn with after them (`\\n` after a sampled `<|im_end|>`; `<|im_end|>\\n` when the
-sample was cut by max_tokens). Its logprobs are one per id: the behaviour logprob for sampled ids, NaN
-for the ids the template added (trained tokens without a behaviour logprob).
+sample was cut by max_tokens), so the context stays well-formed chat text. Its logprobs are one per id: the
+behaviour logprob for sampled ids, NaN for the ids the template added; `Turn.n_generation_prompt` and
+`Turn.n_sampled` say which ids were sampled (recorded with the step: only those carry loss).
 
 Pruning drops whole messages after the pinned prefix (`agent_policy.prune`) and keeps the ids of the rest
 as they are, so the new context is still a concatenation of recorded steps: steps [0, P) ++ [c, k).
@@ -45,6 +46,8 @@ class Turn:
     finish_reason: str
     context_start: int
     prompt: list  # the token-id prompt the policy was given
+    n_generation_prompt: int = 0  # token_ids[n_generation_prompt : + n_sampled] are the sampled ids
+    n_sampled: int = 0
 
 
 class TokenContext:
@@ -100,7 +103,7 @@ class TokenContext:
                               np.full(len(closing), math.nan)]).astype(np.float32)
         content, calls = parse_hermes(text)
         self._append(msg, ids, step_idx, pinned)
-        return Turn(text, content, calls, ids, lps, out.finish_reason, start, prompt)
+        return Turn(text, content, calls, ids, lps, out.finish_reason, start, prompt, len(header), len(sampled))
 
     def prune(self, ratio: float) -> bool:
         """Drops the oldest `ratio` of the messages after the prefix; False when nothing is left to drop."""

@@ -84,7 +84,8 @@ class AgentLoop:
                 if carried[2] is not None:
                     self.client.close()
                     self.client = PolicyClient(carried[2], request_token_ids=cfg.request_token_ids,
-                                               temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed,
+                                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                               max_tokens=cfg.max_tokens, seed=cfg.seed,
                                                tool_call_regex=tool_call_regex(TOOLS) if cfg.tool_call_grammar else None)
             if cfg.reminder_every_turns and since_reading and since_reading % cfg.reminder_every_turns == 0 \
                     and reminded != since_reading:  # once per turn count, not again after a pruned retry
@@ -151,9 +152,16 @@ class AgentLoop:
         """Records the assistant step, runs its tool call, records the output. A status ends the rollout."""
         call = c.tool_calls[0] if c.tool_calls else None
         text = c.text if self.ctx is not None else c.content  # token steps: the text exactly as sampled
+        if self.ctx is not None:  # token-in/token-out: header ++ sampled ++ closing markup (agent_context)
+            sampled = (c.n_generation_prompt, c.n_sampled)
+        else:  # the chat API returns the sampled ids alone (or none: a text-only step)
+            sampled = (0, len(c.token_ids)) if c.token_ids is not None else (None, None)
+        cfg = self.config
         self.rec.action(text, tool_call=(call[1], call[2]) if call else None, token_ids=c.token_ids,
                         logprobs=c.logprobs, pinned=pinned,
-                        context_start=c.context_start if self.ctx is not None else None)
+                        context_start=c.context_start if self.ctx is not None else None,
+                        n_generation_prompt=sampled[0], n_sampled=sampled[1], finish_reason=c.finish_reason or None,
+                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
         if self.ctx is None:
             msg: dict = {"role": "assistant", "content": c.content}
             if call:  # only the call that runs is kept: every tool_call in a message needs an answer

@@ -128,12 +128,13 @@ def _tokens(choice: dict) -> tuple[Optional[list[int]], Optional[list[float]]]:
 
 class PolicyClient:
     def __init__(self, policy: PolicyEndpoint, *, request_token_ids: bool = True, temperature: float = 1.0,
-                 max_tokens: Optional[int] = None, max_retries: int = 2, seed: Optional[int] = None,
-                 tool_call_regex: Optional[str] = None):
+                 top_p: float = 1.0, top_k: int = -1, max_tokens: Optional[int] = None, max_retries: int = 2,
+                 seed: Optional[int] = None, tool_call_regex: Optional[str] = None):
         import openai
 
         self.policy, self.request_token_ids = policy, request_token_ids
         self.temperature, self.max_tokens, self.seed = temperature, max_tokens, seed
+        self.top_p, self.top_k = top_p, top_k  # 1.0 and -1: off (the whole temperature-scaled distribution)
         self.tool_call_regex = tool_call_regex  # complete_tokens: sample only calls this regex matches
         self._client = openai.OpenAI(base_url=policy.base_url, api_key=policy.api_key or "EMPTY",
                                      max_retries=max_retries, timeout=policy.request_timeout_s)
@@ -144,13 +145,15 @@ class PolicyClient:
     def complete_tokens(self, prompt_ids: list[int], *, timeout_s: float, rollout_id: str) -> TokenCompletion:
         """One sample from `/v1/completions` with a token-id prompt (vLLM): the sampled ids and logprobs."""
         extra: dict = {"return_token_ids": True, "skip_special_tokens": False}
+        if self.top_k not in (-1, 0):  # vLLM's extra: not in the OpenAI API
+            extra["top_k"] = self.top_k
         if self.seed is not None:
             extra["seed"] = self.seed
         if self.tool_call_regex:
             extra["structured_outputs"] = {"regex": self.tool_call_regex}
         resp = self._call(lambda client, timeout: client.completions.create(
             model=self.policy.model, prompt=[int(i) for i in prompt_ids], temperature=self.temperature,
-            max_tokens=self.max_tokens, logprobs=0, extra_body=extra,
+            top_p=self.top_p, max_tokens=self.max_tokens, logprobs=0, extra_body=extra,
             extra_headers={"X-Klong-Rollout-Id": rollout_id}, timeout=timeout), timeout_s)
         if not resp.choices:
             raise TransientError(f"policy {self.policy.model} returned no choices")
@@ -186,9 +189,11 @@ class PolicyClient:
 
     def complete(self, messages: list[dict], *, tools: list[dict], timeout_s: float, rollout_id: str) -> Completion:
         extra = {"return_token_ids": True, "return_tokens_as_token_ids": True} if self.request_token_ids else None
+        if self.top_k not in (-1, 0):
+            extra = {**(extra or {}), "top_k": self.top_k}
         resp = self._call(lambda client, timeout: client.chat.completions.create(
             model=self.policy.model, messages=messages, tools=tools, tool_choice="auto",
-            temperature=self.temperature, max_tokens=self.max_tokens, logprobs=True,
+            temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens, logprobs=True,
             extra_body=extra, extra_headers={"X-Klong-Rollout-Id": rollout_id}, timeout=timeout), timeout_s)
         if not resp.choices:
             raise TransientError(f"policy {self.policy.model} returned no choices")

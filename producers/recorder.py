@@ -176,15 +176,30 @@ class RolloutRecorder:
 
     def action(self, content: str, *, tool_call: Optional[ToolCallLike] = None,
                token_ids: Optional[ArrayLike] = None, logprobs: Optional[ArrayLike] = None,
-               pinned: bool = False, elapsed_s: Optional[float] = None, context_start: Optional[int] = None) -> int:
+               pinned: bool = False, elapsed_s: Optional[float] = None, context_start: Optional[int] = None,
+               n_generation_prompt: Optional[int] = None, n_sampled: Optional[int] = None,
+               finish_reason: Optional[str] = None, temperature: Optional[float] = None,
+               top_p: Optional[float] = None, top_k: Optional[int] = None) -> int:
         """An assistant turn (text and/or a tool call) with its behaviour-policy logprobs (NaN for ids the chat
         template added around the sampled ones). Returns step_idx. `context_start`: the model was given steps
-        [0, P) ++ [context_start, this step) (P: the pinned prefix), for token-in/token-out scaffolds."""
+        [0, P) ++ [context_start, this step) (P: the pinned prefix), for token-in/token-out scaffolds.
+        `token_ids[n_generation_prompt : n_generation_prompt + n_sampled]` are the ids the policy sampled (the
+        rest is chat-template markup: no loss); `finish_reason`, `temperature`, `top_p`, `top_k`: how it was
+        sampled (the trainer takes log-probs at that temperature)."""
         what = f"rollout {self.rollout_id} step {self._next} (assistant)"
         tokens = _tokens(token_ids, what)
         lps = _logprobs(logprobs, None if tokens is None else len(tokens), what)
+        if (n_generation_prompt is None) != (n_sampled is None):
+            raise ValidationError(f"{what}: give n_generation_prompt and n_sampled together, or neither")
+        if n_sampled is not None and (tokens is None or n_generation_prompt < 0 or n_sampled < 0
+                                      or n_generation_prompt + n_sampled > len(tokens)):
+            raise ValidationError(f"{what}: n_generation_prompt={n_generation_prompt} + n_sampled={n_sampled} must "
+                                  f"lie within the step's {0 if tokens is None else len(tokens)} token_ids")
         return self._step(what, role="assistant", content=content, token_ids=tokens, logprobs=lps, pinned=pinned,
-                          tool_call=_tool_call(tool_call, what), elapsed_s=elapsed_s, context_start=context_start)
+                          tool_call=_tool_call(tool_call, what), elapsed_s=elapsed_s, context_start=context_start,
+                          n_generation_prompt=n_generation_prompt, n_sampled=n_sampled, finish_reason=finish_reason,
+                          temperature=None if temperature is None else float(temperature),
+                          top_p=None if top_p is None else float(top_p), top_k=top_k)
 
     def snapshot(self, ref: str, n_files: int = 0, n_bytes: int = 0) -> int:
         """The submission state after the last step, to be judged. Returns that step_idx."""

@@ -91,7 +91,7 @@ class Scheduler:
         self.fleet = fleet
         self._agent = agent
         self.rollout_fn = rollout_fn or agent.run_agent
-        self.agent_config = agent_config(plan)
+        self.agent_config = agent_config(plan).check_rl()  # RL: sampling the trainer reproduces (top_p/top_k off)
         env = plan.policy.api_key_env
         if env and not os.environ.get(env):
             raise ConfigError(f"plan {plan.name}: policy.api_key_env names {env}, which is not set in the environment")

@@ -144,12 +144,39 @@ class StepPayload(msgspec.Struct, frozen=True, kw_only=True):
     context_start: Optional[NonNegInt] = None
     # Claim check: content/token_ids/logprobs live in this content-addressed blob (see schemas.claimcheck).
     blob_ref: Optional[str] = None
+    # Assistant steps: which of token_ids the policy sampled. token_ids = the generation prompt the template
+    # opened the turn with (`n_generation_prompt` ids, `<|im_start|>assistant\n`), the `n_sampled` sampled ids
+    # (the end-of-turn id included when the model stopped), then the ids the template closes the turn with (the
+    # rest: `\n` after a sampled `<|im_end|>`, `<|im_end|>\n` after a cut sample). Only sampled ids carry loss.
+    # None (older events, imports): the dataset builder infers the range (consumers.sampled).
+    n_generation_prompt: Optional[NonNegInt] = None
+    n_sampled: Optional[NonNegInt] = None
+    # Assistant steps: why sampling ended (stop: end-of-turn id or stop string; length: cut by max_tokens or
+    # the context) and the sampling parameters. temperature None: unknown, trained as 1.0 (what the OpenAI API
+    # and vLLM default to); 0 is greedy. top_p 1.0 and top_k -1 (or 0): off; None: unknown, taken as off.
+    finish_reason: Optional[Annotated[str, msgspec.Meta(max_length=64)]] = None
+    temperature: Optional[NonNegFloat] = None
+    top_p: Optional[Annotated[float, msgspec.Meta(gt=0, le=1)]] = None
+    top_k: Optional[Annotated[int, msgspec.Meta(ge=-1, le=MAX_INT32)]] = None
 
     def __post_init__(self) -> None:
         if self.logprobs is not None and self.role != "assistant":
             raise ValueError(f"logprobs are only allowed on assistant steps, not on role {self.role!r}")
         if self.tool_call is not None and self.role != "assistant":
             raise ValueError(f"tool_call is only allowed on assistant steps, not on role {self.role!r}")
+        sampling = ("n_generation_prompt", "n_sampled", "finish_reason", "temperature", "top_p", "top_k")
+        given = [f for f in sampling if getattr(self, f) is not None]
+        if given and self.role != "assistant":
+            raise ValueError(f"{given[0]} is only allowed on assistant steps, not on role {self.role!r}")
+        if (self.n_generation_prompt is None) != (self.n_sampled is None):
+            raise ValueError("n_generation_prompt and n_sampled go together (which token_ids were sampled)")
+        if self.n_sampled is not None and self.blob_ref is None:  # claim-checked: the ids are in the blob
+            if self.token_ids is None:
+                raise ValueError("n_generation_prompt/n_sampled count token_ids: a step without token_ids has none")
+            n = len(self.token_ids) // 4 if isinstance(self.token_ids, bytes) else len(self.token_ids)
+            if self.n_generation_prompt + self.n_sampled > n:
+                raise ValueError(f"n_generation_prompt + n_sampled = {self.n_generation_prompt + self.n_sampled} "
+                                 f"exceeds the step's {n} token_ids")
 
 
 class SnapshotPayload(msgspec.Struct, frozen=True, kw_only=True):

@@ -13,12 +13,12 @@ automatically) and add what msgspec leaves out, so the schema accepts what the s
 - `schema_version` at most this reader's version; `rollout_id` required (a string) where it is the key;
 - token arrays as a JSON list or base64 whose decoded length is a multiple of 4 bytes (a `pattern`);
 - free-form JSON (a rubric, a training config) nested at most `MAX_JSON_DEPTH` deep (one definition per level);
-- the rules across fields: `logprobs` and `tool_call` only on assistant steps, a valid judge result has
-  a score;
+- the rules across fields: `logprobs`, `tool_call` and the sampling fields only on assistant steps,
+  `n_generation_prompt` with `n_sampled` (and token_ids), a valid judge result has a score;
 - a description on every event, payload and field, with each event's Kafka topic and key.
 
 What JSON Schema cannot say, and the sink still checks (its dead letters name it): `logprobs` has one value
-per token id; an integer field holds a JSON integer (`2`, not `2.0`, which JSON Schema counts as an
+per token id; `n_generation_prompt + n_sampled` is at most the number of token ids; an integer field holds a JSON integer (`2`, not `2.0`, which JSON Schema counts as an
 integer); a `blob_ref` names a blob in the sink's blob store (claim checks are for the Python SDK).
 The sink also takes a few spellings of `produced_at` beyond RFC 3339 (`t`/`z` lower case, a space for
 `T`, `+0100`); the schema asks for RFC 3339 (`format: date-time`).
@@ -109,6 +109,14 @@ FIELD_DOCS = {
     "tokenizer": "Fingerprint of the vocabulary and chat template the steps' token_ids come from (\"\": unknown).",
     "context_start": "Token-in/token-out runners: the model was given steps [0, P) ++ [context_start, step_idx) "
     "when it produced this step (P: the pinned prefix); null: unknown.",
+    "n_generation_prompt": "Assistant steps: how many of token_ids are the generation prompt the chat template "
+    "opened the turn with (<|im_start|>assistant\\n) before the sampled ids; with n_sampled. Null: unknown (the "
+    "dataset builder infers it).", "n_sampled": "Assistant steps: how many token_ids after the generation prompt "
+    "the policy sampled (its end-of-turn id included when it stopped); the rest are the ids the template closes "
+    "the turn with. Only sampled ids carry loss.", "finish_reason": "Assistant steps: why sampling ended (stop, "
+    "length: cut by max_tokens or the context).", "temperature": "Assistant steps: the sampling temperature (null: "
+    "unknown, trained as 1.0; 0: greedy).", "top_p": "Assistant steps: nucleus sampling (1: off).", "top_k":
+    "Assistant steps: top-k sampling (-1 or 0: off).",
 }
 ARRAY_FIELDS = {"token_ids": ("int32", {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}),
                 "logprobs": ("float32", {"type": "number"})}
@@ -188,9 +196,16 @@ def _int64(schema) -> None:
 
 def _cross_field_rules(defs: dict) -> None:
     not_assistant = {"type": "object", "properties": {"role": {"not": {"const": "assistant"}}}, "required": ["role"]}
-    defs["StepPayload"]["allOf"] = [{
-        "if": not_assistant,
-        "then": {"type": "object", "properties": {"logprobs": {"type": "null"}, "tool_call": {"type": "null"}}}}]
+    assistant_only = ("logprobs", "tool_call", "n_generation_prompt", "n_sampled", "finish_reason", "temperature",
+                      "top_p", "top_k")
+    given = lambda f: {"type": "object", "properties": {f: {"not": {"type": "null"}}}, "required": [f]}  # noqa: E731
+    defs["StepPayload"]["allOf"] = [
+        {"if": not_assistant,
+         "then": {"type": "object", "properties": {f: {"type": "null"} for f in assistant_only}}},
+        # n_generation_prompt and n_sampled go together, and count token_ids (unless claim-checked)
+        {"if": given("n_sampled"), "then": given("n_generation_prompt")},
+        {"if": given("n_generation_prompt"), "then": given("n_sampled")},
+        {"if": {"allOf": [given("n_sampled"), {"not": given("blob_ref")}]}, "then": given("token_ids")}]
     defs["JudgeResultPayload"]["allOf"] = [{
         "if": {"type": "object", "properties": {"valid": {"const": True}}, "required": ["valid"]},
         "then": {"type": "object", "properties": {"score": {"type": "number"}}, "required": ["score"]}}]

@@ -12,6 +12,10 @@ Layout of one version (written into `datasets/_tmp/` and renamed into place whol
                                                   a step no window uses (trailing observations, dropped
                                                   turns, the cut-off head of truncated observations) is empty
         step_assistant list<bool>  [n_steps]
+        step_loss_start, step_loss_end  list<int32> [n_steps]  the ids the policy sampled in step s are its
+                                                  tokens [start, end): the only ids a loss span trains
+                                                  (consumers.sampled; format 1 had no such columns: whole steps)
+        step_temperature list<float32> [n_steps]  the temperature step s was sampled at (1.0 unknown)
         token_ids      list<int32> [n_tokens]
         logprobs       list<float32> [n_tokens]   (rl) behaviour logprob per action token, null elsewhere
     samples.parquet  one row per window (sub-trajectory): numbers for SQL plus its spans
@@ -55,7 +59,7 @@ from consumers.split import SplitResult, Window, materialize_flat
 from klong.procs import fsync_path
 from schemas.errors import ConfigError, TerminalError
 
-FORMAT = 1  # layout version of a dataset; part of the content hash
+FORMAT = 2  # layout version of a dataset; part of the content hash (2: per-step sampled ranges, temperature)
 DATASETS = "datasets"
 TOKENS, SAMPLES, MANIFEST = "tokens.parquet", "samples.parquet", "manifest.json"
 ROW_GROUP_TOKENS = 32 << 20  # tokens per row group of tokens.parquet: what a reader holds at once
@@ -66,6 +70,8 @@ TOKENS_SCHEMA = pa.schema([
     ("rollout_id", pa.string()), ("group_id", pa.string()), ("task_id", pa.string()), ("status", pa.string()),
     ("stage", pa.int32()), ("iteration", pa.int32()), ("prefix_len", pa.int32()), ("prefix_tokens", pa.int64()),
     ("step_offsets", pa.list_(pa.int64())), ("step_assistant", pa.list_(pa.bool_())),
+    ("step_loss_start", pa.list_(pa.int32())), ("step_loss_end", pa.list_(pa.int32())),
+    ("step_temperature", pa.list_(pa.float32())),
     ("token_ids", pa.list_(pa.int32())), ("logprobs", pa.list_(pa.float32())),
 ])
 SAMPLES_SCHEMA = pa.schema([
@@ -387,6 +393,8 @@ class DatasetVersion:
                       if "logprobs" in rows.column_names else None)
                 p = row.column("prefix_len")[0].as_py()
                 n = np.diff(offsets)
+                sampled = ((row.column("step_loss_start")[0].values.to_numpy(), row.column("step_loss_end")[0].values.to_numpy())
+                           if "step_loss_start" in rows.column_names else None)
                 prefix = np.column_stack([np.arange(p), np.zeros(p, np.int64), n[:p], is_asst[:p]]).astype(np.int64)
                 result = SplitResult(p, int(n[:p].sum()), prefix, max_tokens - int(n[:p].sum()), [], {})
                 positions = np.arange(len(tokens), dtype=np.int64)
@@ -397,7 +405,7 @@ class DatasetVersion:
                     w = Window(cols["window_idx"][i], cols["first_turn"][i], cols["last_turn"][i], cols["n_turns"][i],
                                cols["first_step"][i], cols["last_step"][i], sp, cols["n_tokens"][i],
                                cols["n_loss_tokens"][i], cols["obs_truncated"][i], cols["prefix_loss"][i])
-                    pos, mask = materialize_flat(result, w, positions, offsets)
+                    pos, mask = materialize_flat(result, w, positions, offsets, sampled)
                     if len(pos) != w.n_tokens or int(mask.sum()) != w.n_loss_tokens:
                         raise DatasetError(f"{self.ref}: window {rid}/{w.window_idx} does not add up to its "
                                            f"n_tokens/n_loss_tokens")

@@ -2,7 +2,7 @@
 
 Invariants (issue 10, on the real SmolLM2 tokenizer and tool-aware template): (b) an imported trajectory that
 fits one window has the window input == apply_chat_template(messages, tools), tool calls included; (c) the
-loss mask covers exactly the assistant tokens. Plus: the builder renders text-only rollouts with the model
+loss mask covers exactly what the assistant produced (not the template's generation prompt and closing ids). Plus: the builder renders text-only rollouts with the model
 directory's template, and refuses to mix tokenizers.
 """
 
@@ -47,6 +47,12 @@ def _assistant_texts(messages) -> list[str]:
                   for c in m.get("tool_calls") or []]
         out.append("<|im_start|>assistant\n" + "\n".join(parts) + "<|im_end|>\n")
     return out
+
+
+def _sampled_texts(messages) -> list[str]:
+    """What the assistant produced in each turn: its text and tool calls and the end-of-turn id it stopped with.
+    The generation prompt before it and the template's `\\n` after it are context, not output: no loss."""
+    return [t[len("<|im_start|>assistant\n"):-len("\n")] for t in _assistant_texts(messages)]
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -100,7 +106,9 @@ def test_imported_window_is_apply_chat_template_and_the_loss_is_on_assistant_tok
     assert len(reader) == 1
     ids, mask = reader.sample(0)
     assert np.array_equal(ids, _reference(chat, row["messages"], TOOLS_ROW_TOOLS))  # (b)
-    assert [chat.decode(ids[a:b]) for a, b in _runs(mask)] == _assistant_texts(row["messages"])  # (c)
+    # (c) the loss covers what the assistant produced, not the template's header `<|im_start|>assistant\n` nor
+    # the `\n` it closes the turn with: an import with ids and no n_sampled, masked by the template's markup
+    assert [chat.decode(ids[a:b]) for a, b in _runs(mask)] == _sampled_texts(row["messages"])
     assert "<tools>" in chat.decode(ids[:np.flatnonzero(mask)[0]])
 
     # the same rows text-only, rendered by the builder with the model directory's template (no tools there)
@@ -121,8 +129,9 @@ def test_imported_window_is_apply_chat_template_and_the_loss_is_on_assistant_tok
     contents = [render(m) for m in parse_messages(plain["messages"])]  # the importer's step contents
     steps = [{"role": m["role"], "content": c} for m, c in zip(plain["messages"], contents)]
     assert np.array_equal(ids, _reference(chat, steps))
-    assert [chat.decode(ids[a:b]) for a, b in _runs(mask)] == [f"<|im_start|>assistant\n{c}<|im_end|>\n" for m, c in
+    assert [chat.decode(ids[a:b]) for a, b in _runs(mask)] == [f"{c}<|im_end|>" for m, c in
                                                                 zip(plain["messages"], contents) if m["role"] == "assistant"]
+    assert out.manifest["counts"]["assistant_markup_tokens"] == built.manifest["counts"]["assistant_markup_tokens"] > 0
 
     # ids of the model's tokenizer never share a dataset with byte-tokenized text-only steps
     assert cli(settings, "import", "trajectories", str(tmp_path / "p.jsonl")) == 0  # same row, other id: text-only

@@ -42,7 +42,7 @@ NEEDS_TYPE = {"properties": "object", "required": "object", "additionalPropertie
               "maximum": ("integer", "number"), "exclusiveMaximum": ("integer", "number")}
 VALIDATOR = jsonschema.Draft202012Validator(events_schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
 # The one rule JSON Schema cannot state, which only the sink checks (README "Producing events from any language").
-SINK_ONLY = ("logprobs must have one value per token id",)
+SINK_ONLY = ("logprobs must have one value per token id", "exceeds the step's")
 
 
 def _walk(schema, path="#"):
@@ -99,6 +99,9 @@ def _examples() -> list[dict]:
         new_event(Step, rollout_id=r, payload=StepPayload(step_idx=3, role="assistant", content="ls",
                                                          tool_call=ToolCall(name="bash", arguments="{}", id="c1"),
                                                          token_ids=[5, 6, 7], logprobs=[-0.5, -0.25, -1.0])),
+        new_event(Step, rollout_id=r, payload=StepPayload(step_idx=5, role="assistant", content="hi", token_ids=[1, 2, 3, 4],
+                                                         n_generation_prompt=1, n_sampled=2, finish_reason="length",
+                                                         temperature=0.7, top_p=1.0, top_k=-1)),
         new_event(Step, rollout_id=r, payload=StepPayload(step_idx=4, role="tool", content="out", tool_call_id="c1",
                                                          token_ids=encode_array([1, 2], "int32"), pinned=True)),
         new_event(Snapshot, rollout_id=r, payload=SnapshotPayload(step_idx=4, ref="sha256:" + "0" * 64, n_files=2)),

@@ -190,3 +190,26 @@ def test_refuses_a_version_whose_files_do_not_match_the_manifest(train_home, tmp
     pq.write_table(t.slice(1), path)  # one window fewer
     with pytest.raises(DatasetError, match="content hash"):
         DatasetReader(home, "sft@1")
+
+
+@pytest.mark.parametrize("reduction", ["token", "sample", "sample_sum"])
+def test_equal_group_weight_gives_every_group_of_a_step_the_same_share(train_home, reduction):
+    """loss.group_weight: equal -> each group's windows (or tokens) in a step weigh 1/G of it, whatever their
+    number; windows (the default) leaves the weights out, so a group weighs by its windows or tokens."""
+    reader = DatasetReader(train_home.home, "rl@1", verify=False)
+    assert all(mb.weight is None for step in BatchPlan(reader, 1200, reduction=reduction).steps(epochs=1)
+               for mb in step.micro_batches)
+    size = reader.trainable if reduction == "token" else np.ones(len(reader), np.int64)
+    uneven = 0
+    for step in BatchPlan(reader, 1200, accumulation=3, group_weight="equal", reduction=reduction).steps(epochs=1):
+        share, natural = {}, {}
+        for mb in step.micro_batches:
+            assert mb.empty or len(mb.weight) == len(mb.samples)  # an epoch's padding batch has no samples
+            for j, w in zip(mb.samples.tolist(), [] if mb.empty else mb.weight.tolist()):
+                g = int(reader.group[j])
+                share[g] = share.get(g, 0.0) + w * size[j]
+                natural[g] = natural.get(g, 0) + size[j]
+        total = step.totals.loss_tokens if reduction == "token" else step.totals.samples
+        assert [v / total for v in share.values()] == pytest.approx([1 / len(share)] * len(share))
+        uneven += len(set(natural.values())) > 1  # groups of unequal size in this step
+    assert uneven

@@ -159,3 +159,54 @@ def test_chunked_logprobs_and_gradients_equal_the_full_logits(chunk):
     ref_hidden = torch.randn(2, 13, 16)
     torch.testing.assert_close(head_kl_full(hidden, head, ref_hidden, ref_head, chunk=chunk),
                                kl_full(head(hidden), ref_head(ref_hidden)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 5])
+def test_logprobs_are_taken_at_the_temperature_each_token_was_sampled_at(chunk):
+    """RL's log-probs are those of softmax(logits / T) with T per target token (the sampler's distribution):
+    value, entropy, gradients and the full KL, chunked or not."""
+    torch.manual_seed(1)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 13, 16, requires_grad=True)
+    ids = torch.randint(0, 50, (2, 13))
+    temp = torch.full((2, 12), 0.7)
+    temp[1, :4] = 1.0  # steps of one window may differ
+    scaled = head(hidden)[:, :-1] / temp[..., None]  # the distribution each target token was sampled from
+    want_lp = torch.log_softmax(scaled, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    want_ent = -(torch.softmax(scaled, -1) * torch.log_softmax(scaled, -1)).sum(-1)
+    want_lp.sum().backward()
+    want_gh = hidden.grad.clone()
+    hidden.grad = None
+    lp, ent = head_logprobs(hidden, head, ids, chunk=chunk, entropy=True, temperature=temp)
+    lp.sum().backward()
+    torch.testing.assert_close(lp, want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, want_ent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, want_gh, rtol=1e-5, atol=1e-6)
+    ones, _ = head_logprobs(hidden, head, ids, chunk=chunk, temperature=torch.ones(2, 12))
+    torch.testing.assert_close(ones, token_logprobs(head(hidden), ids), rtol=1e-5, atol=1e-5)
+    ref_head, ref_hidden = torch.nn.Linear(16, 50, bias=False), torch.randn(2, 13, 16)
+    ref_scaled = ref_head(ref_hidden)[:, :-1] / temp[..., None]
+    want_kl = (torch.softmax(scaled, -1) * (torch.log_softmax(scaled, -1) - torch.log_softmax(ref_scaled, -1))).sum(-1)
+    torch.testing.assert_close(head_kl_full(hidden, head, ref_hidden, ref_head, chunk=chunk, temperature=temp),
+                               want_kl, rtol=1e-5, atol=1e-6)
+
+
+def test_temperature_changes_the_ratio_the_way_the_issue_measured():
+    """Logits [2, 1, 0] sampled at T = 0.7: pi_T1 / pi_T0.7 = [0.86, 1.33, 2.03], not 1 (what T = 1 alone sees)."""
+    head = lambda h: h  # noqa: E731  (the hidden state is the logits)
+    hidden = torch.tensor([[[2.0, 1.0, 0.0]] * 4])
+    ids = torch.tensor([[0, 0, 1, 2]])
+    at_1, _ = head_logprobs(hidden, head, ids, chunk=0)
+    at_07, _ = head_logprobs(hidden, head, ids, chunk=0, temperature=torch.full((1, 3), 0.7))
+    assert torch.exp(at_1 - at_07)[0].tolist() == pytest.approx([0.86, 1.33, 2.03], abs=0.01)
+
+
+def test_sample_weights_scale_each_samples_share_of_the_reduction():
+    per_token = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = t([[1, 1, 0], [1, 1, 1]])
+    w = t([2.0, 0.5])
+    assert reduce(per_token, mask, Norm("token", 5, 2), w).item() == pytest.approx((2 * 3 + 0.5 * 15) / 5)
+    assert reduce(per_token, mask, Norm("sample", 5, 2), w).item() == pytest.approx((2 * 1.5 + 0.5 * 5) / 2)
+    assert reduce(per_token, mask, Norm("sample_sum", 5, 2), w).item() == pytest.approx((2 * 3 + 0.5 * 15) / 2)
+    assert reduce(per_token, mask, Norm("token", 5, 2), torch.ones(2)).item() == pytest.approx(
+        reduce(per_token, mask, Norm("token", 5, 2)).item())

@@ -92,7 +92,7 @@ def test_sft_on_template_rendered_trajectories_lowers_the_real_models_loss(make_
     assert f"dataset {out.ref} holds token ids from tokenizer" in capsys.readouterr().err
 
 
-def record_rollouts(settings, tmp_path, smollm2_dir, server, scores) -> None:
+def record_rollouts(settings, tmp_path, smollm2_dir, server, scores, temperature: float = 1.0) -> None:
     """Rollouts of the reference runner, token-in/token-out through the real vLLM server (producers.agent with
     model_dir: the context kept as ids, the sampled ids and logprobs as sampled), 2 turns of <= 12 sampled tokens
     each, one group; then a judge result per rollout with the given scores. (The runner's system prompt and
@@ -108,7 +108,7 @@ def record_rollouts(settings, tmp_path, smollm2_dir, server, scores) -> None:
     with Outbox(settings) as outbox:
         for i, _ in enumerate(scores):
             config = AgentConfig(model_dir=str(smollm2_dir), mandatory_reading=False, max_turns=2, max_tokens=12,
-                                 temperature=1.0, seed=i, sandbox="unsafe-local", reminder_every_turns=0)
+                                 temperature=temperature, seed=i, sandbox="unsafe-local", reminder_every_turns=0)
             results.append(run_agent(outbox, settings, "tiny", PolicyEndpoint(server.base_url, server.model_name),
                                      timeout_s=900, group_id="g", config=config, judge=False))
     assert all(r.n_prunes == 0 and r.n_turns >= 1 for r in results), results
@@ -136,3 +136,53 @@ def test_first_rl_step_on_vllm_rollouts_has_ratio_one_and_the_trainer_reproduces
     # the sampled tokens sit in their generation context, and a float32 server agrees with the trainer there
     assert first["mismatch_tokens"] >= 4 and first["mismatch"] < 1e-3, first
     assert first["is_weight_mean"] == pytest.approx(1, abs=1e-2) and first["entropy"] > 0
+
+
+@pytest.mark.timeout(1500)
+def test_at_temperature_0_7_the_trainer_reproduces_vllms_processed_logprobs_and_the_first_ratio_is_one(
+        make_settings, smollm2_dir, policy_server, tmp_path, capsys):
+    """Rollouts sampled at T = 0.7 (no grammar): the server's logprobs are those of softmax(logits / 0.7) (`klong
+    serve`: processed_logprobs), the trainer takes its log-probs at the step's recorded temperature, and on
+    same-context sampled tokens the two agree to 1e-3; the first RL step's ratio against those behaviour logprobs
+    is 1. Only sampled ids are trained: the loss tokens are exactly the ids with a behaviour logprob."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.data import BatchPlan, DatasetReader
+    from trainer.losses import head_logprobs
+    from trainer.objective import hidden_and_head
+
+    s = make_settings()
+    record_rollouts(s, tmp_path, smollm2_dir, policy_server, [0.5], temperature=0.7)
+    sink(s)
+    out = build_version(s.home, "vllm-rl-t07", "rl", {"max_tokens": 4096, "tokenizer": str(smollm2_dir),
+                                                      "statuses": ["finished", "timeout"]})
+    reader = DatasetReader(s.home, out.ref)
+    (mb,) = next(BatchPlan(reader, 4096, shuffle=False).steps()).micro_batches
+    loss, has, same = mb.loss_mask[0] == 1, mb.has_logprob[0] == 1, mb.same_ctx[0] == 1
+    # D1 and the header: the trained ids are the sampled ones (a behaviour logprob each), and every sampled id
+    # after position 0 is trained; the template's ids (header, closing) are in the input without loss
+    assert np.array_equal(loss[1:], has[1:]) and loss.sum() >= 4
+    assert out.manifest["counts"]["assistant_markup_tokens"] > 0
+    assert np.all(mb.temperature[0][loss] == np.float32(0.7))
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, local_files_only=True, dtype=torch.float32).eval()
+    ids = torch.from_numpy(mb.input_ids).long()
+    with torch.no_grad():
+        hidden, head = hidden_and_head(model, ids)
+        at_t, _ = head_logprobs(hidden, head, ids, chunk=0, temperature=torch.from_numpy(mb.temperature[:, 1:]))
+        at_1, _ = head_logprobs(hidden, head, ids, chunk=0)
+    on = (loss & same)[1:]  # aligned to the target token
+    behaviour = torch.from_numpy(mb.logprobs[0, 1:])[torch.from_numpy(on)]
+    assert on.sum() >= 4
+    diff = (at_t[0][torch.from_numpy(on)] - behaviour).abs()
+    assert diff.max().item() <= 1e-3, diff
+    # the server's logprobs are the tempered ones: the raw (T = 1) log-probs differ from them
+    assert (at_1[0][torch.from_numpy(on)] - behaviour).abs().max().item() > 1e-2
+    capsys.readouterr()
+    assert main(klong(s, "train", "--dataset", out.ref, "--config", "rl_smollm2", f"model.name={smollm2_dir}",
+                      "data.micro_batch_tokens=4096", "data.shuffle=false", "train.max_steps=1", "lineage=false",
+                      "loss.old_logprobs=behaviour", "loss.tis_cap=null")) == 0
+    first = steps_of(run_dir_of(capsys.readouterr().out))[1]
+    # the ratio's denominator is the sampler's own logprob: r = 1 before any update, nothing clipped
+    assert first["ratio_mean"] == pytest.approx(1, abs=1e-3) and first["ratio_max"] == pytest.approx(1, abs=2e-3)
+    assert first["clip_frac"] == 0, first

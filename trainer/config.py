@@ -81,6 +81,10 @@ class LossConfig:
     # token: sum over loss tokens / loss tokens in the step; sample: mean per sample, then mean over
     # samples; sample_sum: sum per sample / samples in the step (eq. 7 as written: 1/(nK) sum_i sum_t)
     reduction: Reduction = "token"
+    # How groups (rollouts of one sample, with all their windows) weigh in a step. windows: through the reduction
+    # alone, so a group weighs by its windows (tokens) in the step; equal: every group of the step the same
+    # (the reduction applied within each group, then the mean over the step's groups)
+    group_weight: Literal["windows", "equal"] = "windows"
     clip_eps: float = 0.2  # rl: PPO clip epsilon (eq. 7)
     beta: float = 0.0  # rl: weight of KL(pi_theta || pi_ref); 0 = no reference model is loaded
     kl_estimator: Literal["k3", "full"] = "k3"  # k3: on sampled tokens; full: exact over the vocabulary

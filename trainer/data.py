@@ -23,15 +23,18 @@ no rank needs to ask the others. The position (epoch, next global micro-batch) i
 needs to continue with the same order.
 
 Token alignment: loss is on input positions; the logit at t - 1 predicts token t, so a loss token at
-position 0 cannot be trained and is not counted. RL: loss tokens without a behaviour logprob (a text-only
-import, the end-of-turn tokens a chat template adds after a completion) are counted (`n_no_logprob`);
+position 0 cannot be trained and is not counted. Only the ids the policy sampled carry loss: a dataset stores per step which ids those are
+(`step_loss_start`/`step_loss_end`, `consumers.sampled`) and each loss span is cut to them, so the generation
+prompt and the template's closing ids stay in the input without loss. RL: the temperature each step was
+sampled at comes with every token (`MicroBatch.temperature`); loss tokens without a behaviour logprob (a text-only
+import) are counted (`n_no_logprob`);
 they are trained when the trainer recomputes the old logprobs (`need_behaviour=False`, the default
 `loss.old_logprobs: recompute`) and left out of the loss when the ratio divides by the behaviour logprob.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -56,6 +59,9 @@ class MicroBatch:
     #                                 generated in (datasets before span_same_ctx: where it has a behaviour logprob)
     samples: np.ndarray  # int64 [b]: sample numbers (rows of samples.parquet)
     lengths: np.ndarray  # int64 [b]: unpadded lengths
+    temperature: Optional[np.ndarray] = None  # float32 [b, T] (rl): the temperature each token was sampled at
+    #                                           (1.0 where unknown and on pads): the trainer divides logits by it
+    weight: Optional[np.ndarray] = None  # float32 [b]: each sample's weight in the step (loss.group_weight: equal)
 
     @property
     def n_tokens(self) -> int:
@@ -137,8 +143,11 @@ class DatasetReader:
         cols = ["rollout_id", "prefix_len", "step_offsets", "step_assistant", "token_ids"]
         rl = self.kind == "rl"
         pf = pq.ParquetFile(self.path / ds.TOKENS)
-        t = pf.read(columns=cols + (["logprobs"] if rl else []))
+        # Format 2: which ids of each step were sampled, at which temperature (format 1: whole steps, T = 1).
+        extra = [c for c in ("step_loss_start", "step_loss_end", "step_temperature") if c in pf.schema_arrow.names]
+        t = pf.read(columns=cols + extra + (["logprobs"] if rl else []))
         ids_parts, lp_parts, step_abs, step_len, step_asst, n_steps, row_base = [], [], [], [], [], [], 0
+        step_extra: dict[str, list] = {c: [] for c in extra}
         for chunk in t.to_batches():  # per record batch: list offsets are int32 within a batch
             vals, tok_off = _flat(chunk.column(cols.index("token_ids")))
             base = row_base + tok_off[:-1]
@@ -150,10 +159,12 @@ class DatasetReader:
             step_abs.append(abs_off[keep])
             step_len.append(np.diff(abs_off)[keep[:-1]] if len(abs_off) else np.zeros(0, np.int64))
             step_asst.append(_flat(chunk.column(cols.index("step_assistant")))[0])
+            for c in extra:
+                step_extra[c].append(_flat(chunk.column(c))[0])
             n_steps.append(per_row - 1)
             ids_parts.append(vals)
             if rl:
-                lp = pc.fill_null(chunk.column(len(cols)).flatten(), float("nan"))
+                lp = pc.fill_null(chunk.column("logprobs").flatten(), float("nan"))
                 lp_parts.append(lp.to_numpy(zero_copy_only=False).astype(np.float32))
             row_base += len(vals)
         self.tokens = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32)  # int32 [unique tokens]
@@ -169,6 +180,11 @@ class DatasetReader:
         self.step_abs = np.concatenate(step_abs) if step_abs else np.zeros(0, np.int64)  # int64 [all steps]
         self.step_len = np.concatenate(step_len) if step_len else np.zeros(0, np.int64)
         self.step_asst = np.concatenate(step_asst) if step_asst else np.zeros(0, bool)
+        cat = lambda c, dt: np.concatenate(step_extra[c]).astype(dt) if step_extra.get(c) else None  # noqa: E731
+        lo, hi = cat("step_loss_start", np.int64), cat("step_loss_end", np.int64)
+        # int64 [all steps]: the sampled ids of step s are its tokens [sampled_lo, sampled_hi) (None: all of them)
+        self.sampled = None if lo is None or hi is None else (lo, hi)
+        self.step_temp = cat("step_temperature", np.float32)  # float32 [all steps] (None: 1.0 everywhere)
         steps_per_row = np.concatenate(n_steps) if n_steps else np.zeros(0, np.int64)
         self.row_step_base = _excl_cumsum(steps_per_row)  # first step of each tokens row in the step arrays
         self.row_prefix_len = t.column("prefix_len").to_numpy().astype(np.int64)
@@ -178,11 +194,13 @@ class DatasetReader:
         ctx_cols = ["span_same_ctx", "prefix_same_ctx"]
         self.has_ctx = set(ctx_cols) <= set(pq.read_schema(self.path / ds.SAMPLES).names)
         s = pq.read_table(self.path / ds.SAMPLES, columns=[
-            "rollout_id", "window_idx", "n_tokens", "n_loss_tokens", "prefix_loss", "advantage",
+            "rollout_id", "group_id", "window_idx", "n_tokens", "n_loss_tokens", "prefix_loss", "advantage",
             "span_step", "span_start", "span_end", "span_loss"] + (ctx_cols if self.has_ctx else [])).combine_chunks()
         n = s.num_rows
         self.rollout_id = s.column("rollout_id")
         self.window_idx = s.column("window_idx").to_numpy()
+        self.group = (pc.dictionary_encode(s.column("group_id").combine_chunks()).indices  # int64 [n]: group codes
+                      .to_numpy(zero_copy_only=False).astype(np.int64))
         found = pc.index_in(s.column("rollout_id"), value_set=self._rollout_ids)
         if found.null_count:
             raise ds.DatasetError(f"{self.ref}: a sample names a rollout missing from {ds.TOKENS}; rebuild the dataset")
@@ -220,8 +238,13 @@ class DatasetReader:
         if self.has_ctx:
             ctx[pi] = s.column("prefix_same_ctx").to_numpy(zero_copy_only=False)[p_sample]
             ctx[bi] = _flat(s.column("span_same_ctx"))[0]
+        step_of = np.empty(total, np.int64)
+        step_of[pi], step_of[bi] = p_step, b_step
+        start, length, loss, sample_of, ctx, step_of = self._sampled_pieces(start, length, loss, sample_of, ctx,
+                                                                            step_of)
+        temp = self.step_temp[step_of] if self.step_temp is not None else np.ones(len(start), np.float32)
         nz = length > 0
-        start, length, loss, sample_of, ctx = start[nz], length[nz], loss[nz], sample_of[nz], ctx[nz]
+        start, length, loss, sample_of, ctx, temp = start[nz], length[nz], loss[nz], sample_of[nz], ctx[nz], temp[nz]
         new_sample = np.ones(len(start), bool)
         new_sample[1:] = sample_of[1:] != sample_of[:-1]
 
@@ -240,6 +263,11 @@ class DatasetReader:
         brk[1:] |= ctx[1:] != ctx[:-1]
         st, self.ctx_len, self.ctx_off = _runs(sample_of, brk, length, n)
         self.ctx_flag = ctx[st]
+        # Temperature runs (per step: the logits of its tokens are divided by it), likewise.
+        brk = new_sample.copy()
+        brk[1:] |= temp[1:] != temp[:-1]
+        st, self.temp_len, self.temp_off = _runs(sample_of, brk, length, n)
+        self.temp_val = temp[st]
 
         self.lengths = np.bincount(sample_of, weights=length, minlength=n).astype(np.int64)  # int64 [n]
         n_loss = np.bincount(sample_of, weights=length * loss, minlength=n).astype(np.int64)
@@ -271,6 +299,24 @@ class DatasetReader:
             np.nan_to_num(self.logprobs, copy=False, nan=0.0)
         self.trainable = n_loss - at0 - (self.n_no_logprob if self.need_behaviour else 0)  # int64 [n]
 
+    def _sampled_pieces(self, start, length, loss, sample_of, ctx, step_of):
+        """Each span -> 3 pieces: before its step's sampled ids (no loss), the sampled ids (the span's loss),
+        after them (no loss): the generation prompt and the template's closing ids never carry loss. Empty
+        pieces are dropped later. Datasets without sampled ranges (format 1) keep their spans whole."""
+        if self.sampled is None:
+            return start, length, loss, sample_of, ctx, step_of
+        base = self.step_abs[step_of]
+        end = start + length
+        a = np.clip(base + self.sampled[0][step_of], start, end)
+        b = np.clip(base + self.sampled[1][step_of], a, end)
+        off = loss == 0  # a span without loss stays one piece
+        a[off], b[off] = end[off], end[off]
+        three = lambda x: np.repeat(x, 3)  # noqa: E731
+        new_start = np.stack([start, a, b], 1).reshape(-1)
+        new_len = np.stack([a - start, b - a, end - b], 1).reshape(-1)
+        new_loss = np.stack([np.zeros_like(loss), loss, np.zeros_like(loss)], 1).reshape(-1)
+        return new_start, new_len, new_loss, three(sample_of), three(ctx), three(step_of)
+
     # ---- access ---------------------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -294,7 +340,7 @@ class DatasetReader:
         ids = np.empty((b, width), np.int32)
         lp = np.empty((b, width), np.float32) if rl else None
         has = np.empty((b, width), np.uint8) if rl else None
-        run_len, run_val, ctx_len, ctx_val = [], [], [], []
+        run_len, run_val, ctx_len, ctx_val, t_len, t_val = [], [], [], [], [], []
         for i, j in enumerate(samples.tolist()):
             d, c0, c1 = 0, self.copy_off[j], self.copy_off[j + 1]
             for src, n in zip(self.copy_src[c0:c1].tolist(), self.copy_len[c0:c1].tolist()):
@@ -316,20 +362,26 @@ class DatasetReader:
                 r0, r1 = self.ctx_off[j], self.ctx_off[j + 1]
                 ctx_len += [self.ctx_len[r0:r1], [pad]]
                 ctx_val += [self.ctx_flag[r0:r1], [0]]
+            if rl:
+                r0, r1 = self.temp_off[j], self.temp_off[j + 1]
+                t_len += [self.temp_len[r0:r1], [pad]]
+                t_val += [self.temp_val[r0:r1], [1.0]]
         lens = np.concatenate(run_len).astype(np.int64) if b else np.zeros(0, np.int64)
         flags = np.concatenate(run_val).astype(np.uint8) if b else np.zeros(0, np.uint8)
         mask = np.repeat(flags, lens).reshape(b, width) if b else np.zeros((0, width), np.uint8)
         if b:
             mask[:, 0] = 0  # nothing predicts position 0
-        adv = same = None
+        adv = same = temp = None
         if rl:
+            temp = (np.repeat(np.concatenate(t_val).astype(np.float32), np.concatenate(t_len).astype(np.int64))
+                    .reshape(b, width) if b else np.ones((0, width), np.float32))
             same = (np.repeat(np.concatenate(ctx_val).astype(np.uint8), np.concatenate(ctx_len).astype(np.int64))
                     .reshape(b, width) if self.has_ctx and b else has.copy())
             if self.need_behaviour:
                 for i in np.flatnonzero(self.n_no_logprob[samples]).tolist():  # text-only imported actions
                     mask[i, :lengths[i]][self._flags(self._lp_nan, int(samples[i]))] = 0  # no ratio: no loss
             adv = np.multiply(mask, self.advantage[samples][:, None], dtype=np.float32)
-        return MicroBatch(ids, mask, adv, lp, has, same, samples, lengths)
+        return MicroBatch(ids, mask, adv, lp, has, same, samples, lengths, temp)
 
     def _flags(self, flat: np.ndarray, j: int) -> np.ndarray:
         c0, c1 = self.copy_off[j], self.copy_off[j + 1]
@@ -341,14 +393,15 @@ def empty_batch(rl: bool) -> MicroBatch:
     z = np.zeros((1, 2), np.float32)
     return MicroBatch(np.zeros((1, 2), np.int32), np.zeros((1, 2), np.uint8), z if rl else None, z.copy() if rl else None,
                       np.zeros((1, 2), np.uint8) if rl else None, np.zeros((1, 2), np.uint8) if rl else None,
-                      np.zeros(0, np.int64), np.zeros(0, np.int64))
+                      np.zeros(0, np.int64), np.zeros(0, np.int64), np.ones((1, 2), np.float32) if rl else None)
 
 
 class BatchPlan:
     """Epoch order, packing into global micro-batches, and this rank's share of each optimizer step."""
 
     def __init__(self, reader: DatasetReader, micro_batch_tokens: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, accumulation: int = 1):
+                 rank: int = 0, world_size: int = 1, accumulation: int = 1, group_weight: str = "windows",
+                 reduction: str = "token"):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
         longest = int(reader.lengths.max()) if len(reader) else 0
@@ -361,6 +414,7 @@ class BatchPlan:
         self.reader, self.budget, self.seed, self.shuffle = reader, micro_batch_tokens, seed, shuffle
         self.rank, self.world, self.accum = rank, world_size, accumulation
         self.group = world_size * accumulation  # global micro-batches per optimizer step
+        self.group_weight, self.reduction = group_weight, reduction
         self._cache: tuple[int, list[np.ndarray]] | None = None
 
     def order(self, epoch: int) -> np.ndarray:
@@ -398,6 +452,19 @@ class BatchPlan:
             total += self.steps_in_epoch(e)
         return total if max_steps is None else min(total, max_steps)
 
+    def group_weights(self, every: np.ndarray) -> np.ndarray:
+        """float32 [len(every)], in sorted sample order: weights that make every group of the step weigh 1/G of
+        it (G groups) under the reduction: w = total / (G x the group's total), totals in trainable tokens
+        (token) or samples (sample, sample_sum). The reduction's own normalisation then gives each group's
+        reduced loss the same share, and the weights sum to the step's total (the loss scale is unchanged)."""
+        every = np.sort(every)
+        _, inv = np.unique(self.reader.group[every], return_inverse=True)
+        size = (self.reader.trainable[every].astype(np.float64) if self.reduction == "token"
+                else np.ones(len(every)))
+        per_group = np.bincount(inv, weights=size)
+        w = size.sum() / (len(per_group) * np.maximum(per_group[inv], 1e-12))
+        return w.astype(np.float32)
+
     def steps(self, start: Position = Position(), epochs: Optional[int] = None) -> Iterator[Step]:
         """Optimizer steps from `start` on, through epoch `epochs - 1` (None: forever)."""
         if start.microbatch % self.group:
@@ -417,6 +484,10 @@ class BatchPlan:
                                     int(self.reader.lengths[every].sum()))
                 k += self.group
                 nxt = Position(epoch, k) if k < len(mbs) else Position(epoch + 1, 0)
-                yield Step([empty_batch(rl) if m is None else self.reader.batch(m) for m in mine],
-                           totals, nxt, epoch, every)
+                batches = [empty_batch(rl) if m is None else self.reader.batch(m) for m in mine]
+                if self.group_weight == "equal":  # weights over the whole step (every rank computes the same)
+                    order, w = np.sort(every), self.group_weights(every)
+                    batches = [b if m is None else replace(b, weight=w[np.searchsorted(order, m)])
+                               for b, m in zip(batches, mine)]
+                yield Step(batches, totals, nxt, epoch, every)
             epoch, k = epoch + 1, 0

@@ -31,8 +31,13 @@ truncated importance weight min(pi_old / pi_behaviour, cap) (detached); loss = -
 The log-ratio is clamped to +-LOG_RATIO_CLAMP before exp, so an old logprob of -100 gives a large
 but finite ratio, never inf or NaN. The KL term is beta * E_t[KL] as eq. 7 writes it: a mean over the
 step's loss tokens whatever the reduction. KL(pi_theta || pi_ref): `k3` estimates it from the sampled
-tokens, exp(ref - logp) - (ref - logp) - 1 (unbiased, >= 0; its log-ratio clamped and the value capped
-at KL_CLAMP); `full` computes it exactly over the vocabulary, in chunks (`head_kl_full`).
+tokens, exp(ref - logp) - (ref - logp) - 1 (>= 0; its log-ratio clamped and the value capped at KL_CLAMP).
+Its *value* is an unbiased estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta; its *gradient*,
+as a loss on those tokens, is (1 - pi_ref / pi_theta) grad log pi_theta, whose expectation is the gradient of
+KL(pi_ref || pi_theta), the reverse direction (as in GRPO and verl's `low_var_kl`): the metric reads
+KL(pi || pi_ref), the penalty pulls towards pi_ref in the other sense. `full` computes KL(pi_theta || pi_ref)
+exactly over the vocabulary, in chunks (`head_kl_full`), value and gradient alike. RL takes every log-prob at
+the temperature the token was sampled at (`temperature=`: softmax(logits / T)).
 """
 
 from __future__ import annotations
@@ -64,9 +69,13 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
                             reduction="none").view(b, t - 1)
 
 
-def _chunk_logprobs(head: Callable, entropy: bool, h: torch.Tensor, target: torch.Tensor):
-    """One chunk: hidden [n, H], target [n] -> (logp [n], entropy [n] or an empty tensor), float32."""
+def _chunk_logprobs(head: Callable, entropy: bool, h: torch.Tensor, target: torch.Tensor,
+                    temp: Optional[torch.Tensor] = None):
+    """One chunk: hidden [n, H], target [n], temperature [n] or None -> (logp [n], entropy [n] or an empty
+    tensor), float32, of the distribution softmax(logits / temperature)."""
     logits = head(h).float()
+    if temp is not None:
+        logits = logits / temp[:, None]
     logp = -F.cross_entropy(logits, target, reduction="none")  # fused: one [n, V] pass back, like the model's loss
     if not entropy:
         return logp, logits.new_zeros(0)
@@ -76,19 +85,23 @@ def _chunk_logprobs(head: Callable, entropy: bool, h: torch.Tensor, target: torc
 
 
 def head_logprobs(hidden: torch.Tensor, head: Callable, input_ids: torch.Tensor, *, chunk: int,
-                  entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  entropy: bool = False, temperature: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """hidden [b, T, H] (last layer, normed), head: the output layer (hidden -> logits), input_ids [b, T] ->
     (logp float32 [b, T-1], entropy float32 [b, T-1] or None). `chunk` positions per piece (0: all at once);
-    with gradients on, each piece runs under activation checkpointing (its logits recomputed in backward)."""
+    with gradients on, each piece runs under activation checkpointing (its logits recomputed in backward).
+    `temperature` [b, T-1] (aligned to the target token, like the outputs) or None (1): the log-probs are those
+    of softmax(logits / T), the distribution the token was sampled from."""
     b, t, hd = hidden.shape
     h = hidden[:, :-1].reshape(-1, hd)
     target = input_ids[:, 1:].reshape(-1).long()
+    temp = None if temperature is None else temperature.reshape(-1).float()
     n = h.shape[0]
     step = n if chunk <= 0 else chunk
     grad = torch.is_grad_enabled() and h.requires_grad
     logps, ents = [], []
     for lo in range(0, n, max(step, 1)):
-        args = (head, entropy, h[lo:lo + step], target[lo:lo + step])
+        args = (head, entropy, h[lo:lo + step], target[lo:lo + step], None if temp is None else temp[lo:lo + step])
         last = lo + step >= n  # its logits may stay for backward: recomputed, they would exist then anyway
         lp, ent = (checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad and chunk > 0 and not last
                    else _chunk_logprobs(*args))
@@ -99,23 +112,27 @@ def head_logprobs(hidden: torch.Tensor, head: Callable, input_ids: torch.Tensor,
     return logp, ent
 
 
-def _chunk_kl_full(head: Callable, ref_head: Callable, h: torch.Tensor, ref_h: torch.Tensor) -> torch.Tensor:
-    lp = F.log_softmax(head(h).float(), -1)
+def _chunk_kl_full(head: Callable, ref_head: Callable, h: torch.Tensor, ref_h: torch.Tensor,
+                   temp: Optional[torch.Tensor] = None) -> torch.Tensor:
+    div = 1.0 if temp is None else temp[:, None]
+    lp = F.log_softmax(head(h).float() / div, -1)
     with torch.no_grad():
-        ref = F.log_softmax(ref_head(ref_h).float(), -1)
+        ref = F.log_softmax(ref_head(ref_h).float() / div, -1)
     return (lp.exp() * (lp - ref)).sum(-1)
 
 
 def head_kl_full(hidden: torch.Tensor, head: Callable, ref_hidden: torch.Tensor, ref_head: Callable, *,
-                 chunk: int) -> torch.Tensor:
+                 chunk: int, temperature: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Exact KL(pi || pi_ref) per position over the vocabulary, from both models' hidden states [b, T, H],
-    `chunk` positions at a time -> float32 [b, T-1]."""
+    `chunk` positions at a time -> float32 [b, T-1] (both distributions at `temperature` [b, T-1], as sampled)."""
     b, t, hd = hidden.shape
     h, rh = hidden[:, :-1].reshape(-1, hd), ref_hidden[:, :-1].reshape(-1, ref_hidden.shape[-1])
+    tp = None if temperature is None else temperature.reshape(-1).float()
     step = max(h.shape[0] if chunk <= 0 else chunk, 1)
     grad = torch.is_grad_enabled() and h.requires_grad
-    out = [checkpoint(_chunk_kl_full, head, ref_head, h[lo:lo + step], rh[lo:lo + step], use_reentrant=False)
-           if grad and chunk > 0 else _chunk_kl_full(head, ref_head, h[lo:lo + step], rh[lo:lo + step])
+    part = lambda lo: (head, ref_head, h[lo:lo + step], rh[lo:lo + step], None if tp is None else tp[lo:lo + step])  # noqa: E731
+    out = [checkpoint(_chunk_kl_full, *part(lo), use_reentrant=False)
+           if grad and chunk > 0 else _chunk_kl_full(*part(lo))
            for lo in range(0, h.shape[0], step)]
     return torch.cat(out).view(b, t - 1) if out else hidden.new_zeros(b, max(t - 1, 0), dtype=torch.float32)
 
@@ -126,26 +143,31 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(lp.exp() * lp).sum(-1)
 
 
-def reduce(per_token: torch.Tensor, mask: torch.Tensor, norm: Norm) -> torch.Tensor:
-    """Sum of this micro-batch's share of the step loss (see the module docstring)."""
+def reduce(per_token: torch.Tensor, mask: torch.Tensor, norm: Norm, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum of this micro-batch's share of the step loss (see the module docstring). `weight` [b]: each sample's
+    weight (`loss.group_weight: equal`, trainer.data.BatchPlan.group_weights); None: 1."""
     masked = per_token * mask
-    if norm.reduction == "token":
+    if norm.reduction == "token" and weight is None:
         return masked.sum() / max(norm.loss_tokens, 1)
     per_sample = masked.sum(-1)
     if norm.reduction == "sample":
         per_sample = per_sample / mask.sum(-1).clamp(min=1)
-    return per_sample.sum() / max(norm.samples, 1)
+    if weight is not None:
+        per_sample = per_sample * weight
+    return per_sample.sum() / max(norm.loss_tokens if norm.reduction == "token" else norm.samples, 1)
 
 
-def sft_loss(logp: torch.Tensor, mask: torch.Tensor, norm: Norm) -> tuple[torch.Tensor, dict]:
-    """Eq. 6: negative log-likelihood of the actions (mask = 1 on assistant tokens)."""
-    loss = reduce(-logp, mask, norm)
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, norm: Norm,
+             weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+    """Eq. 6: negative log-likelihood of the actions (mask = 1 on the sampled ids of assistant steps)."""
+    loss = reduce(-logp, mask, norm, weight)
     nll_sum = (-logp * mask).sum().detach()
     return loss, {"nll_sum": nll_sum}
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """k3 estimate of KL(pi || pi_ref) per sampled token, log-ratio clamped and value capped (finite always)."""
+    """k3 estimate of KL(pi || pi_ref) per sampled token, log-ratio clamped and value capped (finite always).
+    The value is unbiased for KL(pi || pi_ref); the gradient is that of KL(pi_ref || pi) (module docstring)."""
     d = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return torch.clamp(torch.exp(d) - d - 1, max=KL_CLAMP)
 
@@ -166,7 +188,7 @@ def truncated_is_weight(old_logp: torch.Tensor, behaviour_logp: torch.Tensor, ha
 
 def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, norm: Norm, *,
             clip_eps: float, dual_clip: Optional[float] = None, beta: float = 0.0, kl: Optional[torch.Tensor] = None,
-            is_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+            is_weight: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
     """Eq. 7: clipped surrogate (dual-clipped for A < 0 when `dual_clip`, weighted by `is_weight` when given)
     + beta * KL. `kl`: per-token KL [b, T-1] (k3 or full); its sum is reported whenever it is given, and it
     joins the loss when beta > 0. Returns the loss and detached sums (and the max ratio) for metrics."""
@@ -177,7 +199,7 @@ def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask:
         surrogate = torch.where(adv < 0, torch.maximum(surrogate, dual_clip * adv), surrogate)
     if is_weight is not None:
         surrogate = surrogate * is_weight
-    loss = reduce(-surrogate, mask, norm)
+    loss = reduce(-surrogate, mask, norm, weight)
     on = mask > 0
     unclipped = ratio * adv * (is_weight if is_weight is not None else 1.0)
     stats = {"pg_sum": (-surrogate * mask).sum().detach(), "ratio_sum": (ratio * mask).sum().detach(),

@@ -5,7 +5,10 @@
     metrics = obj.metrics(sums, maxes, loss_tokens)       # after the step: means over the step's loss tokens
 
 The policy's log-probs (and, for RL, entropies) come from its last hidden states and output layer in chunks
-(`trainer.losses.head_logprobs`, `loss.logit_chunk_tokens`): no [b, T, V] tensor is held.
+(`trainer.losses.head_logprobs`, `loss.logit_chunk_tokens`): no [b, T, V] tensor is held. RL takes them at the
+temperature each token was sampled at (logits / T, per token from the dataset: `MicroBatch.temperature`), so
+policy, old and reference log-probs, the ratio, KL, entropy and `mismatch` all describe the distribution the
+sampler drew from (vLLM's processed logprobs, `klong serve`); SFT trains the plain (T = 1) likelihood.
 
 RL, `loss.old_logprobs`:
   recompute  (default) old logprobs = the frozen input policy (eq. 7's pi_ref, the model the run started
@@ -59,9 +62,13 @@ class Objective:
         ids = torch.from_numpy(mb.input_ids).to(dev).long()
         mask = torch.from_numpy(mb.loss_mask[:, 1:]).to(dev).float()  # aligned to the predicted token
         hidden, head = hidden_and_head(model, ids)
-        logp, ent = head_logprobs(hidden, head, ids, chunk=chunk, entropy=self.rl)
+        # RL: log-probs of the distribution each token was sampled from, softmax(logits / its temperature)
+        temp = (torch.from_numpy(mb.temperature[:, 1:]).to(dev)
+                if self.rl and mb.temperature is not None else None)
+        logp, ent = head_logprobs(hidden, head, ids, chunk=chunk, entropy=self.rl, temperature=temp)
+        weight = None if mb.weight is None else torch.from_numpy(mb.weight).to(dev)  # loss.group_weight: equal
         if not self.rl:
-            loss, st = sft_loss(logp, mask, norm)
+            loss, st = sft_loss(logp, mask, norm, weight)
             return loss, {"nll_sum": float(st["nll_sum"])}, {}
         behaviour = torch.from_numpy(mb.logprobs[:, 1:]).to(dev)
         has = torch.from_numpy(mb.has_logprob[:, 1:]).to(dev).float() * mask
@@ -70,22 +77,23 @@ class Objective:
         if self.ref is not None:
             with torch.no_grad():
                 ref_hidden, ref_head = hidden_and_head(self.ref, ids)
-                ref_logp, _ = head_logprobs(ref_hidden, ref_head, ids, chunk=chunk)
+                ref_logp, _ = head_logprobs(ref_hidden, ref_head, ids, chunk=chunk, temperature=temp)
         old = ref_logp if self.recompute else behaviour
         kl = None
         if ref_logp is not None:
-            kl = (head_kl_full(hidden, head, ref_hidden, ref_head, chunk=chunk)
+            kl = (head_kl_full(hidden, head, ref_hidden, ref_head, chunk=chunk, temperature=temp)
                   if lc.kl_estimator == "full" and lc.beta > 0 else kl_k3(logp, ref_logp))
-        weight = truncated_is_weight(old, behaviour, has, lc.tis_cap) if lc.tis_cap is not None else None
+        is_w = truncated_is_weight(old, behaviour, has, lc.tis_cap) if lc.tis_cap is not None else None
         loss, st = rl_loss(logp, old, torch.from_numpy(mb.advantage[:, 1:]).to(dev), mask, norm,
-                           clip_eps=lc.clip_eps, dual_clip=lc.dual_clip, beta=lc.beta, kl=kl, is_weight=weight)
+                           clip_eps=lc.clip_eps, dual_clip=lc.dual_clip, beta=lc.beta, kl=kl, is_weight=is_w,
+                           weight=weight)
         sums = {k: float(st[k]) for k in ("pg_sum", "clipped", "ratio_sum")}
         sums["kl_sum"] = float(st.get("kl_sum", 0.0))
         sums["entropy_sum"] = float((ent * mask).sum())
         mismatch_ref = ref_logp if ref_logp is not None else None  # the input policy's logprob, when it was run
         sums["mismatch_sum"] = float(((mismatch_ref - behaviour).abs() * same).sum()) if mismatch_ref is not None else 0.0
         sums["mismatch_tokens"] = float(same.sum()) if mismatch_ref is not None else 0.0
-        sums["is_sum"] = float((weight * mask).sum()) if weight is not None else 0.0
+        sums["is_sum"] = float((is_w * mask).sum()) if is_w is not None else 0.0
         return loss, sums, {"ratio_max": float(st["ratio_max"])}
 
     def metrics(self, sums: dict, maxes: dict, loss_tokens: int) -> dict:

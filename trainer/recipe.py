@@ -138,7 +138,8 @@ class TrainRecipe:
         self.objective = Objective(cfg, self.rl, self.ref)
         accumulation = cfg.engine.gradient_accumulation_steps
         self.plan = BatchPlan(self.reader, cfg.data.micro_batch_tokens, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                              rank=self.dist.rank, world_size=self.dist.world_size, accumulation=accumulation)
+                              rank=self.dist.rank, world_size=self.dist.world_size, accumulation=accumulation,
+                              group_weight=cfg.loss.group_weight, reduction=cfg.loss.reduction)
         per_epoch = self.plan.steps_in_epoch(0)
         self.total_steps = self.plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
         self.engine = Engine(model, cfg, self.dist, self.total_steps)
