@@ -206,6 +206,9 @@ def _agent_step(step: dict, where: str, text: str, messages: list, pending: int,
                 "name": c["function_name"], "arguments": args if isinstance(args, str) else json.dumps(args)}})
     if completion is not None:
         msg["token_ids"] = list(_ids(completion, f"{where}.metrics.completion_token_ids"))
+        # the completion is what was sampled (the prompt before it holds the generation header); markup the
+        # next prompt adds after it is appended below and carries no loss
+        msg["n_generation_prompt"], msg["n_sampled"] = 0, len(msg["token_ids"])
         lp = metrics.get("logprobs")
         if lp is not None:
             lp = _ids(lp, f"{where}.metrics.logprobs", number=True)

@@ -93,6 +93,14 @@ def token_plan(row: Row, tokenizer=None) -> tuple[str, str, Optional[str]]:
     return ("render", fp, None) if tokenizer is not None else ("text", "", None)
 
 
+def _sampled_counts(m, mode: str) -> dict:
+    """The recorded sampled span of an assistant step, kept with the recorded ids it counts (never with
+    re-rendered ones: those are the template's and `consumers.sampled` finds the markup itself)."""
+    if mode != "recorded" or m.sampled is None:
+        return {}
+    return {"n_generation_prompt": m.sampled[0], "n_sampled": m.sampled[1]}
+
+
 def row_events(row: Row, tokenizer=None, timeout_s: float = 43200.0) -> list[Envelope]:
     """The events of one row, in emission order, with deterministic event ids (token ids per `token_plan`)."""
     mode, fingerprint, _ = token_plan(row, tokenizer)
@@ -118,7 +126,8 @@ def row_events(row: Row, tokenizer=None, timeout_s: float = 43200.0) -> list[Env
             step_idx=i, role=m.role, content=text, tool_call=m.calls[0] if m.calls else None,
             tool_call_id=m.tool_call_id, pinned=i < row.prefix,
             token_ids=None if tok is None else encode_array(tok, "int32"),
-            logprobs=None if lps is None else encode_array(lps, "float32"))))
+            logprobs=None if lps is None else encode_array(lps, "float32"),
+            **_sampled_counts(m, mode))))
     last = len(row.messages) - 1
     if row.score is not None:
         out.append(ev(JudgeResult, JudgeResultPayload(request_id=f"{row.rollout_id}-import", step_idx=last,

@@ -61,6 +61,9 @@ class Message:
     tool_call_id: Optional[str] = None
     token_ids: Optional[tuple[int, ...]] = None  # recorded by the harness (ATIF): used as they are
     logprobs: Optional[tuple[float, ...]] = None  # assistant steps: one per recorded token id
+    # assistant steps with recorded ids: which of them the policy sampled (`token_ids[g:g + n]`, the rest is
+    # template markup: `n_generation_prompt` ids before, closing ids after); None: not recorded
+    sampled: Optional[tuple[int, int]] = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,18 @@ def _recorded(msg: dict, role: str, where: str) -> tuple[Optional[tuple], Option
     return (None if ids is None else tuple(ids)), (None if lps is None else tuple(float(x) for x in lps))
 
 
+def _sampled(msg: dict, role: str, ids: Optional[tuple], where: str) -> Optional[tuple[int, int]]:
+    """A message's recorded `n_generation_prompt` / `n_sampled` (which of its token_ids were sampled)."""
+    g, n = msg.get("n_generation_prompt"), msg.get("n_sampled")
+    if g is None and n is None:
+        return None
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    if role != "assistant" or ids is None or not ok(g) or not ok(n) or g + n > len(ids):
+        raise RowError(f"{where}: n_generation_prompt and n_sampled go together, on an assistant message with "
+                       f"token_ids, as counts whose sum is at most its {0 if ids is None else len(ids)} ids")
+    return g, n
+
+
 def parse_messages(messages: Any, warnings: Optional[list] = None) -> tuple[Message, ...]:
     """Checked messages. `warnings` (a list) collects what was guessed: a tool message that names no call
     is linked to the one open call of the assistant message before it (with several, it is an error)."""
@@ -184,7 +199,9 @@ def parse_messages(messages: Any, warnings: Optional[list] = None) -> tuple[Mess
             open_calls, answered = calls, set()
         else:
             open_calls = None
-        out.append(Message(role, text, calls, call_id if role == "tool" else None, *_recorded(m, role, where)))
+        ids, lps = _recorded(m, role, where)
+        out.append(Message(role, text, calls, call_id if role == "tool" else None, ids, lps,
+                           _sampled(m, role, ids, where)))
     if not any(m.role == "assistant" for m in out):
         raise RowError("no assistant message: nothing to learn from")
     return tuple(out)

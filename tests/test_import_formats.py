@@ -89,6 +89,9 @@ def test_atif_conversion_keeps_token_ids_exactly():
                                                             "max_lines": 50})}
     assert row["messages"][3]["tool_call_id"] == "call_1" and row["id"].startswith("sess-1@")
     assert len(row["messages"][6]["logprobs"]) == len(C3) and row["model"] == "SmolLM2-135M-Instruct"
+    # which ids were sampled: each completion whole (its header is in the prompt before it)
+    assert [(m.get("n_generation_prompt"), m.get("n_sampled")) for m in row["messages"] if m["role"] == "assistant"] \
+        == [(0, len(C1)), (0, len(C2)), (0, len(C3))]
 
 
 def test_atif_pruned_prompts_consecutive_agents_and_errors():
@@ -104,6 +107,7 @@ def test_atif_pruned_prompts_consecutive_agents_and_errors():
     doc["steps"][4]["metrics"]["prompt_token_ids"] = doc["steps"][3]["metrics"]["prompt_token_ids"] + C2 + HEADER
     m = atif_row(doc, "fre")["messages"]
     assert m[4]["token_ids"] == C2 + HEADER and all(math.isnan(x) for x in m[4]["logprobs"][-2:])
+    assert (m[4]["n_generation_prompt"], m[4]["n_sampled"]) == (0, len(C2))  # the markup after it: not sampled
     bad = atif_doc()
     bad["steps"][4]["metrics"]["logprobs"] = [-0.1]
     assert "logprobs" in next(read_objects_of(bad))[2]
@@ -176,3 +180,26 @@ def test_import_atif_and_mini_swe_files(settings, tmp_path, capsys):
     # Importing the same files again sends nothing.
     assert cli(settings, "import", "trajectories", str(atif), "--task-id", "fre") == 0
     assert "already imported, skipped: 1 rows" in capsys.readouterr().out
+
+
+def test_recorded_sampled_counts_reach_the_step_events():
+    """An imported step with recorded ids keeps the sampled span the file gives (ATIF: the completion), so
+    the markup appended after it carries no loss whatever tokenizer a build uses; a bad span is refused."""
+    import pytest
+
+    from producers.import_events import row_events
+    from producers.import_rows import ImportOptions, RowError, parse_row
+
+    doc = atif_doc()
+    del doc["steps"][3]["observation"]
+    doc["steps"][3]["metrics"]["prompt_token_ids"] = SYS_IDS + TASK_IDS + HEADER + C1 + OBS1 + HEADER
+    doc["steps"][4]["metrics"]["prompt_token_ids"] = doc["steps"][3]["metrics"]["prompt_token_ids"] + C2 + HEADER
+    obj = atif_row(doc, "fre")
+    obj.pop("_warnings", None)
+    row = parse_row(obj, 1, ImportOptions(), {})
+    steps = [e.payload for e in row_events(row) if type(e).__name__ == "Step" and e.payload.role == "assistant"]
+    assert [(p.n_generation_prompt, p.n_sampled) for p in steps] == [(0, len(C1)), (0, len(C2)), (0, len(C3))]
+    bad = json.loads(json.dumps(obj))
+    bad["messages"][2]["n_sampled"] = 99
+    with pytest.raises(RowError, match="n_sampled"):
+        parse_row(bad, 1, ImportOptions(), {})
