@@ -56,6 +56,7 @@ class _Buffer:
     records: list = field(default_factory=list)  # kafka ConsumerRecords, in offset order
     nbytes: int = 0
     since: float = 0.0  # monotonic time of the oldest buffered record
+    after: int | None = None  # the last offset read before the first buffered record (None: the partition's start)
 
 
 class Sink:
@@ -190,7 +191,8 @@ class Sink:
             return
         buf = self._buffers[tp]
         if not buf.records:
-            buf.since = now
+            # The manifest records where this flush continues from: a lost flush before it shows as a gap.
+            buf.since, buf.after = now, (expected - 1 if expected is not None else None)
         buf.records.extend(records)
         buf.nbytes += sum(len(r.value or b"") for r in records)
         self._next[tp] = records[-1].offset + 1
@@ -241,7 +243,8 @@ class Sink:
                     continue
                 buf = self._buffers.pop(tp)
                 recs = buf.records
-                job = FlushJob.of(self.archive, self.settings.blob_dir, tp.topic, current[tp.topic], tp.partition, recs)
+                job = FlushJob.of(self.archive, self.settings.blob_dir, tp.topic, current[tp.topic], tp.partition, recs,
+                                  after=buf.after)
                 # Bound memory to two flushes' worth queued behind the worker, without stalling the consumer
                 # on a flush that spans several partitions.
                 while self._inflight and sum(f[3] for f in self._inflight) >= 2 * self.flush_bytes:
