@@ -267,8 +267,13 @@ class Sink:
                 self.stats.by_type[etype] += n
                 self.stats.events += n
         if commits:
-            # Asynchronous: the archive is the truth; the commit only informs lag and producers' outboxes.
-            self.consumer.commit_async(commits, callback=_log_commit_failure)
+            # Asynchronous: the archive is the truth; the commit informs lag, producers' outboxes and
+            # `klong archive verify` (how far the archive must reach). `flush(wait=True)` (the last flush before
+            # close or a rebalance) commits synchronously, so that commit is not lost with the connection.
+            if block and not one:
+                self.consumer.commit(commits)
+            else:
+                self.consumer.commit_async(commits, callback=_log_commit_failure)
 
     def close(self) -> None:
         for w in self._writers:
