@@ -97,7 +97,7 @@ def connect(inputs: InputSet) -> duckdb.DuckDBPyConnection:
         con.execute(f"CREATE VIEW raw_{etype} AS SELECT * FROM {src} {where}")
         if etype != "step":  # steps: deduplicated in the plan query, without their token arrays
             con.execute(f"CREATE VIEW {etype} AS SELECT DISTINCT ON (event_id) * FROM raw_{etype} "
-                        "ORDER BY event_id, kafka_topic, kafka_partition, kafka_offset")
+                        "ORDER BY event_id, filename, kafka_offset")  # the first archived copy, as the SQL views keep
     return con
 
 
@@ -115,7 +115,7 @@ WITH d AS (
     SELECT DISTINCT ON (event_id) event_id, rollout_id, step_idx, role, pinned, policy_version, produced_at,
            kafka_topic, kafka_partition, kafka_offset, octet_length(token_ids) // 4 AS n_tokens, filename, file_row_number,
            {context_start} AS context_start
-    FROM raw_step ORDER BY event_id, kafka_topic, kafka_partition, kafka_offset)
+    FROM raw_step ORDER BY event_id, filename, kafka_offset)
 SELECT *, row_number() OVER (PARTITION BY rollout_id, step_idx
                              ORDER BY produced_at, kafka_topic, kafka_partition, kafka_offset, event_id) AS copy
 FROM d"""

@@ -5,8 +5,9 @@
 Contract (the quix-streams / Kafka Connect order): buffer records per partition, `flush` a
 partition's buffer as one atomically renamed directory named by its offsets (`store.archive`),
 *then* commit the offsets. On start each partition resumes after the highest archived offset, so a
-`kill -9` anywhere re-reads at most the unflushed tail and never writes a range twice. Producer
-resends (at-least-once on the wire) are removed by `event_id` in the SQL views.
+`kill -9` anywhere re-reads at most the unflushed tail and never writes a range twice. Each flush's
+manifest records the last offset read before it, so `klong archive verify` sees a lost flush as a break
+in that chain. Producer resends (at-least-once on the wire) are removed by `event_id` in the SQL views.
 
 Every message that is not a valid event (bad JSON, bad UTF-8, unknown type, wrong types, missing
 fields, bad token arrays, missing claim-check blob) goes to `dead_letters` with its raw bytes, the
