@@ -134,30 +134,41 @@ def _dirs(path: Path, strays: list[Stray], allowed_files: tuple[str, ...] = ()) 
     return out
 
 
-_manifests: dict[tuple[str, int], dict | None] = {}  # (path, inode) -> manifest: renamed flushes never change
+_manifests: dict[tuple, dict] = {}  # (path, inode, mtime, size) -> parsed manifest: a walk per query stays cheap
 
 
-def read_manifest(path: Path, inode: int | None = None) -> dict | None:
-    """The manifest of a flush directory: None when it has none; ValueError when it is there but unreadable."""
-    key = (str(path), inode if inode is not None else os.lstat(path).st_ino)
-    if key in _manifests:
-        return _manifests[key]
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+
+
+def _well_formed(m) -> bool:
+    """The manifest is from disk, so untrusted: every field a reader uses has its type (else the flush is damaged)."""
+    return (isinstance(m, dict) and isinstance(m.get("files"), dict)
+            and all(_is_int(m.get(k)) for k in ("partition", "first", "last", "through", "records"))
+            and (m.get("after") is None or _is_int(m.get("after")))
+            and all(isinstance(n, str) and n.endswith(".parquet") and "/" not in n and isinstance(f, dict) and _is_int(f.get("rows")) and _is_int(f.get("bytes"))
+                    and isinstance(f.get("sha256"), str) for n, f in m["files"].items()))
+
+
+def read_manifest(path: Path) -> dict | None:
+    """The manifest of a flush directory: None when it has none; ValueError when it is there but unusable."""
     f = path / MANIFEST
     try:
         st = os.lstat(f)
     except FileNotFoundError:
-        manifest = None
-    else:
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{MANIFEST} is not a regular file (a symlink is never followed)")
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{MANIFEST} is not a regular file (a symlink is never followed)")
+    key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)  # a rewritten manifest is read again
+    if key not in _manifests:
         try:
             manifest = json.loads(f.read_bytes())
         except (OSError, ValueError) as e:
             raise ValueError(f"{MANIFEST} is unreadable ({type(e).__name__}: {str(e)[:200]})") from e
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-            raise ValueError(f"{MANIFEST} is not a flush manifest")
-    _manifests[key] = manifest
-    return manifest
+        if not _well_formed(manifest):
+            raise ValueError(f"{MANIFEST} is not a flush manifest (fields missing or of the wrong type)")
+        _manifests[key] = manifest
+    return _manifests[key]
 
 
 def _flush_files(path: Path, manifest: dict | None, strays: list[Stray]) -> dict[str, Path]:
@@ -202,7 +213,7 @@ def walk(archive: Path, topic: str | None = None) -> tuple[list[FlushDir], list[
                     continue
                 manifest, error = None, None
                 try:
-                    manifest = read_manifest(path, d.inode())
+                    manifest = read_manifest(path)
                 except ValueError as e:  # read like a flush without one; verify reports the flush as damaged
                     error = str(e)
                     _warn(path, error)

@@ -161,3 +161,15 @@ def test_a_conflicting_duplicate_gives_one_answer_and_is_counted(make_settings, 
     assert [(d["event_type"], d["event_id"], d["n_versions"]) for d in dup] == [("step", original.event_id, 5)]
     assert status(settings)["archive"]["conflicting duplicates"] == 1
     assert main(klong(settings, "status")) == 0 and "conflicting duplicates 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ['{"files": {"../../etc/passwd": {}}, "after": "x"}', "{not json", "[]"])
+def test_a_bad_manifest_makes_its_flush_damaged_not_a_crash(three_flushes, text, capsys):
+    settings, (_, middle, _) = three_flushes
+    before = counts(settings)
+    (middle.path / MANIFEST).write_text(text)
+    assert counts(settings) == before  # read like a flush without a manifest meanwhile
+    problems = verify(settings.archive_dir)
+    assert [(p.kind, p.path) for p in problems] == [("damaged", middle.path)] and MANIFEST in problems[0].what
+    assert main(klong(settings, "archive", "repair")) == 0
+    assert counts(settings) == before and verify(settings.archive_dir) == []
