@@ -105,13 +105,14 @@ def first_archived(raw: str) -> str:
     """One row per event_id: the copy archived first. Producer resends are equal copies; a re-sent
     event_id with other content (a conflicting duplicate, `conflicting_duplicates`) must still give one
     answer every time, so the copy is chosen by its place in the archive, never by scan order: the lowest
-    (archive file path, offset). Within a partition (all events of a rollout share one) paths sort by
-    offset, so that is the first archived; across incarnations of a topic on the embedded broker its
-    topic ids are UUIDv7, which sort by creation time. A semi-join on the narrow (event_id, position)
-    winners measured faster than an ordered DISTINCT ON, which sorts whole rows (token arrays included)."""
-    return (f"SELECT r.* EXCLUDE (filename) FROM {raw} r SEMI JOIN "
-            f"(SELECT event_id, min((filename, kafka_offset)) AS pos FROM {raw} GROUP BY event_id) w "
-            f"ON r.event_id = w.event_id AND (r.filename, r.kafka_offset) = w.pos")
+    (archive file, offset), where `archive_file` is the file's index in the path-ordered list (cheaper
+    than its path). Within a partition (all events of a rollout share one) paths sort by offset, so that
+    is the first archived; across incarnations of a topic on the embedded broker its topic ids are
+    UUIDv7, which sort by creation time. A semi-join on the narrow (event_id, position) winners measured
+    faster than an ordered DISTINCT ON, which sorts whole rows (token arrays included)."""
+    return (f"SELECT r.* EXCLUDE (archive_file) FROM {raw} r SEMI JOIN "
+            f"(SELECT event_id, min((archive_file, kafka_offset)) AS pos FROM {raw} GROUP BY event_id) w "
+            f"ON r.event_id = w.event_id AND (r.archive_file, r.kafka_offset) = w.pos")
 
 
 # Event ids archived more than once with different content (everything but where they were read from).
@@ -119,7 +120,7 @@ CONFLICTS = " UNION ALL ".join(f"""
     SELECT '{name}' AS event_type, c.event_id, c.n_versions, e.kafka_topic AS kept_topic,
            e.kafka_partition AS kept_partition, e.kafka_offset AS kept_offset
     FROM (SELECT event_id, count(*) AS n_versions FROM (
-            SELECT DISTINCT * EXCLUDE (kafka_topic, kafka_partition, kafka_offset, filename) FROM _raw_{name}
+            SELECT DISTINCT * EXCLUDE (kafka_topic, kafka_partition, kafka_offset, archive_file) FROM _raw_{name}
             WHERE event_id IN (SELECT event_id FROM _raw_{name} GROUP BY event_id HAVING count(*) > 1))
           GROUP BY event_id HAVING count(*) > 1) c JOIN {name}_events e USING (event_id)""" for name in SCHEMAS)
 
@@ -168,20 +169,21 @@ def sql_str(value: str | Path) -> str:
 
 
 def parquet_source(con: duckdb.DuckDBPyConnection, name: str, files: list, schema: pa.Schema,
-                   options: str = "") -> str:
+                   options: str = "", extra: str = "") -> str:
     """A FROM-clause source over the Parquet `files` that has every column of `schema`, however old the files.
 
     The files are read by column name (`union_by_name`): a column some file lacks (written before the
     column existed) reads as NULL there. Unioned by name under an empty table of `schema` (registered as
     `_empty_<name>`), the source also has the columns no file has yet, in `schema`'s order, and an empty
-    `files` gives an empty source with every column. `options`: more read_parquet arguments ("filename=true")."""
+    `files` gives an empty source with every column. `options`: more read_parquet arguments ("filename=true");
+    `extra`: more select-list items over read_parquet (", file_index AS archive_file"), which `schema` must name."""
     con.register(f"_empty_{name}", schema.empty_table())
     if not files:
         return f"_empty_{name}"
     listed = ", ".join(sql_str(f) for f in files)
     more = f", {options}" if options else ""
     return (f"(SELECT * FROM _empty_{name} UNION ALL BY NAME "
-            f"SELECT * FROM read_parquet([{listed}], union_by_name=true{more}))")
+            f"SELECT *{extra} FROM read_parquet([{listed}], union_by_name=true{more}))")
 
 
 def register_array_functions(con: duckdb.DuckDBPyConnection) -> None:
@@ -259,8 +261,9 @@ class Catalog:
         for name, schema in [*SCHEMAS.items(), (DEAD_LETTERS, DEAD_LETTER_SCHEMA)]:
             raw = f"_raw_{name}"
             # an explicit list: renamed flush directories never go away, temp ones do
-            source = parquet_source(con, name, archived.get(name, []), schema.append(pa.field("filename", pa.string())),
-                                    "filename=true")
+            # archive_file: the file's place in the path-ordered list, which decides the copy a view keeps
+            source = parquet_source(con, name, archived.get(name, []), schema.append(pa.field("archive_file", pa.int64())),
+                                    extra=", file_index::BIGINT AS archive_file")
             con.execute(f"CREATE VIEW {raw} AS SELECT * FROM {source}")
             if name != DEAD_LETTERS:
                 con.execute(f"CREATE VIEW {name}_events AS {first_archived(raw)}")
