@@ -272,7 +272,10 @@ class Sink:
             # `klong archive verify` (how far the archive must reach). `flush(wait=True)` (the last flush before
             # close or a rebalance) commits synchronously, so that commit is not lost with the connection.
             if block and not one:
-                self.consumer.commit(commits)
+                try:
+                    self.consumer.commit(commits)
+                except KafkaError as e:  # a rebalance in progress, the broker away: as an async failure
+                    _log_commit_failure(commits, e)
             else:
                 self.consumer.commit_async(commits, callback=_log_commit_failure)
 
