@@ -39,11 +39,17 @@ class InputSet:
     @classmethod
     def scan(cls, archive: Path) -> "InputSet":
         """Every flush directory of the archive that holds an event type a dataset reads."""
-        keep = [f for f in list_flushes(archive) if any((f.path / f"{t}.parquet").exists() for t in INPUT_TYPES)]
+        keep = [f for f in list_flushes(archive) if any(t in f.files for t in INPUT_TYPES)]
         return cls(archive, tuple(sorted(str(f.path.relative_to(archive)) for f in keep)))
 
-    def files(self, etype: str) -> list[str]:
-        return [str(p) for f in self.flushes if (p := self.archive / f / f"{etype}.parquet").exists()]
+    def listing(self) -> dict[str, dict[str, Path]]:
+        """Flush (archive-relative) -> its table files, as the archive layout names them (store.archive:
+        strays and symlinks are skipped)."""
+        return {str(d.path.relative_to(self.archive)): d.files for d in list_flushes(self.archive)}
+
+    def files(self, etype: str, listed: dict[str, dict[str, Path]] | None = None) -> list[str]:
+        listed = self.listing() if listed is None else listed
+        return [str(p) for f in self.flushes if (p := listed.get(f, {}).get(etype)) is not None]
 
     def watermark(self) -> dict[str, list[list[int]]]:
         """"topic/topic_id/partition" -> merged [first, last] offset ranges the flushes cover."""
@@ -79,8 +85,9 @@ def connect(inputs: InputSet) -> duckdb.DuckDBPyConnection:
     """DuckDB views `raw_<type>` (rows as archived, within the input set) and `<type>` (one row per event_id)."""
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": True})
     where = inputs.predicate()
+    listed = inputs.listing()
     for etype in INPUT_TYPES:
-        files = inputs.files(etype)
+        files = inputs.files(etype, listed)
         if files:
             src = f"read_parquet({sql_list(files)}, filename=true, file_row_number=true, union_by_name=true)"
         else:
@@ -90,7 +97,7 @@ def connect(inputs: InputSet) -> duckdb.DuckDBPyConnection:
         con.execute(f"CREATE VIEW raw_{etype} AS SELECT * FROM {src} {where}")
         if etype != "step":  # steps: deduplicated in the plan query, without their token arrays
             con.execute(f"CREATE VIEW {etype} AS SELECT DISTINCT ON (event_id) * FROM raw_{etype} "
-                        "ORDER BY event_id, kafka_topic, kafka_partition, kafka_offset")
+                        "ORDER BY event_id, filename, kafka_offset")  # the first archived copy, as the SQL views keep
     return con
 
 
@@ -108,7 +115,7 @@ WITH d AS (
     SELECT DISTINCT ON (event_id) event_id, rollout_id, step_idx, role, pinned, policy_version, produced_at,
            kafka_topic, kafka_partition, kafka_offset, octet_length(token_ids) // 4 AS n_tokens, filename, file_row_number,
            {context_start} AS context_start, {sampling}
-    FROM raw_step ORDER BY event_id, kafka_topic, kafka_partition, kafka_offset)
+    FROM raw_step ORDER BY event_id, filename, kafka_offset)
 SELECT *, row_number() OVER (PARTITION BY rollout_id, step_idx
                              ORDER BY produced_at, kafka_topic, kafka_partition, kafka_offset, event_id) AS copy
 FROM d"""

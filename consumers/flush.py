@@ -44,13 +44,16 @@ class FlushJob:
     blob: bytes
     bounds: list[int]
     owner_pid: int  # the sink process that consumed these records
+    after: int | None = None  # the last offset read before these records (None: the partition's start)
+    through: int | None = None  # the last offset these records account for (None: the last record's)
 
     @classmethod
-    def of(cls, archive: Path, blob_dir: Path, topic: str, topic_id: str, partition: int, records) -> "FlushJob":
+    def of(cls, archive: Path, blob_dir: Path, topic: str, topic_id: str, partition: int, records, *,
+           after: int | None = None, through: int | None = None) -> "FlushJob":
         values = [r.value or b"" for r in records]
         bounds = list(itertools.accumulate(map(len, values), initial=0))
         return cls(archive, blob_dir, topic, topic_id, partition, [r.offset for r in records],
-                   [r.key for r in records], b"".join(values), bounds, os.getpid())
+                   [r.key for r in records], b"".join(values), bounds, os.getpid(), after, through)
 
     def values(self) -> list[memoryview]:
         view = memoryview(self.blob)
@@ -88,7 +91,8 @@ def run_flush(job: FlushJob) -> FlushResult:
         # replaced it (which resumes from the archive). The lock makes check + rename atomic for it.
         if not pid_alive(job.owner_pid):
             raise OrphanedFlush(f"sink {job.owner_pid} is gone: flush of {job.topic}+{job.partition} dropped")
-        path = write_flush(job.archive, job.topic, job.topic_id, job.partition, job.offsets[0], job.offsets[-1], tables)
+        path = write_flush(job.archive, job.topic, job.topic_id, job.partition, job.offsets[0], job.offsets[-1], tables,
+                           after=job.after, through=job.through, records=len(job.offsets))
     return FlushResult(path, by_type, n_dead)
 
 

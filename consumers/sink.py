@@ -5,8 +5,9 @@
 Contract (the quix-streams / Kafka Connect order): buffer records per partition, `flush` a
 partition's buffer as one atomically renamed directory named by its offsets (`store.archive`),
 *then* commit the offsets. On start each partition resumes after the highest archived offset, so a
-`kill -9` anywhere re-reads at most the unflushed tail and never writes a range twice. Producer
-resends (at-least-once on the wire) are removed by `event_id` in the SQL views.
+`kill -9` anywhere re-reads at most the unflushed tail and never writes a range twice. Each flush's
+manifest records the last offset read before it, so `klong archive verify` sees a lost flush as a break
+in that chain. Producer resends (at-least-once on the wire) are removed by `event_id` in the SQL views.
 
 Every message that is not a valid event (bad JSON, bad UTF-8, unknown type, wrong types, missing
 fields, bad token arrays, missing claim-check blob) goes to `dead_letters` with its raw bytes, the
@@ -56,6 +57,7 @@ class _Buffer:
     records: list = field(default_factory=list)  # kafka ConsumerRecords, in offset order
     nbytes: int = 0
     since: float = 0.0  # monotonic time of the oldest buffered record
+    after: int | None = None  # the last offset read before the first buffered record (None: the partition's start)
 
 
 class Sink:
@@ -190,7 +192,8 @@ class Sink:
             return
         buf = self._buffers[tp]
         if not buf.records:
-            buf.since = now
+            # The manifest records where this flush continues from: a lost flush before it shows as a gap.
+            buf.since, buf.after = now, (expected - 1 if expected is not None else None)
         buf.records.extend(records)
         buf.nbytes += sum(len(r.value or b"") for r in records)
         self._next[tp] = records[-1].offset + 1
@@ -241,7 +244,8 @@ class Sink:
                     continue
                 buf = self._buffers.pop(tp)
                 recs = buf.records
-                job = FlushJob.of(self.archive, self.settings.blob_dir, tp.topic, current[tp.topic], tp.partition, recs)
+                job = FlushJob.of(self.archive, self.settings.blob_dir, tp.topic, current[tp.topic], tp.partition, recs,
+                                  after=buf.after)
                 # Bound memory to two flushes' worth queued behind the worker, without stalling the consumer
                 # on a flush that spans several partitions.
                 while self._inflight and sum(f[3] for f in self._inflight) >= 2 * self.flush_bytes:
@@ -264,8 +268,16 @@ class Sink:
                 self.stats.by_type[etype] += n
                 self.stats.events += n
         if commits:
-            # Asynchronous: the archive is the truth; the commit only informs lag and producers' outboxes.
-            self.consumer.commit_async(commits, callback=_log_commit_failure)
+            # Asynchronous: the archive is the truth; the commit informs lag, producers' outboxes and
+            # `klong archive verify` (how far the archive must reach). `flush(wait=True)` (the last flush before
+            # close or a rebalance) commits synchronously, so that commit is not lost with the connection.
+            if block and not one:
+                try:
+                    self.consumer.commit(commits)
+                except KafkaError as e:  # a rebalance in progress, the broker away: as an async failure
+                    _log_commit_failure(commits, e)
+            else:
+                self.consumer.commit_async(commits, callback=_log_commit_failure)
 
     def close(self) -> None:
         for w in self._writers:

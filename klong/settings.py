@@ -98,9 +98,17 @@ def install_log_redaction(logger: logging.Logger | None = None) -> None:
             h.addFilter(RedactingFilter())
 
 
+_TOPIC_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")  # Kafka's topic characters; it names archive dirs
+
+
 @dataclass(frozen=True)
 class Topics:
     prefix: str = "klong"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefix, str) or not _TOPIC_PREFIX.fullmatch(self.prefix):
+            raise ConfigError(f"topic prefix {self.prefix!r} is not valid: use letters, digits, '.', '_' and '-' "
+                              "(it names Kafka topics and archive directories)")
 
     @property
     def rollouts(self) -> str:

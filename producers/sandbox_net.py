@@ -82,7 +82,7 @@ def allowed_hosts(hosts: Iterable[str], blacklist: Iterable[str] = ()) -> tuple[
     banned = {_host_of(u) for u in blacklist if u.strip()}
     for h in hosts:
         name = _host_of(h)
-        if not _HOST.match(name):
+        if not _HOST.fullmatch(name):
             raise ConfigError(f"--allow-host {h!r} is not a host name")
         hit = sorted(b for b in banned if _covers(name, b) or _covers(b, name))
         if hit:

@@ -4,39 +4,57 @@ Layout under the data home:
 
     archive/<topic>/<topic_id>/<topic>+<partition>+<first offset>+<last offset>/<event_type>.parquet
                                                                                /dead_letters.parquet
+                                                                               /manifest.json
 
 One directory per flush of one partition, written under `archive/_tmp/`, fsync'd and renamed into
-place: a flush is in the archive whole or not at all. `klong archive repair` moves a damaged one to
-`archive/_quarantine/` (store.integrity). The archive, not Kafka's committed offset, is
-the truth: at start the sink resumes each partition after the highest last offset in the names.
-`topic_id` is the topic's incarnation (a memory broker that restarts recreates its topics with new
-ids and offsets from 0 again), so offsets of different incarnations never collide.
+place: a flush is in the archive whole or not at all. Its `manifest.json` is the commit record: the
+files of the flush with their row counts, sizes and SHA-256, how many Kafka records it holds, and the
+offset it follows (`after`: the last offset the sink had read before this flush; null when the sink read
+the partition from its beginning), so a lost file or a lost flush shows as a broken chain
+(store.integrity). `klong archive repair` moves a damaged flush to `archive/_quarantine/`. The archive,
+not Kafka's committed offset, is the truth: at start the sink resumes each partition after the highest
+last offset in the names. `topic_id` is the topic's incarnation (a memory broker that restarts recreates
+its topics with new ids and offsets from 0 again), so offsets of different incarnations never collide.
+
+Readers see only what the layout and the manifests name: anything else (a stray file, a symlink, a
+Parquet file a manifest does not list) is skipped with one warning per path and never followed, so a
+`README.txt` or a symlink to /etc dropped into the archive cannot fail or redirect a query. Flushes
+written before manifests existed are read by their `<event_type>.parquet` files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
+import logging
 import os
 import re
 import shutil
 import socket
+import stat
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from klong.procs import fsync_path
+from schemas.arrow import SCHEMAS
 
+log = logging.getLogger("klong.archive")
 TMP = "_tmp"
 QUARANTINE = "_quarantine"  # damaged flush directories moved aside by `klong archive repair` (store.integrity)
+LOCK = ".writers.lock"
 DEAD_LETTERS = "dead_letters"
+MANIFEST = "manifest.json"
+TABLES = frozenset([*SCHEMAS, DEAD_LETTERS])  # the table names a flush directory can hold
 LOW_CARDINALITY = {"event_type", "producer_id", "rollout_id", "role", "kafka_topic", "task_id", "group_id", "status",
                    "priority", "split", "judge_model", "phase", "topic", "error_kind", "scaffold", "model"}
-_NAME = re.compile(r"^(?P<topic>.+)\+(?P<partition>\d+)\+(?P<start>\d+)\+(?P<end>\d+)$")
+_NAME = re.compile(r"(?P<topic>.+)\+(?P<partition>\d+)\+(?P<start>\d+)\+(?P<end>\d+)")
 DEAD_LETTER_SCHEMA = pa.schema([
     pa.field("topic", pa.string(), nullable=False),
     pa.field("partition", pa.int32(), nullable=False),
@@ -57,36 +75,169 @@ class FlushDir:
     start: int  # first offset held
     end: int  # last offset held (inclusive)
     path: Path
+    # The parsed manifest.json; None for a flush written before manifests (or one whose manifest is unreadable).
+    manifest: dict | None = field(default=None, compare=False, hash=False, repr=False)
+    # table name -> file, the files a reader reads: what the manifest lists and is there as a regular file.
+    files: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    manifest_error: str | None = field(default=None, compare=False, hash=False)  # why manifest.json is unusable
+
+    @property
+    def after(self) -> int | None:
+        """The last offset the sink had read before this flush (None: it read the partition from its start,
+        or the flush has no manifest)."""
+        return self.manifest.get("after") if self.manifest else None
+
+    @property
+    def through(self) -> int:
+        """The last offset this flush accounts for (its last record, or a later offset a re-fetch covered)."""
+        return max(self.end, (self.manifest or {}).get("through", self.end))
+
+
+@dataclass(frozen=True)
+class Stray:
+    """Something in the archive that is not part of its layout: skipped by every reader."""
+    path: Path
+    why: str
 
 
 def flush_name(topic: str, partition: int, start: int, end: int) -> str:
     return f"{topic}+{partition}+{start:020d}+{end:020d}"
 
 
-def list_flushes(archive: Path, topic: str | None = None) -> list[FlushDir]:
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn(path: Path, why: str) -> None:
+    if (str(path), why) not in _warned:  # readers run often (a viewer polls): once per process is enough
+        _warned.add((str(path), why))
+        log.warning("archive: ignoring %s: %s (`klong archive verify` lists what is out of place)", path, why)
+
+
+def _entries(path: Path) -> list[os.DirEntry]:
+    with os.scandir(path) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def _dirs(path: Path, strays: list[Stray], allowed_files: tuple[str, ...] = ()) -> list[os.DirEntry]:
+    """The real sub-directories of `path`, sorted; every other entry (file, symlink) is a stray."""
     out = []
-    if not archive.exists():
+    try:
+        entries = _entries(path)
+    except OSError as e:
+        strays.append(Stray(path, f"cannot be listed ({e.strerror})"))
         return out
-    for topic_dir in sorted(archive.iterdir()):
-        if topic_dir.name in (TMP, QUARANTINE) or not topic_dir.is_dir() or (topic and topic_dir.name != topic):
-            continue
-        for id_dir in sorted(topic_dir.iterdir()):
-            for d in sorted(id_dir.iterdir()):
-                m = _NAME.match(d.name)
-                if m and d.is_dir():
-                    out.append(FlushDir(m["topic"], id_dir.name, int(m["partition"]), int(m["start"]), int(m["end"]), d))
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            out.append(e)
+        elif not (e.name in allowed_files and e.is_file(follow_symlinks=False)):
+            strays.append(Stray(Path(e.path), "a symlink (never followed)" if e.is_symlink() else "not a directory"))
     return out
+
+
+_manifests: dict[tuple, dict] = {}  # (path, inode, mtime, size) -> parsed manifest: a walk per query stays cheap
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+
+
+def _well_formed(m) -> bool:
+    """The manifest is from disk, so untrusted: every field a reader uses has its type (else the flush is damaged)."""
+    return (isinstance(m, dict) and isinstance(m.get("files"), dict)
+            and all(_is_int(m.get(k)) for k in ("partition", "first", "last", "through", "records"))
+            and (m.get("after") is None or _is_int(m.get("after")))
+            and all(isinstance(n, str) and n.endswith(".parquet") and "/" not in n and isinstance(f, dict) and _is_int(f.get("rows")) and _is_int(f.get("bytes"))
+                    and isinstance(f.get("sha256"), str) for n, f in m["files"].items()))
+
+
+def read_manifest(path: Path) -> dict | None:
+    """The manifest of a flush directory: None when it has none; ValueError when it is there but unusable."""
+    f = path / MANIFEST
+    try:
+        st = os.lstat(f)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{MANIFEST} is not a regular file (a symlink is never followed)")
+    key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)  # a rewritten manifest is read again
+    if key not in _manifests:
+        try:
+            manifest = json.loads(f.read_bytes())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{MANIFEST} is unreadable ({type(e).__name__}: {str(e)[:200]})") from e
+        if not _well_formed(manifest):
+            raise ValueError(f"{MANIFEST} is not a flush manifest (fields missing or of the wrong type)")
+        _manifests[key] = manifest
+    return _manifests[key]
+
+
+def _flush_files(path: Path, manifest: dict | None, strays: list[Stray]) -> dict[str, Path]:
+    """table -> file of one flush directory: the manifest's files (legacy: `<table>.parquet`) that are
+    regular files; a listed file that is absent is left out (verify reports it), the rest are strays."""
+    listed = set(manifest["files"]) if manifest is not None else None
+    files = {}
+    try:
+        entries = _entries(path)
+    except OSError:  # moved to quarantine by a repair while we walked: no longer in the archive
+        return files
+    for e in entries:
+        name = e.name
+        if name == MANIFEST:
+            continue
+        is_table = name.endswith(".parquet") and (name in listed if listed is not None else name[:-8] in TABLES)
+        if not is_table:
+            strays.append(Stray(Path(e.path), "not listed in the flush's manifest" if listed is not None
+                                else "not an archive table file"))
+        elif not e.is_file(follow_symlinks=False):
+            strays.append(Stray(Path(e.path), "a symlink (never followed)" if e.is_symlink() else "not a regular file"))
+        else:
+            files[name[:-8]] = Path(e.path)
+    return files
+
+
+def walk(archive: Path, topic: str | None = None) -> tuple[list[FlushDir], list[Stray]]:
+    """Every flush directory (by topic, incarnation, name) and every stray entry, never following a symlink."""
+    flushes: list[FlushDir] = []
+    strays: list[Stray] = []
+    if not archive.is_dir():
+        return flushes, strays
+    for topic_dir in _dirs(archive, strays, allowed_files=(LOCK,)):
+        if topic_dir.name in (TMP, QUARANTINE) or (topic and topic_dir.name != topic):
+            continue
+        for id_dir in _dirs(Path(topic_dir.path), strays):
+            for d in _dirs(Path(id_dir.path), strays):
+                m = _NAME.fullmatch(d.name)
+                path = Path(d.path)
+                if not m or m["topic"] != topic_dir.name:
+                    strays.append(Stray(path, "not a flush directory name (<topic>+<partition>+<first>+<last>)"))
+                    continue
+                manifest, error = None, None
+                try:
+                    manifest = read_manifest(path)
+                except ValueError as e:  # read like a flush without one; verify reports the flush as damaged
+                    error = str(e)
+                    _warn(path, error)
+                flushes.append(FlushDir(m["topic"], id_dir.name, int(m["partition"]), int(m["start"]), int(m["end"]),
+                                        path, manifest, _flush_files(path, manifest, strays), error))
+    return flushes, strays
+
+
+def list_flushes(archive: Path, topic: str | None = None) -> list[FlushDir]:
+    """Every flush directory; stray entries are skipped with a warning (`walk` returns them)."""
+    flushes, strays = walk(archive, topic)
+    for s in strays:
+        _warn(s.path, s.why)
+    return flushes
 
 
 def archived_files(archive: Path) -> dict[str, list[Path]]:
     """Every archived Parquet file by table name (an event type or dead_letters), in path order, from one
     walk of the layout. Walking instead of globbing: a writer's temp directory vanishing mid-walk cannot
-    fail a reader."""
+    fail a reader, and nothing outside the layout is read."""
     files: dict[str, list[Path]] = {}
     for d in list_flushes(archive):
-        for f in sorted(d.path.iterdir()):
-            if f.suffix == ".parquet":
-                files.setdefault(f.stem, []).append(f)
+        for table, f in sorted(d.files.items()):
+            files.setdefault(table, []).append(f)
     return files
 
 
@@ -94,25 +245,38 @@ def recover_positions(archive: Path, topic: str, topic_id: str) -> dict[int, int
     """Next offset to read per partition of this topic incarnation: 1 + the highest archived last offset."""
     pos: dict[int, int] = {}
     id_dir = archive / topic / topic_id
-    if not id_dir.exists():
+    if not id_dir.is_dir() or id_dir.is_symlink():
         return pos
-    for d in id_dir.iterdir():
-        m = _NAME.match(d.name)
-        if m:
+    for d in os.scandir(id_dir):
+        m = _NAME.fullmatch(d.name)
+        if m and d.is_dir(follow_symlinks=False):
             p = int(m["partition"])
             pos[p] = max(pos.get(p, 0), int(m["end"]) + 1)
     return pos
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_flush(archive: Path, topic: str, topic_id: str, partition: int, start: int, end: int,
-                tables: dict[str, pa.Table], compression: str = "zstd") -> Path:
-    """Atomically adds one flush directory. Idempotent: an already archived range is left as it is."""
+                tables: dict[str, pa.Table], compression: str = "zstd", *, after: int | None = None,
+                through: int | None = None, records: int | None = None) -> Path:
+    """Atomically adds one flush directory, its manifest written last. Idempotent: an already archived
+    range is left as it is. `after`: the last offset read before `start` (None: the partition's start;
+    default start - 1); `through`: the last offset it accounts for (default `end`); `records`: the Kafka
+    records it holds (default: the tables' rows)."""
     final = archive / topic / topic_id / flush_name(topic, partition, start, end)
     if final.exists():
         return final
     tmp = archive / TMP / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
+        files = {}
         for name, table in tables.items():
             path = tmp / f"{name}.parquet"
             # Dictionary-encode only low-cardinality columns: trying it on token arrays costs 2x the write.
@@ -120,6 +284,16 @@ def write_flush(archive: Path, topic: str, topic_id: str, partition: int, start:
                            use_dictionary=[c for c in table.column_names if c in LOW_CARDINALITY])
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
+            files[path.name] = {"rows": table.num_rows, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+        manifest = {"format": 1, "topic": topic, "topic_id": topic_id, "partition": partition, "first": start,
+                    "last": end, "after": after,
+                    "through": max(end, through if through is not None else end),
+                    "records": records if records is not None else sum(t.num_rows for t in tables.values()),
+                    "files": files}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
         fsync_path(tmp)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(tmp, final)
@@ -135,7 +309,7 @@ def writer_lock(archive: Path, exclusive: bool):
     """Writers hold it shared while they rename a flush into place; a sink takes it exclusive while it
     reads positions, so it never misses a rename still in progress by an orphaned writer of a killed sink."""
     archive.mkdir(parents=True, exist_ok=True)
-    with open(archive / ".writers.lock", "a+") as f:
+    with open(archive / LOCK, "a+") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
             yield
@@ -152,9 +326,12 @@ def clean_tmp(archive: Path, older_than_s: float = 3600) -> int:
     host = socket.gethostname()
     for d in tmp_root.iterdir():
         h, _, rest = d.name.rpartition("-")[0].rpartition("-")
-        stale = time.time() - d.stat().st_mtime > older_than_s
+        stale = time.time() - d.lstat().st_mtime > older_than_s
         dead_local = h == host and rest.isdigit() and not Path(f"/proc/{rest}").exists()
         if stale or dead_local:
-            shutil.rmtree(d, ignore_errors=True)
+            if d.is_symlink() or not d.is_dir():
+                d.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(d, ignore_errors=True)
             removed += 1
     return removed

@@ -101,6 +101,64 @@ DERIVED_VIEWS = {
 }
 
 
+def first_archived(raw: str) -> str:
+    """One row per event_id: the copy archived first. Producer resends are equal copies; a re-sent
+    event_id with other content (a conflicting duplicate, `conflicting_duplicates`) must still give one
+    answer every time, so the copy is chosen by its place in the archive, never by scan order: the lowest
+    (archive file, offset), where `archive_file` is the file's index in the path-ordered list (cheaper
+    than its path). Within a partition (all events of a rollout share one) paths sort by offset, so that
+    is the first archived; across incarnations of a topic on the embedded broker its topic ids are
+    UUIDv7, which sort by creation time. A semi-join on the narrow (event_id, position) winners measured
+    faster than an ordered DISTINCT ON, which sorts whole rows (token arrays included)."""
+    return (f"SELECT r.* EXCLUDE (archive_file) FROM {raw} r SEMI JOIN "
+            f"(SELECT event_id, min((archive_file, kafka_offset)) AS pos FROM {raw} GROUP BY event_id) w "
+            f"ON r.event_id = w.event_id AND (r.archive_file, r.kafka_offset) = w.pos")
+
+
+# Event ids archived more than once with different content (everything but where they were read from).
+CONFLICTS = " UNION ALL ".join(f"""
+    SELECT '{name}' AS event_type, c.event_id, c.n_versions, e.kafka_topic AS kept_topic,
+           e.kafka_partition AS kept_partition, e.kafka_offset AS kept_offset
+    FROM (SELECT event_id, count(*) AS n_versions FROM (
+            SELECT DISTINCT * EXCLUDE (kafka_topic, kafka_partition, kafka_offset, archive_file) FROM _raw_{name}
+            WHERE event_id IN (SELECT event_id FROM _raw_{name} GROUP BY event_id HAVING count(*) > 1))
+          GROUP BY event_id HAVING count(*) > 1) c JOIN {name}_events e USING (event_id)""" for name in SCHEMAS)
+
+
+_spill_dirs: dict[str, str] = {}
+
+
+def spill_dir(home: Path) -> str:
+    """DuckDB's spill directory for this process: `<home>/tmp/sql/<host>-<pid>`, removed at exit. DuckDB makes
+    its temp directory readable by SQL whatever `allowed_directories` says (the default, `<cwd>/.tmp/`,
+    exposed whatever the user kept there), so it gets one that holds nothing but this process's own spill
+    files. Directories of dead local processes are removed on first use."""
+    key = str(home)
+    if key not in _spill_dirs:
+        import atexit
+        import os
+        import shutil
+        import socket
+
+        root = Path(home) / "tmp" / "sql"
+        host = socket.gethostname()
+        try:
+            if not Path(home).is_dir():  # never create a data home (a mistyped --home) just to spill into it
+                raise FileNotFoundError(home)
+            root.mkdir(parents=True, exist_ok=True)
+            for d in root.iterdir():
+                h, _, pid = d.name.rpartition("-")
+                if h == host and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                    shutil.rmtree(d, ignore_errors=True)
+            mine = root / f"{host}-{os.getpid()}"
+            mine.mkdir(mode=0o700, exist_ok=True)
+            atexit.register(shutil.rmtree, mine, True)
+            _spill_dirs[key] = str(mine)
+        except OSError:  # a read-only data home: no spilling (big sorts fail with out-of-memory instead)
+            _spill_dirs[key] = ""
+    return _spill_dirs[key]
+
+
 class QueryError(TerminalError):
     """A SQL statement failed or was refused."""
 
@@ -111,20 +169,21 @@ def sql_str(value: str | Path) -> str:
 
 
 def parquet_source(con: duckdb.DuckDBPyConnection, name: str, files: list, schema: pa.Schema,
-                   options: str = "") -> str:
+                   options: str = "", extra: str = "") -> str:
     """A FROM-clause source over the Parquet `files` that has every column of `schema`, however old the files.
 
     The files are read by column name (`union_by_name`): a column some file lacks (written before the
     column existed) reads as NULL there. Unioned by name under an empty table of `schema` (registered as
     `_empty_<name>`), the source also has the columns no file has yet, in `schema`'s order, and an empty
-    `files` gives an empty source with every column. `options`: more read_parquet arguments ("filename=true")."""
+    `files` gives an empty source with every column. `options`: more read_parquet arguments ("filename=true");
+    `extra`: more select-list items over read_parquet (", file_index AS archive_file"), which `schema` must name."""
     con.register(f"_empty_{name}", schema.empty_table())
     if not files:
         return f"_empty_{name}"
     listed = ", ".join(sql_str(f) for f in files)
     more = f", {options}" if options else ""
     return (f"(SELECT * FROM _empty_{name} UNION ALL BY NAME "
-            f"SELECT * FROM read_parquet([{listed}], union_by_name=true{more}))")
+            f"SELECT *{extra} FROM read_parquet([{listed}], union_by_name=true{more}))")
 
 
 def register_array_functions(con: duckdb.DuckDBPyConnection) -> None:
@@ -198,17 +257,22 @@ class Catalog:
         name are left out: DuckDB binds each view when it is created, so the unused ones cost time on
         every connection (a freshness poll reconnects ten times a second)."""
         con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": True,
-                                     **self.config})
+                                     "temp_directory": spill_dir(self.settings.home), **self.config})
         register_array_functions(con)
         archive = self.settings.archive_dir
         archived = archived_files(archive)
         for name, schema in [*SCHEMAS.items(), (DEAD_LETTERS, DEAD_LETTER_SCHEMA)]:
             raw = f"_raw_{name}"
             # an explicit list: renamed flush directories never go away, temp ones do
-            source = parquet_source(con, name, archived.get(name, []), schema)
+            # archive_file: the file's place in the path-ordered list, which decides the copy a view keeps
+            source = parquet_source(con, name, archived.get(name, []), schema.append(pa.field("archive_file", pa.int64())),
+                                    extra=", file_index::BIGINT AS archive_file")
             con.execute(f"CREATE VIEW {raw} AS SELECT * FROM {source}")
-            if name != DEAD_LETTERS:  # producer resends: keep one row per event_id
-                con.execute(f"CREATE VIEW {name}_events AS SELECT DISTINCT ON (event_id) * FROM {raw}")
+            if name != DEAD_LETTERS:
+                con.execute(f"CREATE VIEW {name}_events AS {first_archived(raw)}")
+        words = set(re.findall(r"\w+", query.lower())) if query is not None else None
+        if words is None or "conflicting_duplicates" in words:
+            con.execute(f"CREATE VIEW conflicting_duplicates AS {CONFLICTS}")
         for name, body in DERIVED_VIEWS.items():
             try:
                 con.execute(f"CREATE VIEW {name} AS {body}")
@@ -218,7 +282,6 @@ class Catalog:
                                      "before they were stored as little-endian binary: rebuild the archive from "
                                      "Kafka (move it away, then `klong sink run`) or with this version's sink") from e
                 raise
-        words = set(re.findall(r"\w+", query.lower())) if query is not None else None
         for ext in VIEW_EXTENSIONS:  # later stages add their views: register_views(con, settings)
             module = importlib.import_module(ext)
             if words is None or words & set(module.VIEW_NAMES):

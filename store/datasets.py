@@ -63,8 +63,8 @@ FORMAT = 2  # layout version of a dataset; part of the content hash (2: per-step
 DATASETS = "datasets"
 TOKENS, SAMPLES, MANIFEST = "tokens.parquet", "samples.parquet", "manifest.json"
 ROW_GROUP_TOKENS = 32 << 20  # tokens per row group of tokens.parquet: what a reader holds at once
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION_DIR = re.compile(r"^v(\d+)$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: `$` would pass "name\n"
+_VERSION_DIR = re.compile(r"v(\d+)")
 
 TOKENS_SCHEMA = pa.schema([
     ("rollout_id", pa.string()), ("group_id", pa.string()), ("task_id", pa.string()), ("status", pa.string()),
@@ -99,7 +99,7 @@ def datasets_dir(home: Path | str) -> Path:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name or ""):
+    if not _NAME.fullmatch(name or ""):
         raise ConfigError(f"dataset name {name!r} is not valid: use letters, digits, '.', '_' and '-' "
                           "(starting with a letter or digit)")
     return name
@@ -109,7 +109,7 @@ def versions(home: Path | str, name: str) -> list[int]:
     d = datasets_dir(home) / name
     if not d.is_dir():
         return []
-    return sorted(int(m[1]) for p in d.iterdir() if (m := _VERSION_DIR.match(p.name)) and (p / MANIFEST).is_file())
+    return sorted(int(m[1]) for p in d.iterdir() if (m := _VERSION_DIR.fullmatch(p.name)) and (p / MANIFEST).is_file())
 
 
 def parse_ref(home: Path | str, ref: str) -> tuple[str, int]:
@@ -143,7 +143,7 @@ def all_manifests(home: Path | str) -> list[dict]:
     root = datasets_dir(home)
     out = []
     for d in sorted(root.iterdir()) if root.is_dir() else []:
-        if d.is_dir() and _NAME.match(d.name):
+        if d.is_dir() and _NAME.fullmatch(d.name):
             for v in versions(home, d.name):
                 try:
                     out.append(json.loads((version_dir(home, d.name, v) / MANIFEST).read_text()))

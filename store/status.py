@@ -1,4 +1,5 @@
-"""What `klong status` prints: per-partition lag of the archive behind Kafka, archive counts, dead letters.
+"""What `klong status` prints: per-partition lag of the archive behind Kafka, archive counts, dead letters,
+conflicting duplicates (event ids archived with different contents; the views keep the first archived).
 
 Lag is measured against the archive itself (the highest archived offset per partition of the topic's
 current incarnation), not against Kafka's committed offsets: the archive is the truth. Tansu (the
@@ -16,7 +17,7 @@ from kafka.errors import KafkaError
 
 from klong.settings import Settings
 from schemas.errors import BrokerError, ConfigError
-from store.archive import list_flushes, recover_positions
+from store.archive import recover_positions, walk
 from store.catalog import Catalog
 
 
@@ -76,8 +77,8 @@ def wait_archived(settings: Settings, timeout_s: float, poll_s: float = 0.5) -> 
 
 
 def archive_summary(settings: Settings) -> dict:
-    flushes = list_flushes(settings.archive_dir)
-    nbytes = sum(f.stat().st_size for d in flushes for f in d.path.iterdir())
+    flushes, strays = walk(settings.archive_dir)
+    nbytes = sum(f.lstat().st_size for d in flushes for f in d.files.values())  # what readers read, no stray
     cat = Catalog(settings)
     counts = cat.arrow("""
         SELECT 'rollouts' AS what, count(*) AS n FROM rollouts UNION ALL
@@ -85,11 +86,13 @@ def archive_summary(settings: Settings) -> dict:
         SELECT 'steps', count(*) FROM steps UNION ALL
         SELECT 'tasks', count(*) FROM tasks UNION ALL
         SELECT 'judge results', count(*) FROM judge_results UNION ALL
-        SELECT 'dead letters', count(*) FROM dead_letters""").to_pylist()
+        SELECT 'dead letters', count(*) FROM dead_letters UNION ALL
+        SELECT 'conflicting duplicates', count(*) FROM conflicting_duplicates""").to_pylist()
     from store.integrity import quarantined
 
     return {"flush_dirs": len(flushes), "archive_bytes": nbytes, **{r["what"]: r["n"] for r in counts},
-            "quarantined flush dirs": len(quarantined(settings.archive_dir))}
+            "quarantined flush dirs": len(quarantined(settings.archive_dir)),
+            "stray entries ignored": len(strays)}  # `klong archive verify` lists them
 
 
 def status(settings: Settings) -> dict:

@@ -70,3 +70,24 @@ def test_reading_the_data_still_works(archived, capsys):
     assert cat.sql("EXPLAIN SELECT * FROM rollouts").height >= 1
     assert main(klong(archived, "sql", "SELECT rollout_id, status FROM rollouts", "--format", "csv")) == 0
     assert "r-1,finished" in capsys.readouterr().out
+
+
+def test_duckdb_temp_directory_is_in_the_data_home_and_exposes_nothing(archived, tmp_path, monkeypatch):
+    """DuckDB adds its temp directory to allowed_directories; by default that is `<cwd>/.tmp/`, which made
+    whatever a user kept there readable by SQL. The spill directory is now a per-process one in the data home."""
+    cwd = tmp_path / "cwd"
+    (cwd / ".tmp").mkdir(parents=True)
+    (cwd / ".tmp" / "secret.txt").write_text("s3cret-tmp")
+    monkeypatch.chdir(cwd)
+    cat = Catalog(archived)
+    con = cat.connect()
+    spill = con.execute("SELECT current_setting('temp_directory')").fetchone()[0]
+    assert spill.startswith(str(archived.home / "tmp" / "sql")), spill
+    other = archived.home / "tmp" / "sql" / "otherhost-1"  # another process's spill directory
+    other.mkdir(parents=True)
+    (other / "x.txt").write_text("s3cret-other")
+    for q in [f"SELECT content FROM read_text('{cwd}/.tmp/secret.txt')", "SELECT content FROM read_text('.tmp/secret.txt')",
+              f"SELECT content FROM read_text('{other}/x.txt')", f"SELECT * FROM glob('{archived.home}/tmp/sql/*')"]:
+        with pytest.raises(QueryError):
+            cat.sql(q)
+    assert cat.scalar("SELECT count(*) FROM steps") == 6

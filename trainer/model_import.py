@@ -33,7 +33,7 @@ TEMPLATE_FILE = Path(__file__).parent / "templates" / "chatml_tools.jinja"
 CHAT_TEMPLATE = "chat_template.jinja"  # in the model directory
 INFO_FILE = "klong_model.json"  # what it was imported from
 _SMOL_DEFAULT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # used with fullmatch: `$` would pass "name\n"
 
 
 def resolve_model_dir(spec: str | Path, home: Optional[Path] = None) -> Path:
@@ -41,7 +41,7 @@ def resolve_model_dir(spec: str | Path, home: Optional[Path] = None) -> Path:
     path = Path(spec)
     if path.is_dir():
         return path.resolve()
-    if home is not None and _NAME.match(str(spec)) and (Path(home) / "models" / str(spec)).is_dir():
+    if home is not None and _NAME.fullmatch(str(spec)) and (Path(home) / "models" / str(spec)).is_dir():
         return (Path(home) / "models" / str(spec)).resolve()
     where = f" nor a model under {Path(home) / 'models'}" if home is not None else ""
     raise ConfigError(f"model {spec!r} is not a directory{where}: import one with "
@@ -68,7 +68,7 @@ def import_model(source: str | Path, name: str, models_dir: Path, chat_template:
                  force: bool = False) -> Path:
     """Converts/copies `source` (a .gguf file or a transformers directory) to `models_dir/name`."""
     source = Path(source)
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ConfigError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (a directory name)")
     if not source.exists():
         raise ConfigError(f"{source} does not exist: give a .gguf file or a transformers model directory")
