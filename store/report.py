@@ -14,6 +14,8 @@ columns `series` returns):
   trainer's `entropy` metric of runs trained on that iteration's dataset when there is one.
 - `training` (Fig. 8): training loss per step of every run, and a panel per further metric the runs
   recorded among TRAIN_METRICS (metrics are read by name; absent ones are skipped).
+- `evals`: per policy version, the training reward beside the held-out evaluation under it (mean score with
+  a 95 % interval, solve rate), from `rl_iterations` and `rl_evals` (a plan's `eval:`).
 - `windows`: window length (tokens, prefix included) per window and K (windows) per rollout, over the
   latest version of each dataset (with a plan: its iterations' versions).
 With `plan`, only that progressive-RL plan's rollouts, datasets and training runs count.
@@ -160,11 +162,46 @@ def _draw_windows(fig: Figure, s: dict) -> None:
     fig.suptitle(f"{title} ({', '.join(sorted(set(s['ref'])))})")
 
 
+# ---- held-out evaluation beside the training reward (a plan's `eval:`; store.rl's rl_evals) --------------
+
+
+def evals_series(cat: Catalog, plan: Optional[str]) -> dict[str, list]:
+    """Per policy version: the training reward (mean score of the rollouts it acted in the plan's iterations) and
+    the held-out evaluation under it (mean score with a 95 % normal interval half-width, solve rate)."""
+    cond = f"WHERE plan = {sql_str(plan)}" if plan else ""
+    return _columns(cat, f"""
+        WITH tr AS (SELECT policy_version, avg(mean_score) AS train_score FROM rl_iterations {cond} GROUP BY ALL),
+             ev AS (SELECT policy_version, sum(mean_score * judged) / nullif(sum(judged), 0) AS eval_score,
+                           sum(solved) / nullif(sum(judged), 0) AS eval_solve_rate, sum(judged) AS eval_n,
+                           max(score_std) AS eval_std
+                    FROM rl_evals {cond} GROUP BY ALL)
+        SELECT policy_version, train_score, eval_score, eval_solve_rate, eval_n,
+               1.96 * eval_std / sqrt(nullif(eval_n, 0)) AS eval_ci
+        FROM tr FULL JOIN ev USING (policy_version) ORDER BY policy_version""")
+
+
+def _draw_evals(fig: Figure, s: dict) -> None:
+    title = "Training reward and held-out evaluation per policy version"
+    if not any(v is not None for v in s["eval_score"]):
+        return _no_data(fig, title)
+    ax = fig.add_subplot(1, 1, 1)
+    x = s["policy_version"]
+    ax.plot(x, s["train_score"], marker="o", color="C0", label="training reward (mean score)")
+    ax.errorbar(x, s["eval_score"], yerr=[v or 0 for v in s["eval_ci"]], marker="s", color="C1", capsize=4,
+                label="held-out mean score (95 % interval)")
+    ax.plot(x, s["eval_solve_rate"], marker="^", linestyle="--", color="C2", label="held-out solve rate")
+    ax.set_xlabel("policy version")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    fig.suptitle(title)
+
+
 FIGURES: dict[str, tuple[Callable[[Catalog, Optional[str]], dict], Callable[[Figure, dict], None]]] = {
     "stages": (stages_series, _draw_stages),
     "rl_curves": (rl_series, _draw_rl),
     "training": (training_series, _draw_training),
     "windows": (windows_series, _draw_windows),
+    "evals": (evals_series, _draw_evals),
 }
 
 
