@@ -73,6 +73,12 @@ def test_eval_rollouts_run_each_iteration_and_after_the_last_and_never_enter_a_d
     assert everything.manifest["drops"]["eval_task"]["count"] == 12
     rows = cat.arrow("SELECT DISTINCT rollout_id FROM samples WHERE dataset = 'all-rl'").to_pylist()
     assert rows and not {r["rollout_id"] for r in rows} & eval_ids
+    # `klong demo`'s learning figure: the solve rate per policy version of the plan's own (training) rollouts
+    from klong.demo import SOLVE_RATE_SQL
+
+    rates = cat.arrow(SOLVE_RATE_SQL.format(plan="with-eval")).to_pylist()
+    assert [(r["policy_version"], r["rollouts"], r["solved"], r["mean_score"], r["solve_rate"]) for r in rates] == [
+        (0, 4, 2, 0.75, 0.5), (1, 4, 2, 0.75, 0.5)]
     # klong rl status shows the scores beside each other and the evaluations table
     assert main(klong(settings, "rl", "status", "--plan", "with-eval")) == 0
     status = capsys.readouterr().out
