@@ -79,6 +79,13 @@ def test_eval_rollouts_run_each_iteration_and_after_the_last_and_never_enter_a_d
     rates = cat.arrow(SOLVE_RATE_SQL.format(plan="with-eval")).to_pylist()
     assert [(r["policy_version"], r["rollouts"], r["solved"], r["mean_score"], r["solve_rate"]) for r in rates] == [
         (0, 4, 2, 0.75, 0.5), (1, 4, 2, 0.75, 0.5)]
+    # `klong report`'s figure: training reward beside the held-out score, per policy version
+    from store.report import render, series
+
+    ev = series("evals", cat, "with-eval")
+    assert ev["policy_version"] == [0, 1, 2] and ev["train_score"] == [0.75, 0.75, None]
+    assert ev["eval_score"] == [0.5, 0.5, 0.5] and ev["eval_n"] == [4, 4, 4]
+    assert render("evals", cat, "with-eval").startswith(b"\x89PNG")
     # klong rl status shows the scores beside each other and the evaluations table
     assert main(klong(settings, "rl", "status", "--plan", "with-eval")) == 0
     status = capsys.readouterr().out
