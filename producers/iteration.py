@@ -59,43 +59,7 @@ class IterationSummary:
     checkpoint: Optional[str] = None  # with a managed server: the weights the next iteration is served from
     reload_s: float = 0.0
     reload_method: Optional[str] = None
-    eval: Optional[EvalSummary] = None  # the held-out evaluation that ran beside this iteration (plan's eval:)
-
-
-@dataclass
-class EvalSummary:
-    """One held-out evaluation of a plan run: the policy it scored and what the archive holds of its rollouts."""
-
-    iteration: int
-    policy_version: int
-    rollouts: int = 0
-    judged: int = 0
-    mean_score: Optional[float] = None  # over the judged rollouts
-    solved: int = 0  # judged rollouts with score 1.0
-    seconds: float = 0.0
-
-    def line(self) -> str:
-        if not self.judged:
-            return f"eval under policy v{self.policy_version}: no judged rollout of {self.rollouts}"
-        return (f"eval under policy v{self.policy_version}: mean score {self.mean_score:.3f}, solved "
-                f"{self.solved}/{self.judged} ({self.rollouts} rollouts, {self.seconds:.0f}s)")
-
-
-def eval_group_prefix(plan: str, iteration: int) -> str:
-    """The group ids of a plan's evaluation at an iteration start with this (store.rl's `rl_evals` parses them)."""
-    return f"{plan}:eval:i{iteration}:"
-
-
-def eval_scores(settings: Settings, summary: EvalSummary, prefix: str) -> EvalSummary:
-    """Fills `summary` from the archive's rollouts of one evaluation (group ids starting with `prefix`)."""
-    from store.catalog import Catalog, sql_str
-
-    row = Catalog(settings).arrow(
-        "SELECT count(*) AS n, count(*) FILTER (WHERE n_judged > 0) AS judged, "
-        "avg(final_score) FILTER (WHERE n_judged > 0) AS mean, count(*) FILTER (WHERE final_score = 1.0) AS solved "
-        f"FROM rollouts WHERE starts_with(group_id, {sql_str(prefix)})").to_pylist()[0]
-    summary.judged, summary.mean_score, summary.solved = row["judged"], row["mean"], row["solved"]
-    return summary
+    eval: Any = None  # producers.rl_eval.EvalSummary: the held-out evaluation beside this iteration (plan's eval:)
 
 
 def counts(d: dict) -> str:

@@ -36,7 +36,8 @@ rollouts of each eval task run under that iteration's policy in the same pool (g
 of the iteration: never counted by the close rule, never carried over; the iteration waits for them (and
 their judgments) before its dataset is built and the weights change. Eval tasks never enter a training
 dataset. With `final` (default when the plan trains) one more evaluation runs after the last iteration,
-under the policy it produced. `Scheduler.evals` holds the scores; `rl_evals` (store.rl) reads them back.
+under the policy it produced (producers.rl_eval). `Scheduler.evals` holds the scores; `rl_evals` (store.rl)
+reads them back.
 
 Closing the loop (producers.rl_loop): with `serve:` the scheduler starts (or finds) a managed vLLM server
 (klong.serve) and serves the checkpoint the plan has reached; with `train: {config: ...}` each iteration
@@ -68,10 +69,10 @@ from typing import Any, Callable, Optional
 
 from klong.settings import Settings
 from producers import rl_start
-from producers.iteration import (EvalSummary, IterationSummary, Rollout, counts, eval_group_prefix, eval_scores,
-                                 rollout_result, wait_archived, wait_close)
+from producers.iteration import IterationSummary, Rollout, counts, rollout_result, wait_archived, wait_close
 from producers.outbox import Outbox
 from producers.recorder import publish
+from producers.rl_eval import EvalSummary, finish_eval, start_eval
 from producers.rl_plan import RlPlan, Stage, agent_config
 from producers.scheduler_services import Services
 from producers.train_hook import run_train_hook
@@ -154,6 +155,7 @@ class Scheduler:
                 if remaining and plan.final_eval and remaining[-1][1] == len(schedule):
                     # the policy the last iteration produced, scored on the held-out tasks
                     stage, _, pv = remaining[-1]
+                    self._current = None  # the last iteration is done: a stop now marks no iteration stopped
                     final = self._start_eval(pool, stage, base + len(remaining) + 1, pv + 1)
                     self._live = final
                     self._finish_eval(final, {}, stage, base + len(remaining) + 1, pv + 1)
@@ -277,30 +279,11 @@ class Scheduler:
         return summary
 
     def _start_eval(self, pool, stage: Stage, it: int, pv: int) -> list[Rollout]:
-        """Submits the held-out evaluation: rollouts_per_sample rollouts of every eval task under policy pv."""
-        spec, prefix = self.plan.eval, eval_group_prefix(self.plan.name, it)
-        evals = [Rollout(uuid7(), t, prefix + t, self._agent.RolloutControl(iteration=it, policy_version=pv,
-                                                                             stage=stage.index))
-                 for t in self._eval_tasks for _ in range(spec.rollouts_per_sample)]
-        self._say(f"eval at iteration {it} (policy v{pv}): {len(evals)} rollouts of {len(self._eval_tasks)} held-out "
-                  f"tasks x {spec.rollouts_per_sample}")
-        for r in evals:
-            r.future = self._pool_submit(pool, r, stage, it, pv)
-        return evals
+        return start_eval(self, pool, stage, it, pv)
 
     def _finish_eval(self, evals: list[Rollout], results: dict, stage: Stage, it: int, pv: int) -> EvalSummary:
-        """Waits for the evaluation's rollouts (they are never carried over) and, with `results` of the
-        iteration's own rollouts, for its judge results; records and reports the scores."""
-        t0 = time.monotonic()
-        while not all(r.future.done() for r in evals):
-            self._check()
-            wait([r.future for r in evals], timeout=self.poll_s)
-        mine = {r.rollout_id: rollout_result(r, self._say) for r in evals if not r.future.cancelled()}
-        self._wait_archived(it, {**results, **mine})
-        summary = eval_scores(self.settings, EvalSummary(it, pv, rollouts=len(evals), seconds=time.monotonic() - t0),
-                              eval_group_prefix(self.plan.name, it))
+        summary = finish_eval(self, evals, results, it, pv)
         self.evals.append(summary)
-        self._say(f"iteration {it}: {summary.line()}")
         return summary
 
     def _pool_submit(self, pool, r: Rollout, stage: Stage, it: int, pv: int):
