@@ -223,9 +223,9 @@ class Scheduler:
         self._say(f"iteration {it} closed after {summary.rolling_s:.1f}s: ended {counts(summary.ended)}, "
                   f"{len(running)} carried over, {len(not_started)} not started")
 
-        t1 = time.monotonic()
-        if evals:  # the weights change only after the evaluation under them ended
+        if evals:  # the weights change only after the evaluation under them ended (its time: summary.eval.seconds)
             summary.eval = self._finish_eval(evals, results, stage, it, pv)
+        t1 = time.monotonic()
         summary.judged, summary.judge_missing = self._wait_archived(it, results)
         # A rollout told to carry over takes it at its next policy call; one that ended before making another
         # (its last call was already made at the close) ended in this iteration after all: wait for it too.
