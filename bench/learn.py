@@ -109,7 +109,7 @@ def main() -> int:
     ap.add_argument("--rollouts", type=int, default=4, help="rollouts per train task: the group size (default 4)")
     ap.add_argument("--eval-rollouts", type=int, default=2, help="rollouts per held-out task per evaluation (default 2)")
     ap.add_argument("--eval-tasks", type=int, default=0,
-                    help="held-out tasks per evaluation, kinds interleaved (default 0: all 20)")
+                    help="held-out tasks per evaluation, the first N in the family order (default 0: all 20)")
     ap.add_argument("--max-turns", type=int, default=3, help="policy turns per rollout (default 3, as the demo)")
     ap.add_argument("--max-tokens", type=int, default=96, help="tokens per turn (default 96, as the demo)")
     ap.add_argument("--concurrency", type=int, default=8, help="rollouts at once (default 8)")
