@@ -12,7 +12,9 @@ plan, it resumes after the last iteration earlier runs finished; Ctrl-C (or SIGT
 running ones end at their next turn as `aborted`, everything recorded is archived (a second Ctrl-C exits
 at once: the durable outbox keeps what was recorded for the next run). `status` answers from
 the archive (`rl_iterations`): per stage and iteration the rollouts started / carried in / carried out /
-running / ended by status / judged, the dataset version, and where the time went (rolling vs waiting
+running / ended by status / judged, the training reward (mean_score) beside the held-out evaluation
+under the same policy (eval_score; `eval:` in the plan, and the final evaluation after the last
+iteration), the dataset version, and where the time went (rolling vs waiting
 for the judge vs building vs the plan's train hook).
 """
 
@@ -24,7 +26,8 @@ import signal
 import sys
 
 STATUS_COLUMNS = ["stage", "iteration", "policy_version", "phase", "started", "carried_in", "carried_out",
-                  "not_started", "running", "finished", "timeout", "error", "aborted", "judged", "dataset",
+                  "not_started", "running", "finished", "timeout", "error", "aborted", "judged", "mean_score",
+                  "eval_score", "eval_solved", "eval_judged", "dataset",
                   "n_samples", "rolling_s", "judge_wait_s", "build_s", "train_s", "reload_s", "reload_method"]
 
 
@@ -99,6 +102,8 @@ def cmd_run(args) -> int:
               f"{', '.join(f'{k} {v}' for k, v in sorted(s.ended.items())) or 'none'}, judged {s.judged} -> "
               f"{s.dataset} ({s.n_samples} samples)"
               + (f"; trained {s.checkpoint}, {s.reload_method} {s.reload_s:.2f}s" if s.checkpoint else ""))
+    for e in sched.evals:
+        print(f"iteration {e.iteration} {e.line()}")
     print(f"run {sched.run_id} done: klong rl status --plan {plan.name}")
     return 0
 
@@ -146,9 +151,27 @@ def cmd_status(args) -> int:
         print(f"time: rolling {roll:.1f}s ({100 * roll / total:.0f}%), waiting for archive+judge {wait:.1f}s "
               f"({100 * wait / total:.0f}%), building datasets {build:.1f}s ({100 * build / total:.0f}%), "
               f"train hook {train:.1f}s ({100 * train / total:.0f}%)")
-        table = [{c: (round(r[c], 1) if isinstance(r[c], float) else r[c]) for c in STATUS_COLUMNS} for r in its]
+        table = [{c: (round(r[c], 3 if c.endswith("score") else 1) if isinstance(r[c], float) else r[c])
+                  for c in STATUS_COLUMNS} for r in its]
         _print_table(pa.Table.from_pylist(table), "table", None)
+        evals = eval_rows(_settings(args), plan, [r["iteration"] for r in its])
+        if evals:
+            print("held-out evaluations (rl_evals): the policy each scored, mean score and solved of the judged")
+            _print_table(pa.Table.from_pylist(evals), "table", None)
     return 0
+
+
+def eval_rows(settings, plan: str, iterations: list[int]) -> list[dict]:
+    """`rl_evals` rows of a plan run: those beside its iterations and the final one after its last."""
+    from store.catalog import Catalog, sql_str
+
+    if not iterations:
+        return []
+    its = ", ".join(str(int(i)) for i in iterations + [max(iterations) + 1])
+    return Catalog(settings).arrow(
+        "SELECT iteration, policy_version, rollouts, judged, round(mean_score, 3) AS mean_score, solved, "
+        f"round(solve_rate, 3) AS solve_rate FROM rl_evals WHERE plan = {sql_str(plan)} AND iteration IN ({its}) "
+        "ORDER BY iteration").to_pylist()
 
 
 def register(sub, common) -> None:

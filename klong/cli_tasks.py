@@ -2,6 +2,7 @@
 
     klong tasks import papers/fre papers/bam --split train      # validate every rubric, then register
     klong tasks list [--split eval] | show fre [--depth 2] [--json]
+    klong tasks generate --seed 0 --n 50 --eval-fraction 0.4 -o tasks/family [--import]   # a task family
     klong tasks draft-rubric papers/new --base-url URL --model NAME   # writes rubric.json only if valid
     klong judge request --rollout R --task fre --step 412 --priority eval --snapshot runs/r/submission
     klong judge run --base-url URL --model NAME [--concurrency 16] [--until-idle]
@@ -78,6 +79,31 @@ def cmd_import(args) -> int:
         for name, n in sorted(missing.items()):
             hint = " (the judge grades without the paper; --require-paper refuses such folders)" if name == "paper.md" else ""
             _err(f"note: {name} missing in {n} of {len(sources)} folder(s){hint}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from producers.task_family import KINDS, generate_family, write_family
+
+    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else KINDS
+    tasks = generate_family(args.seed, args.n, args.eval_fraction, kinds, args.prefix)
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise ConfigError(f"{out} is not empty: give another -o DIR, or --force to write into it")
+    dirs = write_family(tasks, out)
+    print(f"wrote {len(tasks)} tasks (seed {args.seed}): {len(dirs['train'])} train in {out / 'train'}, "
+          f"{len(dirs['eval'])} held out (eval) in {out / 'eval'}; index {out / 'family.json'}")
+    if args.do_import:
+        from producers.tasks import import_tasks
+
+        s = _settings(args)
+        for split in ("train", "eval"):
+            if dirs[split]:
+                plan = import_tasks(s, dirs[split], split)
+                print(f"registered {len(plan.to_emit)} {split} tasks ({len(plan.unchanged)} unchanged)")
+    else:
+        print(f"register them: klong tasks import {out}/train/* --split train && "
+              f"klong tasks import {out}/eval/* --split eval")
     return 0
 
 
@@ -289,6 +315,21 @@ def register(sub, common) -> None:
     im.add_argument("--require-paper", action="store_true", help="refuse folders without paper.md")
     im.add_argument("--dry-run", action="store_true", help="validate and plan, emit nothing")
     im.set_defaults(func=cmd_import)
+    ge = tsub.add_parser("generate", parents=[common], help="write a task family from a seed, split train / held out",
+                         description="Writes N small agent tasks (write a word, compute and write, fix a one-line "
+                         "bug, edit a file, write lines), each graded by rubric check commands with partial credit, "
+                         "into OUT/train/<id> and OUT/eval/<id> (held out). The same seed gives the same tasks.")
+    ge.add_argument("--seed", type=int, default=0, help="the family's seed (default 0)")
+    ge.add_argument("--n", type=int, default=50, help="number of tasks (default 50)")
+    ge.add_argument("--eval-fraction", type=float, default=0.4,
+                    help="share of each kind held out as eval tasks (default 0.4)")
+    ge.add_argument("--kinds", help="comma-separated subset of write-word,compute,fix-bug,edit-file,write-lines")
+    ge.add_argument("--prefix", default="fam", help="task id prefix (default fam)")
+    ge.add_argument("--output", "-o", required=True, help="directory to write the task folders into")
+    ge.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    ge.add_argument("--import", dest="do_import", action="store_true",
+                    help="also register them in this home (train and eval splits)")
+    ge.set_defaults(func=cmd_generate)
     ls = tsub.add_parser("list", parents=[common], help="registered tasks")
     ls.add_argument("--split", choices=["train", "eval"], help="only tasks of this split")
     ls.add_argument("--json", action="store_true", help="one JSON object per task")

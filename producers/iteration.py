@@ -59,6 +59,7 @@ class IterationSummary:
     checkpoint: Optional[str] = None  # with a managed server: the weights the next iteration is served from
     reload_s: float = 0.0
     reload_method: Optional[str] = None
+    eval: Any = None  # producers.rl_eval.EvalSummary: the held-out evaluation beside this iteration (plan's eval:)
 
 
 def counts(d: dict) -> str:

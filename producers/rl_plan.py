@@ -23,6 +23,7 @@
       overrides: {train.max_steps: 1}
       timeout: 2h
     # or a shell hook instead of config: `train: {command: "klong train ... && ./reload.sh {next_policy_version}"}`
+    eval: {split: eval, every: 1, rollouts_per_sample: 2}   # optional: held-out rollouts under the current policy
     judge: checks                    # rubric leaves graded by their `check` commands only (no judge model)
 
 Durations are seconds (a number) or text like "90s", "1.5m", "2h", "1h30m", "500ms". Every error names
@@ -30,6 +31,14 @@ the key (`stages[1].timeout`) and what is wrong. The scheduler owns `iteration` 
 `trainer_policy_version` of the dataset config (one version per iteration), so the plan may not set them.
 The train hook's placeholders: {dataset} (NAME@N), {iteration}, {stage}, {policy_version} (the policy that
 acted), {next_policy_version}, {plan}, {home}; values are shell-quoted.
+
+`eval:` (optional): every `every` iterations (the 1st, the 1+every-th, ...) `rollouts_per_sample` rollouts
+of each eval task (`tasks: [ids]` of registered eval tasks, or `split: eval` for all of them) run under the
+policy of that iteration, beside its training rollouts, at eval priority in the judge queue; with `final:
+true` (the default when the plan trains) once more after the last iteration under the policy it produced.
+They are never trained on (eval tasks never enter a training dataset) and never carried over: the weights
+change only after they ended. Their group ids are `PLAN:eval:i<iteration>:<task>`; `rl_evals` and the
+`eval_*` columns of `rl_iterations` read them.
 
 `serve:` keys (klong.serve.ServeConfig): model (NAME under HOME/models or a directory), device (cpu | cuda),
 dtype (default float32 on cpu, bfloat16 on cuda), max_model_len, port, kv_cache_gib, and home (the data home
@@ -51,7 +60,8 @@ _PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _OWNED_DATASET_KEYS = ("iteration", "trainer_policy_version", "stage")
 TOP_KEYS = {"name", "tasks", "policy", "judge", "stages", "dataset", "max_concurrent_rollouts", "close_fraction",
-            "iteration_timeout", "judge_timeout", "initial_policy_version", "agent", "train", "serve"}
+            "iteration_timeout", "judge_timeout", "initial_policy_version", "agent", "train", "serve", "eval"}
+EVAL_KEYS = {"tasks", "split", "every", "rollouts_per_sample", "final"}
 SERVE_KEYS = {"model", "device", "dtype", "max_model_len", "port", "kv_cache_gib", "home"}
 CHECKS_JUDGE = "checks"
 TRAIN_FIELDS = ("dataset", "iteration", "stage", "policy_version", "next_policy_version", "plan", "home")
@@ -115,6 +125,20 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class EvalSpec:
+    """Held-out evaluation inside a plan run (see the module docstring)."""
+
+    tasks: tuple[str, ...]  # explicit eval task ids; empty: every registered eval task
+    every: int = 1  # evaluate at the plan's iterations 1, 1+every, 1+2*every, ...
+    rollouts_per_sample: int = 1
+    final: Optional[bool] = None  # after the last iteration, under the policy it produced (None: when the plan trains)
+
+    def due(self, k: int) -> bool:
+        """Whether the plan's k-th iteration (1-based) starts with an evaluation."""
+        return (k - 1) % self.every == 0
+
+
+@dataclass(frozen=True)
 class RlPlan:
     name: str
     tasks: tuple[str, ...]  # explicit task ids; empty with split set: every registered task of that split
@@ -136,6 +160,16 @@ class RlPlan:
     train_config: Optional[str] = None  # trainer YAML (file or shipped name): the loop trains and reloads
     train_overrides: tuple[str, ...] = ()  # key=value
     serve: Optional[dict] = None  # ServeConfig fields (+ home): the managed policy server
+    eval: Optional[EvalSpec] = None  # held-out evaluation under the current policy
+
+    @property
+    def trains(self) -> bool:
+        return self.train_config is not None or self.train_command is not None
+
+    @property
+    def final_eval(self) -> bool:
+        """An evaluation after the last iteration, under the policy it produced."""
+        return self.eval is not None and (self.eval.final if self.eval.final is not None else self.trains)
 
     @property
     def checks_only(self) -> bool:
@@ -259,7 +293,30 @@ def parse_plan(raw: Any, source: str = "plan") -> RlPlan:
         initial_policy_version=_int(raw, "initial_policy_version", "", 0, 0),
         agent=dict(agent), judge_concurrency=_int(judge_extra, "concurrency", "judge.", 1, 8),
         train_command=train_command, train_timeout_s=train_timeout, train_config=train_config,
-        train_overrides=train_overrides, serve=serve)
+        train_overrides=train_overrides, serve=serve, eval=_eval(raw.get("eval")))
+
+
+def _eval(raw: Any) -> Optional[EvalSpec]:
+    """`eval: {tasks: [ids] | split: eval, every: N, rollouts_per_sample: N, final: bool}`."""
+    if raw is None:
+        return None
+    raw = _mapping(raw, "eval")
+    _unknown(raw, EVAL_KEYS, "eval.")
+    tasks, split = raw.get("tasks"), raw.get("split")
+    if (tasks is None) == (split is None):
+        raise ConfigError("eval needs tasks: [eval task ids] or split: eval (one of them)")
+    if split is not None and split != "eval":
+        raise ConfigError(f"eval.split must be eval (the held-out tasks, never trained on), got {split!r}")
+    if tasks is not None:
+        if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) and t for t in tasks)):
+            raise ConfigError(f"eval.tasks must be a non-empty list of eval task ids, got {tasks!r}")
+        if len(set(tasks)) != len(tasks):
+            raise ConfigError(f"eval.tasks lists a task twice: {sorted(t for t in set(tasks) if tasks.count(t) > 1)}")
+    final = raw.get("final")
+    if final is not None and not isinstance(final, bool):
+        raise ConfigError(f"eval.final must be true or false, got {final!r}")
+    return EvalSpec(tuple(tasks or ()), _int(raw, "every", "eval.", 1, 1), _int(raw, "rollouts_per_sample", "eval.", 1, 1),
+                    final)
 
 
 def _serve(raw: Any) -> Optional[dict]:

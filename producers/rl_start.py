@@ -5,7 +5,8 @@ and the part of its schedule earlier runs left.
     base = base_iteration(settings)                       # the run's iterations are base+1, base+2, ...
     remaining, checkpoint = remaining_schedule(settings, plan, plan.schedule(), say)
 
-Tasks: the plan's `tasks`, or every task registered in its `split` alone; checked against what is
+Tasks: the plan's `tasks`, or every task registered in its `split` alone (`eval:` tasks: the eval split
+alone, `resolve_eval_tasks`); checked against what is
 registered (archive, registry file and the tasks topic, so a task imported a moment ago counts): an
 unknown task or an eval task is refused. Numbering: after the highest iteration already in the archive
 (any plan run or rollout), so a dataset's `iteration` filter never mixes two runs. Resume: the
@@ -41,6 +42,29 @@ def resolve_tasks(settings: Settings, plan: RlPlan) -> list[str]:
     if evals:
         raise ConfigError(f"plan {plan.name}: tasks {evals} are eval tasks; RL trains on train tasks only")
     return list(plan.tasks)
+
+
+def resolve_eval_tasks(settings: Settings, plan: RlPlan) -> list[str]:
+    """The plan's eval task ids: registered, and in the eval split only (so never in a training dataset)."""
+    from producers.tasks import registered_tasks
+
+    if plan.eval is None:
+        return []
+    splits = {t: reg.splits for t, reg in registered_tasks(settings).items()}
+    if not plan.eval.tasks:
+        ids = sorted(t for t, s in splits.items() if s == {"eval"})
+        if not ids:
+            raise ConfigError(f"plan {plan.name}: eval: no eval task is registered in {settings.home} "
+                              "(klong tasks import DIR --split eval)")
+        return ids
+    unknown = [t for t in plan.eval.tasks if t not in splits]
+    if unknown:
+        raise ConfigError(f"plan {plan.name}: eval.tasks {unknown} are not registered in {settings.home}")
+    trains = [t for t in plan.eval.tasks if "train" in splits[t]]
+    if trains:
+        raise ConfigError(f"plan {plan.name}: eval.tasks {trains} are train tasks; evaluation runs held-out (eval) "
+                          "tasks only, which no training dataset takes")
+    return list(plan.eval.tasks)
 
 
 def base_iteration(settings: Settings) -> int:

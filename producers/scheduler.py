@@ -30,6 +30,15 @@ iteration. Iterations are numbered across stages, after the highest iteration al
    whose rollouts end in different iterations gets its advantages within each iteration's part.
    An `rl_iteration` event (dataset_built) records the version; `rl_iterations` / `klong rl status` read them.
 
+Held-out evaluation (the plan's `eval:`): at every `every`-th iteration's start, `rollouts_per_sample`
+rollouts of each eval task run under that iteration's policy in the same pool (group ids
+`PLAN:eval:i<i>:<task>`; their judge requests go to the eval queue, graded first). They are not members
+of the iteration: never counted by the close rule, never carried over; the iteration waits for them (and
+their judgments) before its dataset is built and the weights change. Eval tasks never enter a training
+dataset. With `final` (default when the plan trains) one more evaluation runs after the last iteration,
+under the policy it produced (producers.rl_eval). `Scheduler.evals` holds the scores; `rl_evals` (store.rl)
+reads them back.
+
 Closing the loop (producers.rl_loop): with `serve:` the scheduler starts (or finds) a managed vLLM server
 (klong.serve) and serves the checkpoint the plan has reached; with `train: {config: ...}` each iteration
 then runs `klong train` on its dataset version from the served checkpoint (policy_version pv -> pv+1) and
@@ -63,6 +72,7 @@ from producers import rl_start
 from producers.iteration import IterationSummary, Rollout, counts, rollout_result, wait_archived, wait_close
 from producers.outbox import Outbox
 from producers.recorder import publish
+from producers.rl_eval import EvalSummary, finish_eval, start_eval
 from producers.rl_plan import RlPlan, Stage, agent_config
 from producers.scheduler_services import Services
 from producers.train_hook import run_train_hook
@@ -70,7 +80,7 @@ from schemas.errors import ConfigError, KlongError
 from schemas.events import RlIteration, RlIterationPayload, new_event, uuid7
 
 # Re-exported: callers import these from producers.scheduler.
-__all__ = ["Scheduler", "IterationSummary", "Stopped"]
+__all__ = ["Scheduler", "IterationSummary", "EvalSummary", "Stopped"]
 
 
 class Stopped(KlongError):
@@ -112,6 +122,8 @@ class Scheduler:
         self._services = Services(self._say)
         self._carried: list[Rollout] = []
         self._live: list[Rollout] = []
+        self._eval_tasks: list[str] = []
+        self.evals: list[EvalSummary] = []  # every held-out evaluation of this run, in order
         self._current: Optional[tuple[Stage, int, int]] = None
 
     # ---- public --------------------------------------------------------------------------------
@@ -127,6 +139,7 @@ class Scheduler:
     def run(self) -> list[IterationSummary]:
         plan = self.plan
         tasks = self.resolve_tasks()
+        self._eval_tasks = rl_start.resolve_eval_tasks(self.settings, plan)
         schedule = plan.schedule()
         self._say(f"plan {plan.name}: {len(plan.stages)} stages, {len(schedule)} iterations, {len(tasks)} tasks, "
                   f"run {self.run_id}")
@@ -142,6 +155,13 @@ class Scheduler:
                 for j, (stage, k, pv) in enumerate(remaining, 1):
                     self._current = (stage, base + j, pv)
                     summaries.append(self._iteration(pool, tasks, stage, k, base + j, pv, last=k == len(schedule)))
+                if remaining and plan.final_eval and remaining[-1][1] == len(schedule):
+                    # the policy the last iteration produced, scored on the held-out tasks
+                    stage, _, pv = remaining[-1]
+                    self._current = None  # the last iteration is done: a stop now marks no iteration stopped
+                    final = self._start_eval(pool, stage, base + len(remaining) + 1, pv + 1)
+                    self._live = final
+                    self._finish_eval(final, {}, stage, base + len(remaining) + 1, pv + 1)
                 self._flush_archived()
             except BaseException as e:  # Stopped, Ctrl-C, a failed sink/judge/build: abort, keep what is recorded
                 self._abort(str(e) or type(e).__name__)
@@ -192,11 +212,9 @@ class Scheduler:
         self._say(f"stage {stage.index} iteration {it} (policy v{pv}, timeout {stage.timeout_s:g}s): {len(new)} "
                   f"rollouts of {n_samples} samples x {stage.rollouts_per_sample}, {len(carried)} carried in")
         for r in new:
-            r.future = pool.submit(self.rollout_fn, self.outbox, self.settings, r.task_id, self.policy,
-                                   timeout_s=stage.timeout_s, group_id=r.group_id, stage=stage.index, iteration=it,
-                                   policy_version=pv, rollout_id=r.rollout_id, control=r.control,
-                                   config=self.agent_config, judge=True)
-        self._live = members
+            r.future = self._pool_submit(pool, r, stage, it, pv)
+        evals = self._start_eval(pool, stage, it, pv) if plan.eval and plan.eval.due(k) else []
+        self._live = members + evals
         wait_close(members, plan, t0, last, self.poll_s, self._check, self._say)
 
         # Close: queued rollouts are not started, running ones carry over into the next iteration.
@@ -218,6 +236,8 @@ class Scheduler:
         self._say(f"iteration {it} closed after {summary.rolling_s:.1f}s: ended {counts(summary.ended)}, "
                   f"{len(running)} carried over, {len(not_started)} not started")
 
+        if evals:  # the weights change only after the evaluation under them ended (its time: summary.eval.seconds)
+            summary.eval = self._finish_eval(evals, results, stage, it, pv)
         t1 = time.monotonic()
         summary.judged, summary.judge_missing = self._wait_archived(it, results)
         # A rollout told to carry over takes it at its next policy call; one that ended before making another
@@ -273,6 +293,20 @@ class Scheduler:
 
         log_iteration(self.settings, plan, summary, self.run_id)
         return summary
+
+    def _start_eval(self, pool, stage: Stage, it: int, pv: int) -> list[Rollout]:
+        return start_eval(self, pool, stage, it, pv)
+
+    def _finish_eval(self, evals: list[Rollout], results: dict, stage: Stage, it: int, pv: int) -> EvalSummary:
+        summary = finish_eval(self, evals, results, it, pv)
+        self.evals.append(summary)
+        return summary
+
+    def _pool_submit(self, pool, r: Rollout, stage: Stage, it: int, pv: int):
+        return pool.submit(self.rollout_fn, self.outbox, self.settings, r.task_id, self.policy,
+                           timeout_s=stage.timeout_s, group_id=r.group_id, stage=stage.index, iteration=it,
+                           policy_version=pv, rollout_id=r.rollout_id, control=r.control,
+                           config=self.agent_config, judge=True)
 
     def _wait_archived(self, it: int, results: dict) -> tuple[int, int]:
         return wait_archived(self.settings, it, results, timeout_s=self.plan.judge_timeout_s, poll_s=self.poll_s,

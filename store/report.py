@@ -14,6 +14,8 @@ columns `series` returns):
   trainer's `entropy` metric of runs trained on that iteration's dataset when there is one.
 - `training` (Fig. 8): training loss per step of every run, and a panel per further metric the runs
   recorded among TRAIN_METRICS (metrics are read by name; absent ones are skipped).
+- `evals`: per policy version, the training reward beside the held-out evaluation under it (mean score with
+  a 95 % interval, solve rate), from `rl_iterations` and `rl_evals` (a plan's `eval:`).
 - `windows`: window length (tokens, prefix included) per window and K (windows) per rollout, over the
   latest version of each dataset (with a plan: its iterations' versions), one histogram series per dataset.
 Each figure is a list of panels (`panels`, `figure_data`): matplotlib draws them here, `klong ui`'s /plots
@@ -196,11 +198,44 @@ def _draw(fig: Figure, title: str, panels: list[dict]) -> None:
     fig.suptitle(title)
 
 
+# ---- held-out evaluation beside the training reward (a plan's `eval:`; store.rl's rl_evals) --------------
+
+
+def evals_series(cat: Catalog, plan: Optional[str]) -> dict[str, list]:
+    """Per policy version: the training reward (mean score of the rollouts it acted in the plan's iterations) and
+    the held-out evaluation under it (mean score with a 95 % normal interval half-width, solve rate)."""
+    cond = f"WHERE plan = {sql_str(plan)}" if plan else ""
+    return _columns(cat, f"""
+        WITH tr AS (SELECT policy_version, avg(mean_score) AS train_score FROM rl_iterations {cond} GROUP BY ALL),
+             ev AS (SELECT policy_version, sum(mean_score * judged) / nullif(sum(judged), 0) AS eval_score,
+                           sum(solved) / nullif(sum(judged), 0) AS eval_solve_rate, sum(judged) AS eval_n,
+                           max(score_std) AS eval_std
+                    FROM rl_evals {cond} GROUP BY ALL)
+        SELECT policy_version, train_score, eval_score, eval_solve_rate, eval_n,
+               1.96 * eval_std / sqrt(nullif(eval_n, 0)) AS eval_ci
+        FROM tr FULL JOIN ev USING (policy_version) ORDER BY policy_version""")
+
+
+def _evals_panels(s: dict) -> list[dict]:
+    if not any(v is not None for v in s["eval_score"]):
+        return []
+    x = s["policy_version"]
+    lo = [None if v is None else max(0.0, v - (c or 0)) for v, c in zip(s["eval_score"], s["eval_ci"])]
+    hi = [None if v is None else min(1.0, v + (c or 0)) for v, c in zip(s["eval_score"], s["eval_ci"])]
+    return [_panel("training reward and held-out evaluation", "policy version", "score (0-1)", "line",
+                   [{"name": "training reward (mean score)", "x": x, "y": s["train_score"]},
+                    {"name": "held-out mean score", "x": x, "y": s["eval_score"]},
+                    {"name": "held-out 95 % interval, low", "x": x, "y": lo},
+                    {"name": "held-out 95 % interval, high", "x": x, "y": hi},
+                    {"name": "held-out solve rate", "x": x, "y": s["eval_solve_rate"]}])]
+
+
 FIGURES: dict[str, tuple[str, Callable[[Catalog, Optional[str]], dict], Callable[[dict], list[dict]]]] = {
     "stages": ("Per stage and iteration (KLong Fig. 6, 9)", stages_series, _stages_panels),
     "rl_curves": ("RL curves per iteration (KLong Fig. 7)", rl_series, _rl_panels),
     "training": ("Training (KLong Fig. 8)", training_series, _training_panels),
     "windows": ("Sub-trajectories: window length and K per rollout, per dataset", windows_series, _windows_panels),
+    "evals": ("Training reward and held-out evaluation per policy version", evals_series, _evals_panels),
 }
 
 

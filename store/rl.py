@@ -16,10 +16,15 @@
   trained | stopped. `rolling_s` is start -> close (up to now while rolling); `judge_wait_s` close ->
   archive and judge caught up; `build_s` the dataset build; `train_s` the plan's train step; with a managed
   policy server (`serve:` in the plan) `checkpoint` (the weights served next), `train_run`, `reload_s` and
-  `reload_method` (reload in place | restart | skipped).
+  `reload_method` (reload in place | restart | skipped). The training reward: `mean_score` (judged rollouts
+  that ended in the iteration) and `solved` (score 1.0); beside it the held-out evaluation that ran under
+  the same policy (`eval_score`, `eval_solved` of `eval_judged`; NULL where none ran).
+- `rl_evals`: one row per held-out evaluation of a plan (`eval:` in the plan): plan, iteration (the one it ran
+  beside, or last + 1 for the final one), policy_version, rollouts, judged, mean_score, solved, solve_rate,
+  score_std, tasks. Read from the `rollouts` view by the evaluation's group ids (PLAN:eval:i<iteration>:<task>).
 - `rl_rollouts`: one row per rollout a plan run started: the iteration it was planned in and the
   iteration it ended in (after carry-overs), `carried` (resumed at least once), status, score.
-Both exist, empty, on an archive without plan runs.
+All exist, empty, on an archive without plan runs.
 """
 
 from __future__ import annotations
@@ -66,6 +71,21 @@ VIEWS = {
                    r.status <> 'running' AND r.last_iteration = m.iteration, false) AS carried_out
         FROM m LEFT JOIN _rl_closed c USING (plan, run_id, iteration) LEFT JOIN rollouts r USING (rollout_id)
         ANTI JOIN _rl_not_started n USING (plan, run_id, iteration, rollout_id)""",
+    # Held-out evaluations (a plan's `eval:`): their rollouts' group ids are PLAN:eval:i<iteration>:<task>
+    # (producers.iteration.eval_group_prefix); plan names hold no ':'.
+    "rl_evals": """
+        SELECT regexp_extract(group_id, '^([^:]+):eval:i([0-9]+):', 1) AS plan,
+               CAST(regexp_extract(group_id, '^([^:]+):eval:i([0-9]+):', 2) AS INTEGER) AS iteration,
+               min(policy_version) AS policy_version, count(*) AS rollouts,
+               count(*) FILTER (WHERE status = 'running') AS running,
+               count(*) FILTER (WHERE n_judged > 0) AS judged,
+               avg(final_score) FILTER (WHERE n_judged > 0) AS mean_score,
+               count(*) FILTER (WHERE final_score = 1.0) AS solved,
+               count(*) FILTER (WHERE final_score = 1.0) / nullif(count(*) FILTER (WHERE n_judged > 0), 0) AS solve_rate,
+               stddev_samp(final_score) FILTER (WHERE n_judged > 0) AS score_std,
+               count(DISTINCT task_id) AS tasks
+        FROM rollouts WHERE regexp_matches(group_id, '^[^:]+:eval:i[0-9]+:')
+        GROUP BY ALL""",
     "rl_iterations": """
         WITH per AS (
             SELECT m.plan, m.run_id, m.iteration,
@@ -80,7 +100,10 @@ VIEWS = {
                    count(*) FILTER (WHERE r.status = 'error' AND r.last_iteration = m.iteration) AS error,
                    count(*) FILTER (WHERE r.status = 'aborted' AND r.last_iteration = m.iteration) AS aborted,
                    count(*) FILTER (WHERE r.status <> 'running' AND r.last_iteration = m.iteration
-                                    AND r.n_judged > 0) AS judged
+                                    AND r.n_judged > 0) AS judged,
+                   avg(r.final_score) FILTER (WHERE r.status <> 'running' AND r.last_iteration = m.iteration
+                                              AND r.n_judged > 0) AS mean_score,
+                   count(*) FILTER (WHERE r.last_iteration = m.iteration AND r.final_score = 1.0) AS solved
             FROM _rl_members m LEFT JOIN rollouts r USING (rollout_id)
             GROUP BY m.plan, m.run_id, m.iteration)
         SELECT s.plan, s.run_id, s.stage, s.iteration, s.policy_version, s.timeout_s,
@@ -92,7 +115,8 @@ VIEWS = {
                coalesce(p.queued, 0) AS queued, coalesce(p.running, 0) AS running,
                coalesce(p.finished, 0) AS finished, coalesce(p.timeout, 0) AS timeout,
                coalesce(p.error, 0) AS error, coalesce(p.aborted, 0) AS aborted, coalesce(p.judged, 0) AS judged,
-               b.judge_missing, b.dataset, b.dataset_hash, b.n_samples,
+               p.mean_score, coalesce(p.solved, 0) AS solved, e.mean_score AS eval_score, e.solved AS eval_solved,
+               e.judged AS eval_judged, b.judge_missing, b.dataset, b.dataset_hash, b.n_samples,
                coalesce(c.rolling_s, CASE WHEN x.stopped_at IS NULL
                    THEN epoch(now() - s.started_at) END) AS rolling_s,
                b.judge_wait_s, b.build_s, t.train_s, t.reload_s, t.reload_method, t.checkpoint, t.train_run,
@@ -102,7 +126,8 @@ VIEWS = {
              LEFT JOIN _rl_built b USING (plan, run_id, iteration) LEFT JOIN _rl_stopped x USING (plan, run_id, iteration)
              LEFT JOIN _rl_trained t USING (plan, run_id, iteration)
              LEFT JOIN (SELECT plan, run_id, iteration, count(*) AS not_started FROM _rl_not_started GROUP BY ALL) n
-                  USING (plan, run_id, iteration)""",
+                  USING (plan, run_id, iteration)
+             LEFT JOIN rl_evals e ON e.plan = s.plan AND e.iteration = s.iteration""",
     "rl_rollouts": """
         SELECT m.plan, m.run_id, m.rollout_id, m.iteration AS first_iteration,
                coalesce(r.last_iteration, m.iteration) AS last_iteration, r.stage, r.task_id, r.group_id,
@@ -118,6 +143,6 @@ VIEW_NAMES = tuple(VIEWS)  # what register_views creates
 
 
 def register_views(con, settings) -> None:
-    """Creates `rl_iterations` and `rl_rollouts` (and their `_rl_*` helper views)."""
+    """Creates `rl_iterations`, `rl_evals` and `rl_rollouts` (and their `_rl_*` helper views)."""
     for name, body in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")

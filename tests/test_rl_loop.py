@@ -157,3 +157,9 @@ def test_demo_plan_is_a_valid_loop_plan(tmp_path):
     assert plan.serve and plan.train_config and plan.checks_only and plan.n_iterations == 2
     assert plan.stages[0].rollouts_per_sample >= 2  # groups of several rollouts: advantages can be non-zero
     assert all((ROOT / "tasks" / t / "rubric.json").is_file() for t in plan.tasks)
+    # the shipped RL config as it is (lr 2e-5, its steps an iteration): one step at 1e-6 did not learn
+    assert not any(o.startswith(("train.max_steps=", "optim.lr=")) for o in plan.train_overrides)
+    from trainer.config import CONFIG_DIR, load_config
+
+    cfg = load_config(str(CONFIG_DIR / "rl_smollm2.yaml"), [], mode="rl", dataset="x@1")
+    assert cfg.optim.lr == 2e-5 and cfg.train.max_steps == 4
