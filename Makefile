@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) bench/export.py
 	$(PY) bench/ui.py
 	$(PY) bench/loop.py
+	$(PY) bench/fleet.py
 
 clean:
 	rm -rf $(VENV) klong-data

@@ -1,5 +1,6 @@
-"""Cost of one sandboxed tool call: `true` in the isolated local sandbox (a fresh PID namespace per
-call inside the rollout's namespaces) beside the same call as a plain subprocess, in the same run.
+"""Cost of one sandboxed tool call: `true` in the isolated local sandbox (per call: nsenter into the
+rollout's namespaces, a nested bwrap with its own PID namespace, no capabilities and the seccomp
+filter, prlimit, bash) beside the same call as a plain subprocess, in the same run.
 
     .venv/bin/python bench/sandbox.py [--calls 200]
 

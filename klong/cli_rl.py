@@ -72,7 +72,8 @@ def cmd_run(args) -> int:
     from producers.scheduler import Scheduler, Stopped
 
     plan = load_plan(args.plan)
-    sched = Scheduler(_settings(args), plan, embedded_sink=not args.external_sink, progress=_err)
+    fleet = args.workers if args.workers is not None else (0 if args.fleet else None)
+    sched = Scheduler(_settings(args), plan, embedded_sink=not args.external_sink, progress=_err, fleet=fleet)
 
     def on_signal(*_):
         if sched.stopping:  # a second Ctrl-C: do not wait for tool calls in flight (the outbox spool is durable)
@@ -168,6 +169,12 @@ def register(sub, common) -> None:
                                   "(klong rl check PLAN shows what it means)")
     run.add_argument("--external-sink", action="store_true",
                      help="do not archive in-process: an external `klong sink run` is running on this home")
+    run.add_argument("--workers", type=int, metavar="N",
+                     help="run rollouts on the rollout fleet and start N local `klong rollout worker` processes "
+                          "(they share max_concurrent_rollouts); default: rollouts run in threads of this process")
+    run.add_argument("--fleet", action="store_true",
+                     help="run rollouts on the rollout fleet: publish requests to <prefix>.rollout.requests for "
+                          "`klong rollout worker` processes started elsewhere (with --workers N: N local ones too)")
     run.set_defaults(func=cmd_run)
 
     st = rsub.add_parser("status", parents=[common], help="per stage and iteration: rollouts running / carried "

@@ -132,6 +132,59 @@ def cmd_run(args) -> int:
     return 0 if res.status in ("finished", "timeout") else 1
 
 
+def cmd_worker(args) -> int:
+    import threading
+
+    from producers.rollout_worker import RolloutWorker
+
+    if args.max_rollouts < 1:
+        raise ConfigError(f"--max-rollouts must be >= 1, got {args.max_rollouts}")
+    if not args.quiet:  # a line per rollout started / resumed (the root logger shows WARNING and up)
+        logging.getLogger("klong.fleet").setLevel(logging.INFO)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):  # SIGTERM (Kubernetes), Ctrl-C: hand running rollouts over, then exit
+        print(f"{signal.Signals(signum).name}: handing running rollouts over to the other workers", file=sys.stderr)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    worker = RolloutWorker(_settings(args), max_rollouts=args.max_rollouts, worker_id=args.worker_id,
+                           say=lambda line: print(line, file=sys.stderr, flush=True))
+    stats = worker.run(should_stop=stop.is_set)
+    print(f"worker {worker.worker_id}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+    return 0
+
+
+WORKER_DOC = """`klong rollout worker`: one process of the rollout fleet. Workers consume rollout requests
+(`klong rl run --fleet` / `--workers N` publishes them to <prefix>.rollout.requests) as one Kafka
+consumer group, run each with the reference agent (a sandbox per rollout, steps recorded as by
+`klong rollout run`) and report the end on <prefix>.rollout.results. Start as many as you like, on any
+machine that reaches Kafka and the data home (a shared volume: blobs, archive):
+
+    klong rollout worker --max-rollouts 64
+    klong rollout worker --max-rollouts 64 --quiet       # no line per rollout started / resumed
+
+A worker that dies mid-rollout (kill -9, a lost node): its requests go to the other workers, which
+resume its rollouts from their recorded steps (the same context, the next step_idx) or end them
+`error` with the reason. SIGTERM / Ctrl-C hands running rollouts over the same way, then exits.
+The policy's API key is read from the variable the plan names (policy.api_key_env) on each worker.
+Kubernetes: `klong rollout deployment` prints a worker Deployment manifest.
+"""
+
+
+def cmd_deployment(args) -> int:
+    import yaml
+
+    from producers.fleet_k8s import worker_deployment
+
+    print(yaml.safe_dump(worker_deployment(image=args.image, replicas=args.replicas, namespace=args.namespace,
+                                           max_rollouts=args.max_rollouts, data_claim=args.data_claim,
+                                           bootstrap_servers=args.bootstrap_servers or "kafka:9092",
+                                           topic_prefix=args.topic_prefix or "klong"), sort_keys=False), end="")
+    return 0
+
+
 def register(sub, common) -> None:
     r = sub.add_parser("rollout", parents=[common], help="run the reference agent on a task (records a rollout)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,3 +243,22 @@ def register(sub, common) -> None:
     run.add_argument("--k8s-image", default="python:3.11-slim", help="sandbox image for --sandbox k8s")
     run.add_argument("--k8s-namespace", default="default", help="namespace for --sandbox k8s")
     run.set_defaults(func=cmd_run)
+
+    w = rsub.add_parser("worker", parents=[common], help="a rollout fleet worker: run requested rollouts "
+                        "(consumer group; resumes the rollouts of lost workers)", description=WORKER_DOC,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    w.add_argument("--max-rollouts", type=int, default=int(os.environ.get("KLONG_WORKER_MAX_ROLLOUTS", "64")),
+                   help="rollouts at once in this worker (env KLONG_WORKER_MAX_ROLLOUTS; default 64)")
+    w.add_argument("--worker-id", help="name in logs and results (default: host-pid-random; must be unique)")
+    w.set_defaults(func=cmd_worker)
+
+    d = rsub.add_parser("deployment", parents=[common], help="print a Kubernetes Deployment of rollout workers "
+                        "(YAML; validated offline, not applied here)", description=WORKER_DOC,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--image", required=True, help="container image with klong installed")
+    d.add_argument("--replicas", type=int, default=4, help="worker pods (default 4)")
+    d.add_argument("--namespace", default="default", help="namespace (default default)")
+    d.add_argument("--max-rollouts", type=int, default=64, help="rollouts at once per pod (default 64)")
+    d.add_argument("--data-claim", default="klong-data",
+                   help="PersistentVolumeClaim (ReadWriteMany) holding the shared data home (default klong-data)")
+    d.set_defaults(func=cmd_deployment)

@@ -139,6 +139,28 @@ class Topics:
         """Consumer group of the archive sink: its committed offsets say what is archived."""
         return f"{self.prefix}.sink"
 
+    @property
+    def rollout_requests(self) -> str:
+        """Rollout fleet (producers.fleet): requests the scheduler publishes, consumed by the worker group."""
+        return f"{self.prefix}.rollout.requests"
+
+    @property
+    def rollout_results(self) -> str:
+        return f"{self.prefix}.rollout.results"
+
+    @property
+    def rollout_control(self) -> str:
+        return f"{self.prefix}.rollout.control"
+
+    @property
+    def fleet_group(self) -> str:
+        """Consumer group of the rollout workers (`klong rollout worker`)."""
+        return f"{self.prefix}.rollout.workers"
+
+    def fleet(self) -> list[str]:
+        """The fleet's topics: messages, not events, so the archive sink (all()) never reads them."""
+        return [self.rollout_requests, self.rollout_results, self.rollout_control]
+
     def all(self) -> list[str]:
         return [self.rollouts, self.judge_eval, self.judge_train, self.judge_results, self.tasks, self.training]
 

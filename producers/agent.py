@@ -76,7 +76,7 @@ def run_agent(outbox: Outbox, settings: Settings, task_id: str, policy: PolicyEn
               group_id: str, stage: int = 1, iteration: int = 0, policy_version: int = 0,
               rollout_id: Optional[str] = None, control: Optional[RolloutControl] = None,
               config: AgentConfig = AgentConfig(), judge: bool = True,
-              task: Optional[TaskPayload] = None) -> AgentResult:
+              task: Optional[TaskPayload] = None, resume=None) -> AgentResult:
     """One rollout of the basic-agent loop on a registered task (see the module docstring). Blocking;
     safe to call from many threads at once with one shared Outbox. `task`: the task's payload when
     the caller has it already (else looked up: archive, then the tasks topic). An unknown task
@@ -88,8 +88,12 @@ def run_agent(outbox: Outbox, settings: Settings, task_id: str, policy: PolicyEn
 
     payload = task or find_task(settings, task_id)
     resolved = resolve_task(payload, BlobStore(settings.blob_dir))
+    if resume is not None:  # continues where the log stops, in the iteration it was last in
+        iteration, policy_version, stage = resume.iteration, resume.policy_version, resume.stage
     control = control or RolloutControl(iteration=iteration, policy_version=policy_version, stage=stage)
     rec = RolloutRecorder(outbox, task_id=task_id, group_id=group_id, timeout_s=timeout_s, rollout_id=rollout_id,
+                          next_step_idx=resume.next_step_idx if resume else None,
+                          elapsed_offset_s=resume.elapsed_s if resume else 0.0,
                           stage=stage, iteration=iteration, policy_version=policy_version, scaffold=SCAFFOLD,
                           model=policy.model,
                           tokenizer=chat_tokenizer(config.model_dir).fingerprint if config.model_dir else "")
@@ -109,7 +113,11 @@ def run_agent(outbox: Outbox, settings: Settings, task_id: str, policy: PolicyEn
         reading = ReadingTracker({p: len(files[p.rsplit("/", 1)[1]].splitlines()) for p in required}) \
             if config.mandatory_reading and config.prompt == "paperbench" else None  # inline: the prompt holds it
         loop = AgentLoop(rec, sandbox, client, control, config, timeout_s, reading)
-        if config.prompt == "inline":
+        if resume is not None and resume.steps:  # none recorded yet: it starts over with the prefix
+            from producers.fleet_resume import restore
+
+            restore(loop, resume)
+        elif config.prompt == "inline":
             loop.observe(prompts.INLINE_SYSTEM, "system", True)
             loop.observe(prompts.inline_task(resolved.paper_md, resolved.addendum or "", sandbox.submission_dir),
                          "user", True)

@@ -154,11 +154,20 @@ def search_file(sandbox: Sandbox, args: dict) -> ToolOutput:
     return ToolOutput("\n\n".join(parts))
 
 
+def timeout_message(tool: str, asked_s: float, tool_limit_s: float) -> str:
+    """Names the limit that fired: the per-call tool timeout, or the rollout's time left when that was
+    shorter (the sandbox runs a call under the smaller of the two)."""
+    if tool_limit_s <= asked_s:
+        return f"Timeout: the {tool} call was killed at the tool timeout of {tool_limit_s:g} s."
+    return (f"Timeout: the {tool} call was killed after {asked_s:.0f} s, when the rollout's time ran out "
+            f"(the tool timeout is {tool_limit_s:g} s).")
+
+
 def _exec(sandbox: Sandbox, tool: str, command: str, timeout_s: float, stdin: Optional[str] = None) -> ToolOutput:
     res = sandbox.run(command, timeout_s=timeout_s, stdin=stdin)
     text = res.output.strip()
     if res.timed_out:
-        text += f"\n\nTimeout: the {tool} call was killed after {timeout_s:.0f} s."
+        text += "\n\n" + timeout_message(tool, timeout_s, sandbox.limits.tool_timeout_s)
     elif res.exit_code and res.exit_code < 0:
         text += f"\n\n(killed by {signal.Signals(-res.exit_code).name}: a sandbox limit was reached)"
     elif res.exit_code:

@@ -22,16 +22,17 @@ working directory and what is snapshotted for the judge.
 `SubprocessSandbox` runs each command as `bash -c` in a new session (so a timeout kills the whole
 process group, not just bash) under rlimits set with bash's `ulimit`: CPU seconds, address space,
 file size and process count (RLIMIT_NPROC counts every process of the user and is not enforced for
-root). Output (stdout and stderr together) goes to a file rather than a pipe, so a command that
-prints gigabytes costs disk bounded by the file-size limit, never memory; only its first and last
-bytes are read back. The environment is minimal: no KLONG_* settings and no API keys leak in.
+root). Output (stdout and stderr together) is read through a pipe keeping only its first and last
+bytes (`HeadTail`): a command that prints gigabytes costs neither memory nor disk beyond that cap. The environment is minimal: no KLONG_* settings and no API keys leak in.
 """
 from __future__ import annotations
 
 import os
 import resource
 import signal
+import select
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ class ExecResult:
     exit_code: Optional[int]  # None when killed by the timeout
     timed_out: bool
     n_bytes: int  # full output size before any truncation
+    timeout_s: Optional[float] = None  # the wall-time limit the call ran under (the smaller of asked and tool limit)
 
 
 class Sandbox(Protocol):
@@ -82,17 +84,33 @@ class Sandbox(Protocol):
     def close(self) -> None: ...
 
 
-def _read_capped(path: Path, cap: int) -> tuple[str, int]:
-    """(text, full size): the whole file when <= cap bytes, else its first and last cap/2 bytes."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size <= cap:
-            data = f.read()
+class HeadTail:
+    """Keeps the first and last `cap/2` bytes of a stream, whatever its length, and counts the rest:
+    a tool call that prints gigabytes costs this much memory, nothing on disk."""
+
+    def __init__(self, cap: int):
+        self.cap, self.size = cap, 0
+        self.head, self.tail = bytearray(), bytearray()
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        room = self.cap // 2 - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        self.tail += data
+        keep = self.cap - self.cap // 2
+        if len(self.tail) > 2 * keep:  # trim in batches: amortised O(1) per byte
+            del self.tail[:-keep]
+
+    def text(self) -> str:
+        """The whole stream when <= cap bytes, else its head, a marker and its tail (cap/2 bytes each)."""
+        if self.size <= self.cap:
+            data = bytes(self.head + self.tail)
         else:
-            head = f.read(cap // 2)
-            f.seek(size - cap // 2)
-            data = head + f"\n[... {size - cap} bytes omitted ...]\n".encode() + f.read()
-    return data.decode("utf-8", errors="replace"), size
+            data = (bytes(self.head) + f"\n[... {self.size - self.cap} bytes omitted ...]\n".encode()
+                    + bytes(self.tail[-(self.cap // 2):]))
+        return data.decode("utf-8", errors="replace")
 
 
 def ulimit_flags(lim: SandboxLimits) -> str:
@@ -112,19 +130,82 @@ def ulimit_flags(lim: SandboxLimits) -> str:
     return " ".join(flags)
 
 
-def run_to_file(argv: list[str], out_path: Path, *, env: dict[str, str], stdin: Optional[str], timeout_s: float,
-                kill: Callable[[subprocess.Popen], None], cwd: Optional[str] = None) -> tuple[Optional[int], bool]:
-    """Runs `argv` in a new session, stdout and stderr into `out_path`, `stdin` fed as text; past `timeout_s`
-    `kill(proc)` ends it. (exit code, or None when killed by the timeout; timed out)."""
-    with open(out_path, "wb") as out:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.communicate(stdin.encode() if stdin is not None else None, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+def prlimit_args(lim: SandboxLimits) -> list[str]:
+    """The same limits as `ulimit_flags`, as util-linux `prlimit` options (soft = hard, base units): one
+    small exec in front of the command instead of a launching shell."""
+    out = []
+    for opt, res, value in (("--cpu", resource.RLIMIT_CPU, lim.cpu_s), ("--as", resource.RLIMIT_AS, lim.memory_mb << 20),
+                            ("--fsize", resource.RLIMIT_FSIZE, lim.file_size_mb << 20),
+                            ("--nproc", resource.RLIMIT_NPROC, lim.max_procs)):
+        hard = resource.getrlimit(res)[1]
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        out.append(f"{opt}={value}")
+    return out
+
+
+def run_capped(argv: list[str], *, env: dict[str, str], stdin: Optional[str], timeout_s: float, cap: int,
+               kill: Callable[[subprocess.Popen], None], cwd: Optional[str] = None,
+               pass_fds: tuple[int, ...] = ()) -> tuple[str, int, Optional[int], bool]:
+    """Runs `argv` in a new session, stdout and stderr read through a pipe into a `HeadTail(cap)`, `stdin` fed
+    as text; past `timeout_s` `kill(proc)` ends it. (text, full output size, exit code or None when killed by
+    the timeout, timed out). Returns when the process exits, even if a child it left behind still holds the
+    pipe open (`server &`): what is in the pipe by then is read, the rest is not waited for."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            pass_fds=pass_fds)
+    if stdin is not None:
+        threading.Thread(target=_feed, args=(proc.stdin, stdin.encode()), daemon=True).start()
+    out, fd = HeadTail(cap), proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    try:
+        exited = os.pidfd_open(proc.pid)  # readable once the process exits
+    except (AttributeError, OSError):
+        exited = None
+    deadline = time.monotonic() + timeout_s
+    pipe_open, timed_out = True, False
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            watch = ([fd] if pipe_open else []) + ([exited] if exited is not None else [])
+            ready = select.select(watch, [], [], left if exited is not None else min(left, 0.05))[0]
+            if fd in ready:
+                pipe_open = _drain(fd, out)
+            if (exited in ready) if exited is not None else proc.poll() is not None:
+                if pipe_open:
+                    _drain(fd, out)
+                break
+        if timed_out:
             kill(proc)
-            return None, True
-    return proc.returncode, False
+        code = proc.wait()
+    finally:
+        proc.stdout.close()
+        if exited is not None:
+            os.close(exited)
+    return out.text(), out.size, None if timed_out else code, timed_out
+
+
+def _feed(pipe, data: bytes) -> None:
+    try:
+        pipe.write(data)
+        pipe.close()
+    except (BrokenPipeError, OSError, ValueError):
+        pass
+
+
+def _drain(fd: int, out: HeadTail) -> bool:
+    """Reads what the pipe holds now; False at end of file."""
+    while True:
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        out.add(data)
 
 
 class SubprocessSandbox:
@@ -151,16 +232,12 @@ class SubprocessSandbox:
 
     def run(self, command: str, *, timeout_s: float, stdin: Optional[str] = None) -> ExecResult:
         self._scratch.mkdir(parents=True, exist_ok=True)
-        out_path = self._scratch / f"out-{os.getpid()}-{time.monotonic_ns()}"
-        timeout_s = max(0.05, min(timeout_s, self.limits.tool_timeout_s))
+        limit = max(0.05, min(timeout_s, self.limits.tool_timeout_s))
         launcher = f'ulimit {ulimit_flags(self.limits)} || exit 126; exec bash -c "$1"'
-        code, timed_out = run_to_file(["bash", "-c", launcher, "klong-sandbox", command], out_path, env=self._env(),
-                                      stdin=stdin, timeout_s=timeout_s, kill=self._kill, cwd=self.submission_dir)
-        try:
-            text, size = _read_capped(out_path, 4 * self.limits.max_output_bytes)
-        finally:
-            out_path.unlink(missing_ok=True)
-        return ExecResult(text, code, timed_out, size)
+        text, size, code, timed_out = run_capped(["bash", "-c", launcher, "klong-sandbox", command], env=self._env(),
+                                                 stdin=stdin, timeout_s=limit, cap=4 * self.limits.max_output_bytes,
+                                                 kill=self._kill, cwd=self.submission_dir)
+        return ExecResult(text, code, timed_out, size, limit)
 
     @staticmethod
     def _kill(proc: subprocess.Popen) -> None:

@@ -25,8 +25,22 @@ from schemas.errors import ConfigError, TransientError
 from schemas.events import path_safe_id
 
 
+PREFIX = "klong-sandbox-"
+
+
+def _label(rollout_id: str) -> str:
+    """The rollout's label value (a DNS-1123 label, <= 63 chars): the id made lowercase alphanumerics and
+    '-', cut to 40, plus 8 hex digits of its hash, so ids that read alike ('A_b', 'a-b') stay apart."""
+    import hashlib
+
+    slug = "".join(c if c.isascii() and c.isalnum() else "-" for c in rollout_id.lower())[:40].strip("-")
+    digest = hashlib.sha256(rollout_id.encode()).hexdigest()[:8]
+    return f"{slug}-{digest}" if slug else digest
+
+
 def _name(rollout_id: str) -> str:
-    return "klong-sandbox-" + "".join(c if c.isalnum() else "-" for c in rollout_id.lower())[:40].strip("-")
+    """Pod, ConfigMap and NetworkPolicy name: PREFIX + the label (<= 63 chars)."""
+    return PREFIX + _label(rollout_id)
 
 
 def render_pod_manifest(rollout_id: str, limits: SandboxLimits, *, image: str = "python:3.11-slim",
@@ -60,7 +74,7 @@ def render_pod_manifest(rollout_id: str, limits: SandboxLimits, *, image: str = 
         spec["serviceAccountName"] = service_account
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace,
-                         "labels": {"app.kubernetes.io/name": "klong-sandbox", "klong/rollout-id": name[15:]}},
+                         "labels": {"app.kubernetes.io/name": "klong-sandbox", "klong/rollout-id": _label(rollout_id)}},
             "spec": spec}
 
 
@@ -69,7 +83,7 @@ def render_network_policy(rollout_id: str, *, namespace: str = "default") -> dic
     name = _name(rollout_id)
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": name, "namespace": namespace},
-            "spec": {"podSelector": {"matchLabels": {"klong/rollout-id": name[15:]}},
+            "spec": {"podSelector": {"matchLabels": {"klong/rollout-id": _label(rollout_id)}},
                      "policyTypes": ["Ingress", "Egress"], "ingress": [], "egress": []}}
 
 
@@ -138,16 +152,19 @@ class K8sSandbox:
         return res.output
 
     def local_submission(self, scratch: Path) -> Path:
-        """Copies /home/submission out of the pod (tar, base64 over the exec stream) into `scratch`."""
+        """Copies /home/submission out of the pod (tar, base64 over the exec stream) into
+        `scratch/submission`. The stream is the Pod's to shape, so it is never handed to tarfile's
+        extraction: `extract_tar_nofollow` writes its files and directories only, by descriptor."""
         import base64
         import io
-        import tarfile
+
+        from producers.sandbox_copy import CopyBounds, extract_tar_nofollow
 
         res = self.run(f"tar -C {self.submission_dir} -cf - . | base64 -w0", timeout_s=600)
-        scratch.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fileobj=io.BytesIO(base64.b64decode(res.output)), mode="r") as tar:
-            tar.extractall(scratch, filter="data")
-        return scratch
+        dest = Path(scratch) / "submission"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        extract_tar_nofollow(io.BytesIO(base64.b64decode(res.output)), dest, CopyBounds(max_bytes=self.limits.disk_mb << 20))
+        return dest
 
     def close(self) -> None:
         if self._api is not None:

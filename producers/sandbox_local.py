@@ -13,23 +13,35 @@ root-only files stay closed), a read-only /usr and /etc, `/home/paper` (the task
 `/home/submission` (a tmpfs of `disk_mb`: the disk quota, writes past it fail with ENOSPC), a
 private `/tmp` (tmpfs of `tmp_mb`), no data home, no other rollout, no host path at all beyond
 /usr and /etc, and only a loopback network (with `allow_hosts`, HTTP(S) to those hosts only, through
-the proxy of `producers.sandbox_net`). Each tool call enters those namespaces (`nsenter`) and
-starts in its own new PID namespace with its own /proc (`unshare --pid --mount-proc --kill-child`):
-it sees only its own processes, cannot signal the runner, and when the call ends (or times out)
+the proxy of `producers.sandbox_net`). The root, /dev and /home are read-only; the only writable
+places are submission/, /tmp and /dev/shm, each a tmpfs with a size (the quota).
+
+Each tool call enters those namespaces (`nsenter`, the holder's PID namespace included) and starts
+a nested `bwrap` there: its own PID namespace with its own /proc, every capability dropped
+(`--cap-drop ALL`; CapEff 0 though it is uid 0 inside), no_new_privs, and the seccomp filter of
+`producers.sandbox_seccomp` (no mount/umount, setns, unshare, ptrace, keyctl, bpf, ...). So a call
+sees only its own processes, cannot signal the runner, cannot change the rollout's mounts (which the
+next call and the copy-out would meet) nor enter another namespace, and when it ends (or times out)
 the kernel kills every process it left behind (`setsid sleep &` included). The environment is
 empty but for PATH, HOME, TMPDIR, LANG and PAPER_DIR/SUBMISSION_DIR (plus `env`), rlimits as in
-`SandboxLimits` (RLIMIT_NPROC binds here: root inside a user namespace is not exempt).
+`SandboxLimits` (RLIMIT_NPROC binds here: root inside a user namespace is not exempt). A call's
+output comes back through a pipe, capped in memory (`producers.sandbox.HeadTail`).
 
 The submission lives in the holder's tmpfs (memory, swappable) while the rollout runs; `close()`
-and `local_submission()` copy it out with tar (symlinks and special files that would leave the
-target are dropped). Not isolated: CPU time and memory share the machine (rlimits per process, no
-cgroup), the kernel is shared (a kernel exploit escapes), /usr and /etc are readable.
+and `local_submission()` copy it out from the host side, through the holder's mounts
+(`/proc/<holder>/root`), with no-follow opens and bounds (`producers.sandbox_copy`): no program of the
+sandbox runs for it and no archive the agent could shape is extracted. Not isolated: CPU time and
+memory share the machine (rlimits per process, no cgroup), the kernel is shared (a kernel exploit
+escapes), /usr and /etc are readable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -39,14 +51,18 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-from producers.sandbox import ExecResult, SandboxLimits, _read_capped, run_to_file, ulimit_flags
+from producers.sandbox import ExecResult, SandboxLimits, prlimit_args, run_capped
+from producers.sandbox_copy import CopyBounds, CopyReport, copy_tree_nofollow, open_nofollow
+from producers.sandbox_seccomp import seccomp_problem, seccomp_program
 from schemas.errors import ConfigError, TransientError
+
+log = logging.getLogger("klong.sandbox")
 
 PAPER_DIR, SUBMISSION_DIR = "/home/paper", "/home/submission"
 SANDBOX_UID = 65534  # the host uid the sandbox's root maps to when the runner is root (nobody)
-_TOOLS = ("bwrap", "nsenter", "unshare", "setpriv")
+_TOOLS = ("bwrap", "nsenter", "prlimit", "setpriv")
 _SYSTEM = [("--ro-bind", "/usr", "/usr"), ("--ro-bind", "/etc", "/etc")]
 _LINKS = [("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("usr/lib64", "/lib64")]
 READ_TEXT_CAP = 32 * 1024 * 1024  # read_file_chunk / search_file read at most this much of a file
@@ -73,6 +89,9 @@ def _bwrap_base() -> list[str]:
 @functools.lru_cache(maxsize=1)
 def isolation_problem() -> Optional[str]:
     """None when this machine can build the sandbox, else why not (checked once per process)."""
+    problem = seccomp_problem()
+    if problem:
+        return problem
     missing = [t for t in _TOOLS if shutil.which(t) is None and not (t == "setpriv" and os.geteuid() != 0)]
     if missing:
         return f"{', '.join(missing)} not found (Debian: apt-get install bubblewrap util-linux)"
@@ -96,12 +115,24 @@ def require_isolation() -> None:
                           "--sandbox unsafe-local")
 
 
-def _safe_member(member: tarfile.TarInfo, path: str) -> Optional[tarfile.TarInfo]:
-    """tarfile's 'data' filter, dropping (not failing on) members that would leave the target."""
+@functools.lru_cache(maxsize=1)
+def _filter() -> bytes:
+    return seccomp_program()
+
+
+@contextlib.contextmanager
+def _seccomp_fd() -> Iterator[int]:
+    """A pipe holding the seccomp program, for `bwrap --seccomp FD` (the program is far below a pipe's
+    buffer, so the write never blocks); closed here once the child has it."""
+    r, w = os.pipe()
     try:
-        return tarfile.data_filter(member, path)
-    except tarfile.FilterError:
-        return None
+        os.write(w, _filter())
+    finally:
+        os.close(w)
+    try:
+        yield r
+    finally:
+        os.close(r)
 
 
 class NamespaceSandbox:
@@ -121,6 +152,7 @@ class NamespaceSandbox:
         self._holder: Optional[subprocess.Popen] = None
         self._pid: Optional[int] = None  # the holder's process inside the namespaces (nsenter target)
         self._lock = threading.Lock()
+        self.last_copy: Optional[CopyReport] = None  # what the last copy-out kept and left behind
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
@@ -139,14 +171,20 @@ class NamespaceSandbox:
             for fd, p in zip(fds, sorted(p for p in paper.iterdir() if p.is_file())):
                 cmd += ["--ro-bind-data", str(fd), f"{PAPER_DIR}/{p.name}"]
             cmd += ["--size", str(self.limits.disk_mb << 20), "--tmpfs", SUBMISSION_DIR,
-                    "--size", str(self.limits.tmp_mb << 20), "--tmpfs", "/tmp", "--remount-ro", "/home",
-                    "--chdir", SUBMISSION_DIR, "--info-fd", str(info_w), "--"]
+                    "--size", str(self.limits.tmp_mb << 20), "--tmpfs", "/tmp",
+                    "--size", str(self.limits.tmp_mb << 20), "--tmpfs", "/dev/shm"]
             if self.allow_hosts:  # the holder is the forwarder to the allowlist proxy (producers.sandbox_net)
-                from producers.sandbox_net import FORWARDER, PROXY_PORT, AllowlistProxy
+                from producers.sandbox_net import AllowlistProxy
 
                 self._proxy = AllowlistProxy(self.allow_hosts)
-                i = cmd.index("--chdir")
-                cmd[i:i] = ["--bind", self._proxy.path, "/run/klong/proxy.sock"]
+                cmd += ["--bind", self._proxy.path, "/run/klong/proxy.sock"]
+            # Last, after every mount: nothing else is writable (bwrap's root and /dev are tmpfs
+            # without a size otherwise: half the host's memory each).
+            cmd += ["--remount-ro", "/home", "--remount-ro", "/dev", "--remount-ro", "/",
+                    "--chdir", SUBMISSION_DIR, "--info-fd", str(info_w), "--"]
+            if self.allow_hosts:
+                from producers.sandbox_net import FORWARDER, PROXY_PORT
+
                 cmd += ["python3", "-c", FORWARDER, "/run/klong/proxy.sock", str(PROXY_PORT)]
             else:
                 cmd += ["sh", "-c", "echo ready && exec sleep infinity"]
@@ -208,50 +246,46 @@ class NamespaceSandbox:
                 "PYTHONUNBUFFERED": "1", "PAPER_DIR": PAPER_DIR, "SUBMISSION_DIR": SUBMISSION_DIR,
                 **proxy_env(self.allow_hosts), **self._extra_env}
 
-    def _enter(self, argv: list[str]) -> list[str]:
-        """argv run inside the rollout's namespaces, in a new PID namespace of its own."""
+    def _enter(self, argv: list[str], seccomp_fd: int) -> list[str]:
+        """argv run inside the rollout's namespaces, in a new PID namespace of its own, with no
+        capabilities and the seccomp filter read from `seccomp_fd` (module docstring)."""
         if self._pid is None:
             raise TransientError("the sandbox is not running (setup() first, or it was closed)")
-        return (["nsenter", "-t", str(self._pid), "--user", "--mount", "--net", "--ipc", "--uts", "--cgroup", "--",
-                 "unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "--"] + argv)
+        # --as-pid-1: the command is its namespace's init, so `pkill -f python` inside cannot kill the
+        # call's own shell (init ignores signals it has no handler for), and when it exits the kernel
+        # kills whatever it left behind.
+        return (["nsenter", "-t", str(self._pid), "--user", "--mount", "--net", "--ipc", "--uts", "--cgroup", "--pid",
+                 "--", "bwrap", "--unshare-pid", "--as-pid-1", "--die-with-parent", "--dev-bind", "/", "/", "--proc", "/proc",
+                 "--cap-drop", "ALL", "--seccomp", str(seccomp_fd), "--chdir", SUBMISSION_DIR, "--"] + argv)
 
     def run(self, command: str, *, timeout_s: float, stdin: Optional[str] = None) -> ExecResult:
-        out_path, code, timed_out = self._run_to_file(command, timeout_s, stdin)
-        try:
-            text, size = _read_capped(out_path, 4 * self.limits.max_output_bytes)
-        finally:
-            out_path.unlink(missing_ok=True)
-        return ExecResult(text, code, timed_out, size)
+        limit = max(0.05, min(timeout_s, self.limits.tool_timeout_s))
+        text, size, code, timed_out = self._run(command, limit, stdin, 4 * self.limits.max_output_bytes)
+        return ExecResult(text, code, timed_out, size, limit)
 
-    def _run_to_file(self, command: str, timeout_s: float, stdin: Optional[str]) -> tuple[Path, Optional[int], bool]:
-        """(output file on the host, exit code or None when killed by the timeout, timed out)."""
-        self._scratch.mkdir(parents=True, exist_ok=True)
-        out_path = self._scratch / f"out-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
-        timeout_s = max(0.05, min(timeout_s, self.limits.tool_timeout_s))
-        launcher = f"ulimit {ulimit_flags(self.limits)} || exit 126; cd {SUBMISSION_DIR} || exit 126; exec bash -c \"$1\""
-        code, timed_out = run_to_file(self._enter(["bash", "-c", launcher, "klong-sandbox", command]), out_path,
-                                      env=self._env(), stdin=stdin, timeout_s=timeout_s, kill=_kill_group)
-        return out_path, code, timed_out
+    def _run(self, command: str, timeout_s: float, stdin: Optional[str], cap: int) -> tuple[str, int, Optional[int], bool]:
+        """(output, its full size, exit code or None when killed by the timeout, timed out)."""
+        argv = ["prlimit", *prlimit_args(self.limits), "--", "bash", "-c", command]
+        with _seccomp_fd() as fd:
+            return run_capped(self._enter(argv, fd), env=self._env(),
+                              stdin=stdin, timeout_s=timeout_s, cap=cap, kill=_kill_group, pass_fds=(fd,))
 
     def read_text(self, path: str) -> str:
         """A file as the sandbox sees it (read inside it: a symlink cannot point the runner elsewhere)."""
         quoted = "'" + path.replace("'", "'\\''") + "'"
-        out_path, code, timed_out = self._run_to_file(f"cat -- {quoted}", 60, None)
-        try:
-            with open(out_path, "rb") as f:
-                data = f.read(READ_TEXT_CAP)
-        finally:
-            out_path.unlink(missing_ok=True)
+        text, _, code, timed_out = self._run(f"cat -- {quoted}", 60, None, READ_TEXT_CAP)
         if code != 0 or timed_out:
-            message = data.decode("utf-8", errors="replace").strip()
-            raise (IsADirectoryError if "Is a directory" in message else FileNotFoundError)(path)
-        return data.decode("utf-8", errors="replace")
+            raise (IsADirectoryError if "Is a directory" in text else FileNotFoundError)(path)
+        return text
 
     # ---- the submission across the namespace boundary ----------------------------------------------------
 
     def _copy_in(self, src: Path) -> None:
-        proc = subprocess.Popen(self._enter(["tar", "-x", "-C", SUBMISSION_DIR, "--no-same-owner", "-f", "-"]),
-                                env=self._env(), stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        """The host's copy of a submission (written by `_copy_out`, so no link in it leads out) into the
+        sandbox, extracted by the system's tar there: at setup, before any tool call ran."""
+        with _seccomp_fd() as fd:
+            proc = subprocess.Popen(self._enter(["tar", "-x", "-C", SUBMISSION_DIR, "--no-same-owner", "-f", "-"], fd),
+                                    env=self._env(), stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(fd,))
         try:
             with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
                 for p in sorted(src.iterdir()):
@@ -262,17 +296,25 @@ class NamespaceSandbox:
             raise TransientError(f"copying {src} into the sandbox failed: {proc.stderr.read().decode()[:300]}")
 
     def _copy_out(self, dest: Path) -> Path:
-        dest.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(self._enter(["tar", "-c", "-C", SUBMISSION_DIR, "-f", "-", "."]), env=self._env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-            tar.extractall(dest, filter=_safe_member)
-        proc.wait()
+        """The submission into `dest` (a new directory), read by the runner through the holder's mounts
+        with no-follow opens (producers.sandbox_copy): nothing of the sandbox runs for it."""
+        if self._pid is None:
+            raise TransientError("the sandbox is not running (setup() first, or it was closed)")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        src = open_nofollow(f"/proc/{self._pid}/root", SUBMISSION_DIR)
+        try:
+            report = copy_tree_nofollow(src, dest, CopyBounds(max_bytes=self.limits.disk_mb << 20))
+        finally:
+            os.close(src)
+        self.last_copy = report
+        if report.n_skipped:
+            log.warning("sandbox %s: %d entries of submission/ not copied out, e.g. %s", self.root.name,
+                        report.n_skipped, "; ".join(f"{p}: {why}" for p, why in report.skipped[:3]))
         return dest
 
     def local_submission(self, scratch: Path) -> Path:
-        """A copy of the submission on the host (for the snapshot)."""
-        return self._copy_out(scratch)
+        """A copy of the submission on the host (for the snapshot), in `scratch/submission`."""
+        return self._copy_out(Path(scratch) / "submission")
 
 
 def _children(pid: int) -> list[int]:
@@ -293,10 +335,20 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], _children(pid)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += _children(p)
+    return out
+
+
 def _kill_group(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """SIGKILL the process group (nsenter/unshare or bwrap) and wait until the PID namespace's init
-    (their child) is gone: then the kernel has killed every process left in that namespace."""
-    inits = _children(proc.pid)
+    """SIGKILL the process group (nsenter, the call's bwrap, or the holder's) and every descendant, and
+    wait until they are gone: a PID namespace's init among them is gone only once the kernel has
+    killed every process left in that namespace."""
+    inits = _descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -317,6 +369,8 @@ def run_in_sandbox(directory: str | os.PathLike, command: str, *, timeout_s: flo
                    env: Optional[dict[str, str]] = None) -> ExecResult:
     """Runs one command in a fresh sandbox over a copy of `directory` (at /home/submission, the working
     directory; writes stay inside and are thrown away). For graders running a command on a submission."""
+    if timeout_s > limits.tool_timeout_s:  # the caller's timeout is the limit here, not the tool default
+        limits = dataclasses.replace(limits, tool_timeout_s=timeout_s)
     with tempfile.TemporaryDirectory(prefix="klong-sandbox-") as tmp:
         with NamespaceSandbox(tmp, limits, env=env, copy_out=False) as sb:
             sb.setup(paper_files or {}, submission_from=directory)

@@ -80,12 +80,15 @@ class Stopped(KlongError):
 class Scheduler:
     def __init__(self, settings: Settings, plan: RlPlan, *, embedded_sink: bool = True,
                  rollout_fn: Optional[Callable[..., Any]] = None, progress: Callable[[str], None] = print,
-                 poll_s: float = 0.25):
+                 poll_s: float = 0.25, fleet: Optional[int] = None):
         """`rollout_fn`: another scaffold with `producers.agent.run_agent`'s signature and meaning (default:
-        the reference runner). `progress`: called with one line per step of the run."""
+        the reference runner). `progress`: called with one line per step of the run. `fleet`: None runs
+        rollouts in threads of this process; N >= 0 publishes them to the rollout fleet (producers.fleet)
+        and starts N local `klong rollout worker` processes (0: workers run elsewhere)."""
         from producers import agent  # imported late: it is heavy
 
         self.settings, self.plan, self.embedded_sink, self.poll_s = settings, plan, embedded_sink, poll_s
+        self.fleet = fleet
         self._agent = agent
         self.rollout_fn = rollout_fn or agent.run_agent
         self.agent_config = agent_config(plan)
@@ -129,7 +132,7 @@ class Scheduler:
                   f"run {self.run_id}")
         summaries: list[IterationSummary] = []
         with Outbox(self.settings, self.settings.outbox_dir / f"rl-{plan.name}") as self.outbox:
-            pool = ThreadPoolExecutor(plan.max_concurrent_rollouts, thread_name_prefix="klong-rollout")
+            pool = self._pool()
             try:
                 self._services.start(self.settings, plan, embedded_sink=self.embedded_sink)
                 remaining, checkpoint = self._resume(schedule)
@@ -147,6 +150,16 @@ class Scheduler:
                 pool.shutdown(wait=True, cancel_futures=True)
                 self._services.stop()
         return summaries
+
+    def _pool(self):
+        """Where rollouts run: threads of this process, or the rollout fleet (same submit / Future interface)."""
+        if self.fleet is None:
+            return ThreadPoolExecutor(self.plan.max_concurrent_rollouts, thread_name_prefix="klong-rollout")
+        from producers.fleet import Fleet
+
+        per_worker = -(-self.plan.max_concurrent_rollouts // self.fleet) if self.fleet else 64
+        return Fleet(self.settings, run_id=self.run_id, api_key_env=self.plan.policy.api_key_env,
+                     local_workers=self.fleet, max_rollouts_per_worker=per_worker, say=self._say)
 
     def _resume(self, schedule: list) -> tuple[list, Optional[str]]:
         self._flush_archived(timeout=60.0)  # facts an interrupted run left in the outbox count too

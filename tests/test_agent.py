@@ -86,13 +86,28 @@ def test_sandbox_runs_commands_for_real_with_limits(tmp_path, monkeypatch):
     time.sleep(0.2)
     assert not (tmp_path / "sb" / "submission" / "late.txt").exists()
     assert sb.run("pgrep -f 'sleep 31[.]7' || echo none", timeout_s=5).output.strip() == "none"
-    # output goes to a file under the same size limit: a flood is stopped there (SIGXFSZ)
-    assert sb.run("seq 1 300000", timeout_s=10).exit_code == -25
+    # output comes back through a pipe, not a file: the file-size limit does not cut it, and nothing is
+    # spooled on the host
+    flood = sb.run("seq 1 300000", timeout_s=60)
+    assert flood.exit_code == 0 and flood.n_bytes > 1 << 20 and flood.output.rstrip().endswith("300000")
+    assert not [p for p in (tmp_path / "sb" / ".sandbox").rglob("*") if p.is_file()]
     # a huge output costs no memory: head and tail come back, with the full size
     res = SubprocessSandbox(tmp_path / "sb2", SandboxLimits(max_output_bytes=2048)).run("seq 1 300000", timeout_s=10) \
         if (tmp_path / "sb2" / "submission").mkdir(parents=True) is None else None
     assert res.n_bytes > 1_000_000 and res.output.startswith("1\n2\n") and res.output.rstrip().endswith("300000")
     assert len(res.output) < 4 * 2048 + 200
+
+
+def test_timeout_message_names_the_limit_that_fired(tmp_path):
+    """The model is told the limit that killed its call: the tool timeout (6 s) when the rollout had more
+    time left (115 s), the rollout's time when that was the shorter."""
+    sb = SubprocessSandbox(tmp_path / "sb", SandboxLimits(tool_timeout_s=1))
+    sb.setup({})
+    out = execute(sb, "bash", json.dumps({"cmd": "sleep 60"}), timeout_s=115)
+    assert out.timed_out and "killed at the tool timeout of 1 s" in out.text and "115" not in out.text
+    sb = SubprocessSandbox(tmp_path / "sb", SandboxLimits(tool_timeout_s=600))
+    out = execute(sb, "bash", json.dumps({"cmd": "sleep 60"}), timeout_s=1)
+    assert out.timed_out and "after 1 s, when the rollout's time ran out (the tool timeout is 600 s)" in out.text
 
 
 def test_tools_follow_paperbench_formats(tmp_path):
@@ -145,7 +160,7 @@ def test_k8s_pod_manifest_renders_a_valid_pod(settings, capsys):
     m = render_pod_manifest("0192-ABC_def", SandboxLimits(memory_mb=2048), image="img:1", namespace="rl")
     pod = ApiClient()._ApiClient__deserialize(m, V1Pod)  # the client's own model: field names and types check
     c = pod.spec.containers[0]
-    assert pod.metadata.name == "klong-sandbox-0192-abc-def" and pod.metadata.namespace == "rl"
+    assert pod.metadata.name.startswith("klong-sandbox-0192-abc-def-") and pod.metadata.namespace == "rl"
     assert c.image == "img:1" and c.command == ["sleep", "infinity"] and c.resources.limits["memory"] == "2048Mi"
     assert {v.mount_path for v in c.volume_mounts} == {"/home/paper", "/home/submission", "/tmp"}
     assert pod.spec.restart_policy == "Never" and pod.spec.automount_service_account_token is False
@@ -171,13 +186,15 @@ def test_full_rollout_recorded_through_broker_and_sink(task_home):
         bash("curl -sS -m 2 https://github.com/example/official-code || echo blocked"),  # blacklisted: just recorded
         {"text": "Let me think about the next step."},  # no tool call: the continue nudge
         {"tool": "python", "args": {"code": "open('result.txt', 'w').write('acc=0.9')"}},
-        {"tool": "search_file", "args": {"file": "../paper/paper.md", "query": "line 7"}, "delay": 1.6},
+        # waits past the minimum time (10% of 80 s) so the last end_task is accepted; the first one comes
+        # ~1 s in on a quiet machine (8x margin) and the rollout needs ~10 s of its 80
+        {"tool": "search_file", "args": {"file": "../paper/paper.md", "query": "line 7"}, "delay": 8.5},
         end(),
     ]
-    cfg = AgentConfig(min_time_fraction=0.25, reminder_every_turns=3, snapshot_every_turns=5,
+    cfg = AgentConfig(min_time_fraction=0.1, reminder_every_turns=3, snapshot_every_turns=5,
                       limits=SandboxLimits(max_output_bytes=2048))
     with PolicyStub(script) as stub, Outbox(s) as outbox:
-        res = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "stub-policy"), timeout_s=8,
+        res = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "stub-policy"), timeout_s=80,
                         group_id="g-1", config=cfg)
     assert res.status == "finished" and res.snapshot_ref and res.judge_request_id, res
     Sink(s).run(until_idle=True)
@@ -197,7 +214,7 @@ def test_full_rollout_recorded_through_broker_and_sink(task_home):
     assert tool_out[-1].startswith("end_task accepted")
     users = [r["content"] for r in steps if r["role"] == "user"]
     assert any(u.startswith("Please proceed to the next step") for u in users)
-    assert any(u.startswith("Info: 0:00:0") and "time elapsed out of 0:00:08" in u for u in users)
+    assert any(u.startswith("Info: 0:0") and "time elapsed out of 0:01:20" in u for u in users)
     assert any(r["tool_name"] == "bash" and "official-code" in r["tool_arguments"] for r in steps)
     # token ids and logprobs on every assistant step, from the vLLM-style response
     tok = cat.arrow(f"SELECT role, token_ids, logprobs FROM step_tokens WHERE rollout_id = '{res.rollout_id}'").to_pylist()
@@ -242,23 +259,24 @@ def test_inline_prompt_puts_the_task_text_in_the_user_message(task_home):
 
 def test_timeout_truncates_and_context_errors_prune(task_home):
     s = task_home
-    slow = [{"read_paper": True}, bash("echo start > s.txt"), bash("sleep 30")]
+    slow = [{"read_paper": True}, bash("echo start > s.txt"), bash("sleep 60")]
     chatty = [{"read_paper": True}] + [bash(f"seq 1 3000 # {i}") for i in range(6)] + [end()]
-    stuck = [{"read_paper": True}, {"text": "thinking for a long time", "delay": 8}]
+    stuck = [{"read_paper": True}, {"text": "thinking for a long time", "delay": 60}]
     cfg = AgentConfig(min_time_fraction=0.0, reminder_every_turns=0, limits=SandboxLimits(max_output_bytes=4000))
     # the prefix is ~9 kB of text; every seq output adds ~4 kB: the 3rd one overflows 18 kB
     with PolicyStub({"slow": slow, "chatty": chatty, "stuck": stuck}, max_context_chars=18_000) as stub, Outbox(s) as outbox:
-        r1 = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=3, group_id="g",
+        # 6 s: the rollouts reach their sleep / slow answer in ~0.5 s on a quiet machine (10x margin)
+        r1 = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=6, group_id="g",
                        rollout_id="slow", config=cfg)
-        r2 = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=20, group_id="g",
+        r2 = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=120, group_id="g",
                        rollout_id="chatty", config=cfg)
-        r3 = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=2.5, group_id="g",
+        r3 = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=6, group_id="g",
                        rollout_id="stuck", config=cfg)  # the policy itself answers too late
-    # bounds far below what ignoring the timeout would take (the 30 s sleep, the 8 s policy delay), loose
-    # enough for a loaded 2-core machine
-    assert r1.status == "timeout" and r1.snapshot_ref and 3 <= r1.elapsed_s < 8
+    # bounds far below what ignoring the timeout would take (the 60 s sleep, the 60 s policy delay), with
+    # 14 s for the kill and the snapshot (~0.5 s quiet) on a loaded 2-core machine
+    assert r1.status == "timeout" and r1.snapshot_ref and 6 <= r1.elapsed_s < 20
     assert r2.status == "finished" and r2.n_prunes >= 1, r2
-    assert r3.status == "timeout" and 2.5 <= r3.elapsed_s < 6 and len(stub.for_rollout("stuck")) == 4
+    assert r3.status == "timeout" and 6 <= r3.elapsed_s < 20 and len(stub.for_rollout("stuck")) == 4
     reqs = stub.for_rollout("chatty")
     failed = [i for i, r in enumerate(reqs) if r.status == 400]
     assert failed and reqs[failed[0] + 1].status == 200
@@ -287,14 +305,15 @@ def test_carry_over_and_stop_from_a_scheduler_thread(task_home):
     results: dict = {}
     with PolicyStub(work) as stub, Outbox(s) as outbox:  # one outbox shared by both rollout threads
         def go(rid, pv):
-            results[rid] = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=30,
+            # 120 s: both are stopped long before; a loaded machine must not time them out first
+            results[rid] = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=120,
                                      group_id="g", rollout_id=rid, policy_version=pv, control=controls[rid],
                                      config=cfg, judge=False)
 
         threads = [threading.Thread(target=go, args=(rid, pv)) for rid, pv in (("carried", 3), ("stopped", 0))]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 90
         while len(stub.for_rollout("carried")) < 8 and time.monotonic() < deadline:
             time.sleep(0.05)
         controls["carried"].carry_over(1, 4)
@@ -304,7 +323,7 @@ def test_carry_over_and_stop_from_a_scheduler_thread(task_home):
         controls["carried"].stop()
         controls["stopped"].stop()
         for t in threads:
-            t.join(20)
+            t.join(60)
     assert results["carried"].status == "aborted" and results["stopped"].status == "aborted"
     assert results["stopped"].snapshot_ref is None and results["stopped"].judge_request_id is None
     assert controls["carried"].done.is_set() and controls["carried"].rollout_id == "carried"
@@ -327,20 +346,21 @@ def test_carry_over_taken_by_a_rollout_that_ends_inside_a_tool_call(task_home):
     """Carried over during its last (hanging) tool call, the rollout times out without another policy call:
     it still ends in the new iteration, so the scheduler counts it there and no dataset misses it."""
     s = task_home
-    script = [{"read_paper": True}, bash("sleep 30")]
+    script = [{"read_paper": True}, bash("sleep 60")]
     control = RolloutControl(iteration=2, policy_version=5)
     cfg = AgentConfig(min_time_fraction=0.0, reminder_every_turns=0)
     with PolicyStub(script) as stub, Outbox(s) as outbox:
         t = threading.Thread(target=lambda: run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"),
-                                                      timeout_s=3, group_id="g", rollout_id="late", iteration=2,
+                                                      timeout_s=12, group_id="g", rollout_id="late", iteration=2,
                                                       policy_version=5, control=control, judge=False, config=cfg))
         t.start()
-        deadline = time.monotonic() + 10
+        # the sleep is handed out ~0.5 s in on a quiet machine; the rollout's 12 s leave 20x for a loaded one
+        deadline = time.monotonic() + 12
         while stub.cursor.get("late", 0) < len(script) and time.monotonic() < deadline:  # the sleep was handed out
             time.sleep(0.05)
         n_calls = len(stub.for_rollout("late"))
         control.carry_over(3, 6)  # the sleep is running: the loop makes no further policy call
-        t.join(20)
+        t.join(60)
     assert len(stub.for_rollout("late")) == n_calls
     Sink(s).run(until_idle=True)
     row = Catalog(s).arrow("SELECT * FROM rollouts WHERE rollout_id = 'late'").to_pylist()[0]
@@ -367,23 +387,24 @@ def test_cli_rollout_run_end_to_end(settings, tmp_path, capsys, monkeypatch):
     script = [{"read_paper": True}, bash("echo '# reproduction' > README.md"), end()]
     with PolicyStub(script, token_ids=False) as stub:
         cmd = [sys.executable, "-m", "klong.cli", *klong(settings, "rollout", "run", "--task", "cli-paper",
-                                                         "--base-url", stub.url, "--model", "stub", "--timeout", "20",
+                                                         "--base-url", stub.url, "--model", "stub", "--timeout", "120",
                                                          "--min-time-fraction", "0", "--no-token-ids")]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        # generous: a CLI start on a loaded 2-core machine takes seconds; the rollout itself ~1 s
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         bad = subprocess.run(cmd[:cmd.index("cli-paper")] + ["missing"] + cmd[cmd.index("cli-paper") + 1:],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=300)
     # SIGTERM (or Ctrl-C) ends the rollout 'aborted' at the next turn boundary, recorded
     busy = {"cli-stop": [{"read_paper": True}] + [bash("echo x", delay=0.1)] * 300}
     with PolicyStub(busy) as stub2:
         cmd2 = [sys.executable, "-m", "klong.cli", *klong(settings, "rollout", "run", "--task", "cli-paper",
                                                           "--rollout-id", "cli-stop", "--base-url", stub2.url,
-                                                          "--model", "stub", "--timeout", "60", "-q")]
+                                                          "--model", "stub", "--timeout", "600", "-q")]
         proc = subprocess.Popen(cmd2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 180
         while len(stub2.for_rollout("cli-stop")) < 5 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "cli-stop: aborted," in out, err
     assert p.returncode == 0, p.stderr
     assert ": finished," in p.stdout and "judge request" in p.stdout and "turn 1" in p.stderr
