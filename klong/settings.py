@@ -212,7 +212,8 @@ class Settings:
         if not h.is_dir():
             raise ConfigError(f"no data home at {h} (mistyped --home / KLONG_HOME? `klong broker start` or "
                               "`klong sink run` creates one)")
-        if any(h.iterdir()) and not any((h / n).exists() for n in HOME_ENTRIES):
+        # with the archive in a bucket a home may hold nothing of KLong's but scratch space (tmp/)
+        if not self.archive_url and any(h.iterdir()) and not any((h / n).exists() for n in HOME_ENTRIES):
             raise ConfigError(f"{h} is not a KLong data home (none of {', '.join(HOME_ENTRIES)} in it): "
                               "mistyped --home / KLONG_HOME?")
 

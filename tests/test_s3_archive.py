@@ -87,17 +87,22 @@ def test_flush_without_manifest_is_not_archived_and_is_dropped_on_resume(setting
     assert not loc.list(unfinished) and verify(loc) == []
 
 
-def test_verify_finds_a_deleted_object_and_repair_refetches_it(settings, s3_url, monkeypatch):
+def test_verify_finds_a_deleted_object_and_repair_refetches_it(make_settings, s3_url, monkeypatch):
+    settings = make_settings(partitions=1)
     s3 = on_s3(settings, s3_url())
-    for r in range(3):  # three flushes per partition at least: a deleted middle one breaks the chain
+    for r in range(3):  # three flushes of the one partition at least: a deleted earlier one breaks the chain
         produce(settings, rollout_events(f"v{r}", 12, seed=r))
         Sink(s3, flush_interval_s=0.05).run(until_idle=True)
     loc = s3.archive
     want = Catalog(s3).arrow(QUERIES[1])
-    flushes = [d for d in list_flushes(loc) if "step" in d.files]
-    loc.delete(str(flushes[0].files["step"]))  # a lost object
-    for i in [o.path for o in loc.list(str(flushes[1].path))]:  # a whole lost flush
+    flushes = list_flushes(loc)
+    # a whole lost flush that has a later one in its partition (the chain shows the break) ...
+    lost = next(d for d in flushes if any((f.topic, f.partition) == (d.topic, d.partition) and f.start > d.end
+                                          for f in flushes))
+    for i in [o.path for o in loc.list(str(lost.path))]:
         loc.delete(i)
+    # ... and a lost object of another flush
+    loc.delete(str(next(d for d in flushes if d != lost and "step" in d.files).files["step"]))
     problems = verify(loc)
     assert {p.kind for p in problems} == {"damaged", "missing"}, problems
     assert any("step.parquet: missing" in p.what for p in problems if p.kind == "damaged")
