@@ -41,7 +41,9 @@ def _committed(s, timeout_s: float):
 
 def _relative(path, archive):
     """`path` as printed: relative to the archive (a directory, or an S3 prefix's `bucket/prefix`)."""
-    root = PurePosixPath(archive.root) if hasattr(archive, "root") else archive
+    from store.objstore import is_s3
+
+    root = PurePosixPath(archive.root) if is_s3(archive) else archive
     return path.relative_to(root) if path.is_relative_to(root) else path
 
 

@@ -118,7 +118,7 @@ def test_verify_finds_a_deleted_object_and_repair_refetches_it(make_settings, s3
     assert main(["archive", "verify", *args]) == 0
 
 
-def test_sql_reads_nothing_but_the_archive_prefix(settings, s3_url, tmp_path):
+def test_sql_reads_nothing_but_the_archive_prefix(settings, s3_url, monkeypatch, capsys):
     s3 = on_s3(settings, s3_url())
     other = location(s3_url("secret"))
     other.write_bytes(other.join("x.parquet"), b"PAR1 not really")
@@ -134,6 +134,15 @@ def test_sql_reads_nothing_but_the_archive_prefix(settings, s3_url, tmp_path):
     for q in refused:
         with pytest.raises(QueryError):
             cat.arrow(q)
+    from klong.cli import main
+
+    monkeypatch.setenv("KLONG_ARCHIVE_URL", s3.archive_url)  # `klong sql` as a user runs it
+    args = ["--home", str(s3.home), "--bootstrap-servers", s3.bootstrap_servers, "--topic-prefix", s3.topics.prefix]
+    capsys.readouterr()
+    assert main(["sql", "SELECT count(*) AS n FROM steps", "--format", "csv", *args]) == 0
+    assert capsys.readouterr().out.split() == ["n", "5"]
+    assert main(["sql", "SELECT * FROM read_text('/etc/passwd')", *args]) != 0
+    assert "root:" not in capsys.readouterr().out
 
 
 def test_sink_archives_to_s3_exactly_once_through_kill_minus_nine(settings, s3_url):
