@@ -71,6 +71,8 @@ class Sink:
                  group: bool = False, topics: list[str] | None = None, writers: int = 1):
         self.settings = settings
         self.archive = settings.archive  # a local directory, or an S3 prefix (store.objstore)
+        if is_s3(self.archive):
+            self.archive.check()  # a wrong bucket, endpoint or key fails here, in one line, not in a writer
         self.flush_bytes = flush_bytes
         self.flush_interval_s = flush_interval_s
         self.group = group

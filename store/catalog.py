@@ -273,6 +273,8 @@ class Catalog:
                                      "temp_directory": spill_dir(self.settings.home)})
         register_array_functions(con)
         archive = self.settings.archive
+        if is_s3(archive):
+            archive.check()  # a missing bucket is an error, not an empty archive
         archived = archived_files(archive)
         for name, schema in [*SCHEMAS.items(), (DEAD_LETTERS, DEAD_LETTER_SCHEMA)]:
             raw = f"_raw_{name}"

@@ -99,7 +99,11 @@ class S3Location:
     def list(self, path: str | None = None) -> list[pafs.FileInfo]:
         """Every object under `path` (default: the root), recursively, sorted by path; none when absent."""
         sel = pafs.FileSelector(path or self.root, recursive=True, allow_not_found=True)
-        return sorted((i for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File), key=lambda i: i.path)
+        try:
+            infos = self.fs.get_file_info(sel)
+        except OSError as e:  # wrong endpoint or credentials, no such bucket: one line naming the archive
+            raise ConfigError(f"archive {self.url}: cannot list it ({str(e).splitlines()[0][:200]})") from e
+        return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
     def delete(self, path: str) -> None:
         self.fs.delete_file(path)

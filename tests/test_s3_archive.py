@@ -68,6 +68,20 @@ def test_sql_on_s3_answers_as_on_local_disk(settings, s3_url):
     assert verify(s3.archive) == []
 
 
+def test_a_missing_bucket_or_wrong_key_is_one_clear_error(settings, s3_url, monkeypatch):
+    from schemas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no bucket 'klong-nosuchbucket'"):
+        Sink(on_s3(settings, "s3://klong-nosuchbucket/archive"))
+    with pytest.raises(ConfigError, match="no bucket 'klong-nosuchbucket'"):
+        Catalog(on_s3(settings, "s3://klong-nosuchbucket/archive")).arrow("SELECT count(*) FROM steps")
+    url = s3_url()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-key")
+    with pytest.raises(ConfigError) as e:
+        Sink(on_s3(settings, url))
+    assert "wrong-secret-key" not in str(e.value)
+
+
 def test_flush_without_manifest_is_not_archived_and_is_dropped_on_resume(settings, s3_url):
     s3 = on_s3(settings, s3_url())
     produce(settings, rollout_events("a", 10))
