@@ -20,6 +20,9 @@ Readers see only what the layout and the manifests name: anything else (a stray 
 Parquet file a manifest does not list) is skipped with one warning per path and never followed, so a
 `README.txt` or a symlink to /etc dropped into the archive cannot fail or redirect a query. Flushes
 written before manifests existed are read by their `<event_type>.parquet` files.
+
+The archive can also be an S3 prefix (`KLONG_ARCHIVE_URL`, store.objstore): the same keys, and the
+manifest object, written last, is the commit point there (store.archive_s3); these functions dispatch.
 """
 
 from __future__ import annotations

@@ -157,6 +157,9 @@ def test_sql_reads_nothing_but_the_archive_prefix(settings, s3_url, monkeypatch,
     assert capsys.readouterr().out.split() == ["n", "5"]
     assert main(["sql", "SELECT * FROM read_text('/etc/passwd')", *args]) != 0
     assert "root:" not in capsys.readouterr().out
+    assert main(["status", *args]) == 0  # counts from the bucket, never the secret key
+    out = capsys.readouterr().out
+    assert "flush_dirs" in out and os.environ["AWS_SECRET_ACCESS_KEY"] not in out
 
 
 def test_sink_archives_to_s3_exactly_once_through_kill_minus_nine(settings, s3_url):
@@ -203,4 +206,4 @@ def test_sink_archives_to_s3_exactly_once_through_kill_minus_nine(settings, s3_u
     assert all(s3.archive.exists(f"{d}/{MANIFEST}") for d in dirs)
 
 
-KILLS = int(os.environ.get("KLONG_S3_KILLS", "10"))
+KILLS = int(os.environ.get("KLONG_S3_KILLS", "10"))  # the 10; fewer for a quick local run
