@@ -8,7 +8,7 @@
 Three kinds of problem:
 
 - **damaged**: a flush directory whose manifest (store.archive) is unreadable, or that lacks a file its
-  manifest lists, or whose file differs from the manifest (size, SHA-256, row count), does not read
+  manifest lists, or whose file differs from the manifest (size, CRC-32, row count), does not read
   whole, holds a row outside the directory's offsets, an offset twice, or fewer records than the
   manifest says. Flushes written before manifests are checked by their rows alone.
 - **missing**: offsets no flush holds. Per topic partition (and incarnation) the flushes form a chain:
@@ -28,9 +28,9 @@ have written. Ranges Kafka no longer holds (retention, a restarted memory broker
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -87,8 +87,8 @@ def _read(d: FlushDir, path: Path, meta: dict | None, problems: list[str]) -> pa
         if len(data) != meta.get("bytes"):
             problems.append(f"{path.name}: {len(data)} bytes, the manifest says {meta.get('bytes')}")
             return None
-        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-            problems.append(f"{path.name}: its SHA-256 differs from the manifest's (the file changed)")
+        if zlib.crc32(data) != meta.get("crc32"):
+            problems.append(f"{path.name}: its CRC-32 differs from the manifest's (the file changed)")
             return None
     try:
         return pq.read_table(pa.BufferReader(data))  # the whole file: a damaged page fails here, not in a query
