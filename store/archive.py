@@ -277,6 +277,19 @@ def recover_positions(archive: Path | S3Location, topic: str, topic_id: str) -> 
     return pos
 
 
+def file_entry(rows: int, data: bytes) -> dict:
+    """A manifest's entry for one file: what verify checks it against."""
+    return {"rows": rows, "bytes": len(data), "crc32": zlib.crc32(data)}
+
+
+def make_manifest(topic: str, topic_id: str, partition: int, start: int, end: int, tables: dict[str, pa.Table],
+                  files: dict, after: int | None, through: int | None, records: int | None) -> dict:
+    """The manifest of one flush (one format for local disk and S3; `write_flush` says what the fields mean)."""
+    return {"format": 1, "topic": topic, "topic_id": topic_id, "partition": partition, "first": start, "last": end,
+            "after": after, "through": max(end, through if through is not None else end),
+            "records": records if records is not None else sum(t.num_rows for t in tables.values()), "files": files}
+
+
 def write_flush(archive: Path, topic: str, topic_id: str, partition: int, start: int, end: int,
                 tables: dict[str, pa.Table], compression: str = "zstd", *, after: int | None = None,
                 through: int | None = None, records: int | None = None) -> Path:
@@ -306,12 +319,8 @@ def write_flush(archive: Path, topic: str, topic_id: str, partition: int, start:
                 # SHA-256 measured 3.4x slower on the writer's critical path.
                 data = f.read()
                 os.fsync(f.fileno())
-            files[path.name] = {"rows": table.num_rows, "bytes": len(data), "crc32": zlib.crc32(data)}
-        manifest = {"format": 1, "topic": topic, "topic_id": topic_id, "partition": partition, "first": start,
-                    "last": end, "after": after,
-                    "through": max(end, through if through is not None else end),
-                    "records": records if records is not None else sum(t.num_rows for t in tables.values()),
-                    "files": files}
+            files[path.name] = file_entry(table.num_rows, data)
+        manifest = make_manifest(topic, topic_id, partition, start, end, tables, files, after, through, records)
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.flush()

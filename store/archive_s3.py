@@ -23,8 +23,8 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.archive import (_NAME, LOW_CARDINALITY, MANIFEST, QUARANTINE, TMP, TABLES, FlushDir, Stray, flush_name,
-                           parse_manifest)
+from store.archive import (_NAME, LOW_CARDINALITY, MANIFEST, QUARANTINE, TMP, TABLES, FlushDir, Stray, file_entry,
+                           flush_name, make_manifest, parse_manifest)
 from store.objstore import S3Location
 
 _manifests: dict[tuple, dict] = {}  # (path, size, mtime) -> parsed manifest
@@ -140,10 +140,7 @@ def write_flush_s3(loc: S3Location, topic: str, topic_id: str, partition: int, s
                        use_dictionary=[c for c in table.column_names if c in LOW_CARDINALITY])
         data = sink.getvalue().to_pybytes()
         loc.write_bytes(f"{final}/{name}.parquet", data)
-        files[f"{name}.parquet"] = {"rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    manifest = {"format": 1, "topic": topic, "topic_id": topic_id, "partition": partition, "first": start,
-                "last": end, "after": after, "through": max(end, through if through is not None else end),
-                "records": records if records is not None else sum(t.num_rows for t in tables.values()),
-                "files": files}
+        files[f"{name}.parquet"] = file_entry(table.num_rows, data)
+    manifest = make_manifest(topic, topic_id, partition, start, end, tables, files, after, through, records)
     loc.write_bytes(f"{final}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode())
     return PurePosixPath(final)
