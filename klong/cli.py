@@ -94,9 +94,9 @@ def cmd_sql(args) -> int:
         hint = suggest_view(str(e), s)
         raise QueryError(f"{e}{hint}") if hint else e
     _print_table(table, args.format, args.output)
-    held = quarantined(s.archive_dir)
+    held = quarantined(s.archive)
     if held:  # the answer leaves those events out: say so
-        print(f"warning: {len(held)} damaged flush directories are quarantined under {s.archive_dir / '_quarantine'} "
+        print(f"warning: {len(held)} damaged flush directories are quarantined under {s.archive}/_quarantine "
               "and not in this answer (`klong archive repair` re-fetches them from Kafka)", file=sys.stderr)
     return 0
 

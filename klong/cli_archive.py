@@ -13,6 +13,7 @@ offsets, so a lost last flush of a partition is found too.
 from __future__ import annotations
 
 import argparse
+from pathlib import PurePosixPath
 
 
 def _settings(args):
@@ -38,24 +39,33 @@ def _committed(s, timeout_s: float):
         return None, str(e).splitlines()[0]
 
 
+def _relative(path, archive):
+    """`path` as printed: relative to the archive (a directory, or an S3 prefix's `bucket/prefix`)."""
+    from store.objstore import is_s3
+
+    root = PurePosixPath(archive.root) if is_s3(archive) else archive
+    return path.relative_to(root) if path.is_relative_to(root) else path
+
+
 def cmd_verify(args) -> int:
     from store.integrity import quarantined, verify
 
     s = _settings(args)
     committed, why = _committed(s, args.kafka_timeout)
-    problems = verify(s.archive_dir, committed)
+    archive = s.archive  # a directory, or an S3 prefix (KLONG_ARCHIVE_URL)
+    problems = verify(archive, committed)
     for p in problems:
-        where = p.path.relative_to(s.archive_dir) if p.path.is_relative_to(s.archive_dir) else p.path
+        where = _relative(p.path, archive)
         label = {"damaged": "BAD", "missing": "MISSING", "stray": "warning: stray"}[p.kind]
         print(f"{label} {where}: {p.what}")
     from store.archive import list_flushes
 
     bad = [p for p in problems if p.kind != "stray"]
-    held = quarantined(s.archive_dir)
-    print(f"{len(list_flushes(s.archive_dir))} flush directories checked, "
+    held = quarantined(archive)
+    print(f"{len(list_flushes(archive))} flush directories checked, "
           f"{len({p.path for p in bad if p.kind == 'damaged'})} bad, {sum(p.kind == 'missing' for p in bad)} ranges "
           f"missing, {sum(p.kind == 'stray' for p in problems)} stray entries ignored"
-          + (f"; {len(held)} quarantined under {s.archive_dir / '_quarantine'}" if held else ""))
+          + (f"; {len(held)} quarantined under {archive}/_quarantine" if held else ""))
     if committed is None:
         print(f"Kafka not reached ({why}): the offsets after each partition's last flush were not checked")
     if bad:
@@ -73,7 +83,7 @@ def cmd_repair(args) -> int:
     for p in report.quarantined:
         print(f"quarantined {p}")
     for p in report.refetched:
-        print(f"re-fetched from Kafka: {p.relative_to(s.archive_dir)}")
+        print(f"re-fetched from Kafka: {_relative(p, s.archive)}")
     for line in report.lost:
         print(f"NOT re-fetched: {line}")
     if not report.quarantined and not report.refetched and not report.lost:

@@ -14,7 +14,8 @@ pairs in every log line:
     KLONG_KAFKA_SSL_CAFILE / KLONG_KAFKA_SSL_CERTFILE / KLONG_KAFKA_SSL_KEYFILE
 
 `KLONG_TOPIC_PREFIX` (default `klong`) names the topics, so several deployments (or tests) can
-share one cluster.
+share one cluster. `KLONG_ARCHIVE_URL=s3://bucket/prefix` puts the archive in a bucket (store.objstore;
+endpoint and credentials from the usual AWS variables); the default is `<home>/archive`.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ class Settings:
     topics: Topics = field(default_factory=Topics)
     partitions: int = 4
     security: dict = field(default_factory=dict)
+    archive_url: str | None = None  # s3://bucket/prefix (KLONG_ARCHIVE_URL); None: <home>/archive
 
     @classmethod
     def load(cls, home: str | os.PathLike | None = None, bootstrap_servers: str | None = None,
@@ -200,6 +202,7 @@ class Settings:
             topics=Topics(topic_prefix or os.environ.get("KLONG_TOPIC_PREFIX") or "klong"),
             partitions=parts,
             security=security,
+            archive_url=os.environ.get("KLONG_ARCHIVE_URL") or None,
         )
 
     def require_home(self) -> None:
@@ -209,13 +212,23 @@ class Settings:
         if not h.is_dir():
             raise ConfigError(f"no data home at {h} (mistyped --home / KLONG_HOME? `klong broker start` or "
                               "`klong sink run` creates one)")
-        if any(h.iterdir()) and not any((h / n).exists() for n in HOME_ENTRIES):
+        # with the archive in a bucket a home may hold nothing of KLong's but scratch space (tmp/)
+        if not self.archive_url and any(h.iterdir()) and not any((h / n).exists() for n in HOME_ENTRIES):
             raise ConfigError(f"{h} is not a KLong data home (none of {', '.join(HOME_ENTRIES)} in it): "
                               "mistyped --home / KLONG_HOME?")
 
     @property
     def archive_dir(self) -> Path:
         return self.home / "archive"
+
+    @property
+    def archive(self):
+        """Where the archive is: `archive_dir` (a Path), or an S3 prefix (store.objstore.S3Location)."""
+        if not self.archive_url:
+            return self.archive_dir
+        from store.objstore import location
+
+        return location(self.archive_url)
 
     @property
     def blob_dir(self) -> Path:
@@ -256,6 +269,7 @@ class Settings:
             "bootstrap_servers": bootstrap,
             "topic_prefix": self.topics.prefix,
             "partitions": self.partitions,
+            "archive": self.archive_url or str(self.archive_dir),
             "security": {k: ("***" if k in _SECRET else v) for k, v in self.security.items()},
         }
 

@@ -20,6 +20,9 @@ Readers see only what the layout and the manifests name: anything else (a stray 
 Parquet file a manifest does not list) is skipped with one warning per path and never followed, so a
 `README.txt` or a symlink to /etc dropped into the archive cannot fail or redirect a query. Flushes
 written before manifests existed are read by their `<event_type>.parquet` files.
+
+The archive can also be an S3 prefix (`KLONG_ARCHIVE_URL`, store.objstore): the same keys, and the
+manifest object, written last, is the commit point there (store.archive_s3); these functions dispatch.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import pyarrow.parquet as pq
 
 from klong.procs import fsync_path
 from schemas.arrow import SCHEMAS
+from store.objstore import S3Location, is_s3
 
 log = logging.getLogger("klong.archive")
 TMP = "_tmp"
@@ -80,6 +84,11 @@ class FlushDir:
     # table name -> file, the files a reader reads: what the manifest lists and is there as a regular file.
     files: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     manifest_error: str | None = field(default=None, compare=False, hash=False)  # why manifest.json is unusable
+    store: S3Location | None = field(default=None, compare=False, hash=False, repr=False)  # None: local disk
+
+    def read_bytes(self, file) -> bytes:
+        """One of this flush's files, whole (`path` and `files` are `bucket/key` paths on S3)."""
+        return self.store.read_bytes(str(file)) if self.store else Path(file).read_bytes()
 
     @property
     def after(self) -> int | None:
@@ -161,14 +170,19 @@ def read_manifest(path: Path) -> dict | None:
         raise ValueError(f"{MANIFEST} is not a regular file (a symlink is never followed)")
     key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)  # a rewritten manifest is read again
     if key not in _manifests:
-        try:
-            manifest = json.loads(f.read_bytes())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{MANIFEST} is unreadable ({type(e).__name__}: {str(e)[:200]})") from e
-        if not _well_formed(manifest):
-            raise ValueError(f"{MANIFEST} is not a flush manifest (fields missing or of the wrong type)")
-        _manifests[key] = manifest
+        _manifests[key] = parse_manifest(f.read_bytes)
     return _manifests[key]
+
+
+def parse_manifest(read) -> dict:
+    """The manifest `read()` returns, checked; ValueError when it is unusable."""
+    try:
+        manifest = json.loads(read())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{MANIFEST} is unreadable ({type(e).__name__}: {str(e)[:200]})") from e
+    if not _well_formed(manifest):
+        raise ValueError(f"{MANIFEST} is not a flush manifest (fields missing or of the wrong type)")
+    return manifest
 
 
 def _flush_files(path: Path, manifest: dict | None, strays: list[Stray]) -> dict[str, Path]:
@@ -195,8 +209,12 @@ def _flush_files(path: Path, manifest: dict | None, strays: list[Stray]) -> dict
     return files
 
 
-def walk(archive: Path, topic: str | None = None) -> tuple[list[FlushDir], list[Stray]]:
+def walk(archive: Path | S3Location, topic: str | None = None) -> tuple[list[FlushDir], list[Stray]]:
     """Every flush directory (by topic, incarnation, name) and every stray entry, never following a symlink."""
+    if is_s3(archive):
+        from store.archive_s3 import walk_s3
+
+        return walk_s3(archive, topic)
     flushes: list[FlushDir] = []
     strays: list[Stray] = []
     if not archive.is_dir():
@@ -222,7 +240,7 @@ def walk(archive: Path, topic: str | None = None) -> tuple[list[FlushDir], list[
     return flushes, strays
 
 
-def list_flushes(archive: Path, topic: str | None = None) -> list[FlushDir]:
+def list_flushes(archive: Path | S3Location, topic: str | None = None) -> list[FlushDir]:
     """Every flush directory; stray entries are skipped with a warning (`walk` returns them)."""
     flushes, strays = walk(archive, topic)
     for s in strays:
@@ -230,7 +248,7 @@ def list_flushes(archive: Path, topic: str | None = None) -> list[FlushDir]:
     return flushes
 
 
-def archived_files(archive: Path) -> dict[str, list[Path]]:
+def archived_files(archive: Path | S3Location) -> dict[str, list[Path]]:
     """Every archived Parquet file by table name (an event type or dead_letters), in path order, from one
     walk of the layout. Walking instead of globbing: a writer's temp directory vanishing mid-walk cannot
     fail a reader, and nothing outside the layout is read."""
@@ -241,8 +259,12 @@ def archived_files(archive: Path) -> dict[str, list[Path]]:
     return files
 
 
-def recover_positions(archive: Path, topic: str, topic_id: str) -> dict[int, int]:
+def recover_positions(archive: Path | S3Location, topic: str, topic_id: str) -> dict[int, int]:
     """Next offset to read per partition of this topic incarnation: 1 + the highest archived last offset."""
+    if is_s3(archive):
+        from store.archive_s3 import recover_positions_s3
+
+        return recover_positions_s3(archive, topic, topic_id)
     pos: dict[int, int] = {}
     id_dir = archive / topic / topic_id
     if not id_dir.is_dir() or id_dir.is_symlink():
@@ -255,6 +277,19 @@ def recover_positions(archive: Path, topic: str, topic_id: str) -> dict[int, int
     return pos
 
 
+def file_entry(rows: int, data: bytes) -> dict:
+    """A manifest's entry for one file: what verify checks it against."""
+    return {"rows": rows, "bytes": len(data), "crc32": zlib.crc32(data)}
+
+
+def make_manifest(topic: str, topic_id: str, partition: int, start: int, end: int, tables: dict[str, pa.Table],
+                  files: dict, after: int | None, through: int | None, records: int | None) -> dict:
+    """The manifest of one flush (one format for local disk and S3; `write_flush` says what the fields mean)."""
+    return {"format": 1, "topic": topic, "topic_id": topic_id, "partition": partition, "first": start, "last": end,
+            "after": after, "through": max(end, through if through is not None else end),
+            "records": records if records is not None else sum(t.num_rows for t in tables.values()), "files": files}
+
+
 def write_flush(archive: Path, topic: str, topic_id: str, partition: int, start: int, end: int,
                 tables: dict[str, pa.Table], compression: str = "zstd", *, after: int | None = None,
                 through: int | None = None, records: int | None = None) -> Path:
@@ -262,6 +297,11 @@ def write_flush(archive: Path, topic: str, topic_id: str, partition: int, start:
     range is left as it is. `after`: the last offset read before `start` (None: the partition's start;
     default start - 1); `through`: the last offset it accounts for (default `end`); `records`: the Kafka
     records it holds (default: the tables' rows)."""
+    if is_s3(archive):
+        from store.archive_s3 import write_flush_s3
+
+        return write_flush_s3(archive, topic, topic_id, partition, start, end, tables, compression, after=after,
+                              through=through, records=records)
     final = archive / topic / topic_id / flush_name(topic, partition, start, end)
     if final.exists():
         return final
@@ -279,12 +319,8 @@ def write_flush(archive: Path, topic: str, topic_id: str, partition: int, start:
                 # SHA-256 measured 3.4x slower on the writer's critical path.
                 data = f.read()
                 os.fsync(f.fileno())
-            files[path.name] = {"rows": table.num_rows, "bytes": len(data), "crc32": zlib.crc32(data)}
-        manifest = {"format": 1, "topic": topic, "topic_id": topic_id, "partition": partition, "first": start,
-                    "last": end, "after": after,
-                    "through": max(end, through if through is not None else end),
-                    "records": records if records is not None else sum(t.num_rows for t in tables.values()),
-                    "files": files}
+            files[path.name] = file_entry(table.num_rows, data)
+        manifest = make_manifest(topic, topic_id, partition, start, end, tables, files, after, through, records)
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.flush()
@@ -300,11 +336,18 @@ def write_flush(archive: Path, topic: str, topic_id: str, partition: int, start:
 
 
 @contextlib.contextmanager
-def writer_lock(archive: Path, exclusive: bool):
+def writer_lock(archive: Path | S3Location, exclusive: bool):
     """Writers hold it shared while they rename a flush into place; a sink takes it exclusive while it
-    reads positions, so it never misses a rename still in progress by an orphaned writer of a killed sink."""
-    archive.mkdir(parents=True, exist_ok=True)
-    with open(archive / LOCK, "a+") as f:
+    reads positions, so it never misses a rename still in progress by an orphaned writer of a killed sink.
+    For a bucket the lock is a local file (the sink and its writers share a machine)."""
+    if is_s3(archive):
+        from store.archive_s3 import lock_file
+
+        lock = lock_file(archive)
+    else:
+        archive.mkdir(parents=True, exist_ok=True)
+        lock = archive / LOCK
+    with open(lock, "a+") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
             yield
@@ -314,6 +357,8 @@ def writer_lock(archive: Path, exclusive: bool):
 
 def clean_tmp(archive: Path, older_than_s: float = 3600) -> int:
     """Removes temp directories of dead local writers (and any older than an hour). Returns the count."""
+    if is_s3(archive):
+        return 0  # nothing goes to a temp place on S3; the sink drops unfinished flushes (store.archive_s3)
     tmp_root = archive / TMP
     removed = 0
     if not tmp_root.exists():

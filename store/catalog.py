@@ -32,6 +32,7 @@ from klong.settings import Settings
 from schemas.arrow import SCHEMAS, as_list_array
 from schemas.errors import TerminalError
 from store.archive import DEAD_LETTER_SCHEMA, DEAD_LETTERS, archived_files
+from store.objstore import S3Location, is_s3
 
 VIEW_EXTENSIONS = ["store.dataset_views", "store.tasks", "store.training", "store.rl", "store.blacklist"]
 READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
@@ -186,6 +187,20 @@ def parquet_source(con: duckdb.DuckDBPyConnection, name: str, files: list, schem
             f"SELECT *{extra} FROM read_parquet([{listed}], union_by_name=true{more}))")
 
 
+def s3_source(con: duckdb.DuckDBPyConnection, name: str, loc: S3Location, files: list, schema: pa.Schema) -> str:
+    """A FROM-clause source over archived Parquet objects in a bucket: one pyarrow dataset over exactly
+    `files` (registered as `_s3_<name>`; DuckDB pushes column and filter pushdown into its scans, and
+    DuckDB's own file access stays locked to local directories). A column a file lacks reads as NULL; each
+    file's `archive_file` is its index in `files`, carried as the fragment's partition expression."""
+    import pyarrow.dataset as ds
+
+    dataset = ds.FileSystemDataset.from_paths(
+        [str(f) for f in files], schema=schema, format=ds.ParquetFileFormat(), filesystem=loc.fs,
+        partitions=[ds.field("archive_file") == i for i in range(len(files))])
+    con.register(f"_s3_{name}", dataset)
+    return f"_s3_{name}"
+
+
 def register_array_functions(con: duckdb.DuckDBPyConnection) -> None:
     """SQL functions `int32s(blob) -> INTEGER[]` and `float32s(blob) -> FLOAT[]` for archived token arrays."""
     def int32s(col):
@@ -250,7 +265,8 @@ class Catalog:
         """What SQL may read: the archive and the dataset versions (nothing else of the data home)."""
         from store.datasets import datasets_dir
 
-        return [self.settings.archive_dir, datasets_dir(self.settings.home)]
+        archive = self.settings.archive  # on S3, SQL reads it only through the datasets registered (s3_source)
+        return [*([] if is_s3(archive) else [archive]), datasets_dir(self.settings.home)]
 
     def connect(self, query: str | None = None) -> duckdb.DuckDBPyConnection:
         """A connection with every view; with `query`, the extension views (VIEW_EXTENSIONS) it does not
@@ -259,14 +275,20 @@ class Catalog:
         con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": True,
                                      "temp_directory": spill_dir(self.settings.home), **self.config})
         register_array_functions(con)
-        archive = self.settings.archive_dir
+        archive = self.settings.archive
+        if is_s3(archive):
+            archive.check()  # a missing bucket is an error, not an empty archive
         archived = archived_files(archive)
         for name, schema in [*SCHEMAS.items(), (DEAD_LETTERS, DEAD_LETTER_SCHEMA)]:
             raw = f"_raw_{name}"
             # an explicit list: renamed flush directories never go away, temp ones do
             # archive_file: the file's place in the path-ordered list, which decides the copy a view keeps
-            source = parquet_source(con, name, archived.get(name, []), schema.append(pa.field("archive_file", pa.int64())),
-                                    extra=", file_index::BIGINT AS archive_file")
+            schema = schema.append(pa.field("archive_file", pa.int64()))
+            if is_s3(archive):
+                source = s3_source(con, name, archive, archived.get(name, []), schema)
+            else:
+                source = parquet_source(con, name, archived.get(name, []), schema,
+                                        extra=", file_index::BIGINT AS archive_file")
             con.execute(f"CREATE VIEW {raw} AS SELECT * FROM {source}")
             if name != DEAD_LETTERS:
                 con.execute(f"CREATE VIEW {name}_events AS {first_archived(raw)}")

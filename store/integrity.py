@@ -33,14 +33,15 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from klong.settings import Settings
-from store.archive import DEAD_LETTERS, QUARANTINE, FlushDir, Stray, walk, writer_lock
+from store.archive import DEAD_LETTERS, MANIFEST, QUARANTINE, FlushDir, Stray, walk, writer_lock
+from store.objstore import S3Location, is_s3
 
 Kind = Literal["damaged", "missing", "stray"]
 
@@ -76,8 +77,12 @@ class RepairReport:
     strays: list[Stray] = field(default_factory=list)  # reported and left alone
 
 
-def _read(path: Path, meta: dict | None, problems: list[str]) -> pa.Table | None:
-    data = path.read_bytes()
+def _read(d: FlushDir, path: Path, meta: dict | None, problems: list[str]) -> pa.Table | None:
+    try:
+        data = d.read_bytes(path)
+    except OSError as e:  # deleted since the walk, or the bucket is away
+        problems.append(f"{path.name}: cannot be read ({str(e).splitlines()[0][:200]})")
+        return None
     if meta is not None:
         if len(data) != meta.get("bytes"):
             problems.append(f"{path.name}: {len(data)} bytes, the manifest says {meta.get('bytes')}")
@@ -109,7 +114,7 @@ def check_flush(d: FlushDir) -> list[str]:
         if not listed:
             return ["no Parquet file"]
     for table in sorted(listed.keys() & d.files.keys()):
-        t = _read(d.files[table], listed[table], problems)
+        t = _read(d, d.files[table], listed[table], problems)
         if t is None:
             continue
         if listed[table] is not None and t.num_rows != listed[table].get("rows"):
@@ -156,23 +161,28 @@ def chain_gaps(flushes: list[FlushDir], committed: dict[tuple[str, str, int], in
     return gaps
 
 
-def verify(archive: Path, committed: dict[tuple[str, str, int], int] | None = None) -> list[Problem]:
+def verify(archive: Path | S3Location, committed: dict[tuple[str, str, int], int] | None = None) -> list[Problem]:
     """Every problem of the archive: damaged flushes, missing ranges, strays (see the module docstring)."""
     flushes, strays = walk(archive)
     out = [Problem("damaged", d.path, what, flush=d) for d in flushes for what in check_flush(d)]
-    out += [Problem("missing", archive / g.topic / g.topic_id, f"{g} are in no flush", gap=g)
+    where = (lambda g: PurePosixPath(archive.join(g.topic, g.topic_id))) if is_s3(archive) else (lambda g: archive / g.topic / g.topic_id)
+    out += [Problem("missing", where(g), f"{g} are in no flush", gap=g)
             for g in chain_gaps(flushes, committed)]
     out += [Problem("stray", s.path, s.why) for s in strays]
     return out
 
 
-def quarantined(archive: Path) -> list[Path]:
+def quarantined(archive: Path | S3Location) -> list[Path]:
     """Flush directories moved aside by `repair` (kept until a person removes them)."""
+    if is_s3(archive):
+        return sorted({PurePosixPath(i.path).parent for i in archive.list(archive.join(QUARANTINE))})
     root = archive / QUARANTINE
     return sorted(p for p in root.glob("*/*/*") if p.is_dir()) if root.exists() else []
 
 
-def quarantine(archive: Path, d: FlushDir) -> Path:
+def quarantine(archive: Path | S3Location, d: FlushDir) -> Path:
+    if is_s3(archive):
+        return _quarantine_s3(archive, d)
     dest = archive / QUARANTINE / d.topic / d.topic_id / d.path.name
     if dest.exists():  # quarantined before and rebuilt bad again: keep both
         dest = dest.with_name(f"{dest.name}.{time.strftime('%Y%m%dT%H%M%S')}")
@@ -180,6 +190,20 @@ def quarantine(archive: Path, d: FlushDir) -> Path:
     with writer_lock(archive, exclusive=True):
         os.rename(d.path, dest)
     return dest
+
+
+def _quarantine_s3(loc: S3Location, d: FlushDir) -> PurePosixPath:
+    """Moves a flush's objects under `_quarantine/`: its manifest goes first (from then on it is not
+    archived), copied, then deleted; then every other object of it."""
+    dest = loc.join(QUARANTINE, d.topic, d.topic_id, d.path.name)
+    if loc.list(dest):
+        dest += f".{time.strftime('%Y%m%dT%H%M%S')}"
+    objects = [i.path for i in loc.list(str(d.path))]
+    with writer_lock(loc, exclusive=True):
+        for src in sorted(objects, key=lambda p: not p.endswith("/" + MANIFEST)):
+            loc.fs.copy_file(src, f"{dest}/{src.rsplit('/', 1)[1]}")
+            loc.delete(src)
+    return PurePosixPath(dest)
 
 
 def _damaged_range(d: FlushDir, flushes: list[FlushDir]) -> Gap:
@@ -203,7 +227,7 @@ def repair(settings: Settings, *, refetch: bool = True, timeout_s: float = 60.0)
     range from Kafka. Without `refetch` nothing asks Kafka, so a deleted last flush is not seen."""
     from store.refetch import KafkaSide
 
-    archive = settings.archive_dir
+    archive = settings.archive
     with KafkaSide(settings) if refetch else contextlib.nullcontext() as kafka:
         problems = verify(archive, committed_offsets(kafka) if kafka else None)
         damaged = list({p.flush.path: p.flush for p in problems if p.kind == "damaged"}.values())
@@ -235,9 +259,9 @@ def _refetch(settings: Settings, kafka, gap: Gap, timeout_s: float) -> tuple[Pat
         return None, str(e)
     if not records:
         return None, "Kafka holds no records in this range (nothing to archive)"
-    job = FlushJob.of(settings.archive_dir, settings.blob_dir, gap.topic, gap.topic_id, gap.partition, records,
+    job = FlushJob.of(settings.archive, settings.blob_dir, gap.topic, gap.topic_id, gap.partition, records,
                       after=gap.after, through=gap.through)
     path = run_flush(job).path
-    rebuilt = next(f for f in list_flushes(settings.archive_dir, gap.topic) if f.path == path)
+    rebuilt = next(f for f in list_flushes(settings.archive, gap.topic) if f.path == path)
     bad = check_flush(rebuilt)
     return (path, "") if not bad else (None, f"the rebuilt {path.name} is bad too: {bad[0]}")

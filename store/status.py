@@ -44,7 +44,7 @@ def partition_lag(settings: Settings) -> list[PartitionLag]:
         begins = consumer.beginning_offsets(tps) if tps else {}
         out = []
         for tp in tps:
-            done = recover_positions(settings.archive_dir, tp.topic, ids[tp.topic]).get(tp.partition, begins[tp])
+            done = recover_positions(settings.archive, tp.topic, ids[tp.topic]).get(tp.partition, begins[tp])
             out.append(PartitionLag(tp.topic, tp.partition, ends[tp], done, max(0, ends[tp] - done)))
         return out
     finally:
@@ -77,8 +77,11 @@ def wait_archived(settings: Settings, timeout_s: float, poll_s: float = 0.5) -> 
 
 
 def archive_summary(settings: Settings) -> dict:
-    flushes, strays = walk(settings.archive_dir)
-    nbytes = sum(f.lstat().st_size for d in flushes for f in d.files.values())  # what readers read, no stray
+    flushes, strays = walk(settings.archive)  # a directory, or an S3 prefix
+    if settings.archive_url:  # objects are not stat'ed one by one: their manifests give the sizes
+        nbytes = sum(d.manifest["files"][f.name]["bytes"] for d in flushes if d.manifest for f in d.files.values())
+    else:
+        nbytes = sum(f.lstat().st_size for d in flushes for f in d.files.values())  # what readers read, no stray
     cat = Catalog(settings)
     counts = cat.arrow("""
         SELECT 'rollouts' AS what, count(*) AS n FROM rollouts UNION ALL
@@ -91,7 +94,7 @@ def archive_summary(settings: Settings) -> dict:
     from store.integrity import quarantined
 
     return {"flush_dirs": len(flushes), "archive_bytes": nbytes, **{r["what"]: r["n"] for r in counts},
-            "quarantined flush dirs": len(quarantined(settings.archive_dir)),
+            "quarantined flush dirs": len(quarantined(settings.archive)),
             "stray entries ignored": len(strays)}  # `klong archive verify` lists them
 
 

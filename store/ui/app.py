@@ -121,7 +121,7 @@ def create_app(settings: Settings, first_steps: int = FIRST_STEPS, host: str = "
     def flushes() -> tuple:
         """The archive's flush directories: immutable, so the same list means the same events (new data adds a
         directory, a quarantined one leaves)."""
-        return tuple(str(d.path) for d in list_flushes(settings.archive_dir))
+        return tuple(str(d.path) for d in list_flushes(settings.archive))
 
     def archive_state() -> tuple:
         """What the figures depend on: the archive's flushes and the dataset versions (immutable too)."""
