@@ -12,9 +12,9 @@ import importlib
 import json
 import logging
 import os
-import signal
 import sys
 
+from klong.procs import signals_to
 from schemas.errors import KlongError
 
 ENV_HELP = "(env KLONG_HOME; default ./klong-data)"
@@ -64,13 +64,12 @@ def cmd_sink(args) -> int:
     def on_signal(*_):
         stop["now"] = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     sink = Sink(s, flush_interval_s=args.flush_interval, flush_bytes=args.flush_mb << 20, group=args.group,
                 writers=args.writers)
     bar = _progress("archiving", unit="ev", quiet=args.quiet)
-    stats = sink.run(until_idle=args.until_idle, should_stop=lambda: stop["now"],
-                     progress=lambda st: bar.update(st.events + st.dead_letters - bar.n))
+    with signals_to(on_signal):
+        stats = sink.run(until_idle=args.until_idle, should_stop=lambda: stop["now"],
+                         progress=lambda st: bar.update(st.events + st.dead_letters - bar.n))
     bar.close()
     print(f"sink: {stats.events} events archived in {stats.flushes} flushes, {stats.dead_letters} dead letters")
     return 0
@@ -204,7 +203,6 @@ class StageBars:
 
 
 def _print_table(table, fmt: str, output: str | None) -> None:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if fmt == "parquet":

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 
+from klong.procs import signals_to
 from schemas.errors import ConfigError
 
 
@@ -112,13 +113,12 @@ def cmd_run(args) -> int:
         print(f"{signal.Signals(signum).name}: stopping the rollout after the current call", file=sys.stderr)
         control.stop()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     outbox = _outbox(s)
     try:
-        res = run_agent(outbox, s, args.task, policy, timeout_s=args.timeout, group_id=args.group or uuid7(),
-                        stage=args.stage, iteration=args.iteration, policy_version=args.policy_version,
-                        rollout_id=args.rollout_id, control=control, config=config, judge=not args.no_judge)
+        with signals_to(on_signal):
+            res = run_agent(outbox, s, args.task, policy, timeout_s=args.timeout, group_id=args.group or uuid7(),
+                            stage=args.stage, iteration=args.iteration, policy_version=args.policy_version,
+                            rollout_id=args.rollout_id, control=control, config=config, judge=not args.no_judge)
         outbox.flush(timeout=60, until="acked")
     finally:
         outbox.close()
@@ -147,11 +147,10 @@ def cmd_worker(args) -> int:
         print(f"{signal.Signals(signum).name}: handing running rollouts over to the other workers", file=sys.stderr)
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     worker = RolloutWorker(_settings(args), max_rollouts=args.max_rollouts, worker_id=args.worker_id,
                            say=lambda line: print(line, file=sys.stderr, flush=True))
-    stats = worker.run(should_stop=stop.is_set)
+    with signals_to(on_signal):
+        stats = worker.run(should_stop=stop.is_set)
     print(f"worker {worker.worker_id}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     return 0
 

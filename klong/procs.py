@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def signals_to(handler, signums=(signal.SIGINT, signal.SIGTERM)):
+    """Routes SIGINT/SIGTERM to `handler` while the block runs and puts the previous handlers back after it,
+    so a command run in-process (tests, the demo) leaves no handler behind that would swallow a later Ctrl-C."""
+    previous = {n: signal.signal(n, handler) for n in signums}
+    try:
+        yield
+    finally:
+        for n, h in previous.items():
+            signal.signal(n, h)
 
 
 def pid_alive(pid: int) -> bool:

@@ -133,3 +133,11 @@ def test_replay_shows_progress_on_a_terminal(train_home):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     shown = _on_a_terminal([sys.executable, "-m", "klong", *klong(train_home, "replay", "sft@1")], env)
     assert re.search(r"rebuilding: \d+ rollouts", shown) and "identical: sft@1" in shown, shown
+
+
+def test_a_command_run_in_process_leaves_no_signal_handler_behind(settings):
+    """`klong sink run` routes Ctrl-C to a clean stop while it runs, then puts the handlers back: a later
+    Ctrl-C in the same process (the demo, a test) is a KeyboardInterrupt again, not a stop flag nobody reads."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert main(klong(settings, "sink", "run", "--until-idle", "--quiet")) == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
