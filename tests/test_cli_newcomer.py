@@ -141,3 +141,17 @@ def test_a_command_run_in_process_leaves_no_signal_handler_behind(settings):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert main(klong(settings, "sink", "run", "--until-idle", "--quiet")) == 0
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_shipped_tasks_are_found_from_any_directory(settings, tmp_path):
+    """README's `klong tasks import tasks/...` lines (a glob no shell expanded included) from a directory
+    that has no tasks/ of its own read the shipped tasks; a real path of the user's still comes first."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "klong", *klong(settings, "tasks", "import", *a)],  # noqa: E731
+                                    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = run("tasks/answer-file", "tasks/family/train/*", "--split", "train")
+    assert out.returncode == 0, out.stderr
+    n_train = len([d for d in (ROOT / "tasks" / "family" / "train").iterdir() if d.is_dir()])
+    assert out.stdout.count("registered ") == 1 + n_train, out.stdout
+    missing = run("tasks/no-such-task", "--split", "train")
+    assert missing.returncode != 0 and "no-such-task" in missing.stderr
