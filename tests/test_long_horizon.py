@@ -3,7 +3,7 @@ windows are the contexts the policy sampled in (`windows=context`), none over th
 
 Pure splitting on a pruned rollout (table-driven), the runner's `context_limit` with SmolLM2's real tokenizer and
 a scripted policy, and one short `klong rl run` on the real model (SmolLM2 through the session's vLLM server):
-two progressive stages, a task read by chunks that overflows a 1,280-token context, rollouts carried over into
+two progressive stages, a task read by chunks that overflows a 1,152-token context, rollouts carried over into
 the next iteration under the next policy version and trained there.
 """
 
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -170,7 +171,7 @@ def write_task(root: Path) -> Path:
     return task
 
 
-LIMIT = 1280  # the policy's context (the SmolLM2 inline prefix with its tools block is ~940 tokens)
+LIMIT = 1152  # the policy's context (the SmolLM2 inline prefix with its tools block is ~940 tokens)
 
 
 def long_plan(model_dir: Path, serve_home: Path) -> dict:
@@ -187,7 +188,7 @@ def long_plan(model_dir: Path, serve_home: Path) -> dict:
         "dataset": {"name": "long-rl", "config": {"max_tokens": LIMIT, "windows": "context",
                                                   "tokenizer": str(model_dir)}},
         # end_task refused for the whole timeout: every rollout takes max_turns turns, and overflows
-        "agent": {"min_time_fraction": 1.0, "reminder_every_turns": 0, "max_tokens": 64, "max_turns": 8,
+        "agent": {"min_time_fraction": 1.0, "reminder_every_turns": 0, "max_tokens": 64, "max_turns": 6,
                   "temperature": 0.7, "tool_call_grammar": True, "prompt": "inline", "context_limit": LIMIT},
         "judge_timeout": "180s",
         "train": {"config": "rl_smollm2", "timeout": "15m",
@@ -195,10 +196,11 @@ def long_plan(model_dir: Path, serve_home: Path) -> dict:
     }
 
 
-@pytest.mark.timeout(2400)  # rollouts of 8 turns and two trainings of the real model on a shared 2-core machine
+@pytest.mark.timeout(2400)  # rollouts of 6 turns and two trainings of the real model on a shared 2-core machine
 def test_long_horizon_overflow_run_on_the_real_model(policy_server, smollm2_dir, make_settings, tmp_path):
     from klong import serve
     from producers.tasks import import_tasks
+    from store import datasets as ds
     from store.catalog import Catalog
 
     settings = make_settings("long")
@@ -215,8 +217,8 @@ def test_long_horizon_overflow_run_on_the_real_model(policy_server, smollm2_dir,
         q = lambda sql: cat.arrow(sql).to_pylist()  # noqa: E731
 
         # the runner: many turns, contexts pruned after the pinned prefix, every context within the limit
-        steps = q("SELECT rollout_id, step_idx, role, n_tokens, pinned, context_start, policy_version FROM steps "
-                  "ORDER BY rollout_id, step_idx")
+        steps = q("SELECT rollout_id, step_idx, role, (octet_length(token_ids) // 4)::BIGINT AS n_tokens, pinned, "
+                  "context_start, policy_version FROM step_events ORDER BY rollout_id, step_idx")
         by_r: dict = {}
         for s in steps:
             by_r.setdefault(s["rollout_id"], []).append(s)
@@ -233,9 +235,8 @@ def test_long_horizon_overflow_run_on_the_real_model(policy_server, smollm2_dir,
         assert prunes >= len(by_r), f"{prunes} prunes in {len(by_r)} rollouts: the contexts did not overflow"
 
         # the builder: windows = the contexts sampled, every trained span same-context, none over the length
-        samples = q("SELECT dataset, version, iteration, rollout_id, window_idx, first_step, last_step, n_tokens, "
-                    "policy_version, span_step, span_loss, span_same_ctx, prefix_same_ctx FROM samples "
-                    "WHERE dataset = 'long-rl' ORDER BY version, rollout_id, window_idx")
+        samples = [{**row, "version": v} for v in ds.versions(settings.home, "long-rl") for row in pq.read_table(
+            ds.version_dir(settings.home, "long-rl", v) / ds.SAMPLES).to_pylist()]  # the span lists: not in the view
         assert len(samples) > len({s["rollout_id"] for s in samples}), "no rollout split into several windows"
         ctx_of = {(s["rollout_id"], s["step_idx"]): s["context_start"] for s in steps}
         trained = same = 0
