@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional, get_args
 
 from consumers.rewards import RewardMode
-from consumers.split import PrefixLoss, SplitConfig
+from consumers.split import PrefixLoss, SplitConfig, WindowMode
 from schemas.errors import ConfigError
 from schemas.events import RolloutStatus
 
@@ -34,6 +34,7 @@ class DatasetConfig:
     overlap_turns: int = 2  # O: turns shared by consecutive windows
     loss_on_overlap: bool = True
     prefix_loss: PrefixLoss = "first"
+    windows: WindowMode = "fit"  # fit: eq. 4-6 windows; context: one window per recorded generation context
     reward_mode: RewardMode = "final"
     std_normalize: bool = False
     drop_constant_groups: bool = False
@@ -46,7 +47,7 @@ class DatasetConfig:
     statuses: tuple[str, ...] = ("finished", "timeout")
 
     def __post_init__(self) -> None:
-        self.split_config()  # validates max_tokens, overlap_turns, loss_on_overlap, prefix_loss
+        self.split_config()  # validates max_tokens, overlap_turns, loss_on_overlap, prefix_loss, windows
         if self.reward_mode not in get_args(RewardMode):
             raise ConfigError(f"reward_mode must be one of {get_args(RewardMode)}, got {self.reward_mode!r}")
         for key in ("std_normalize", "drop_constant_groups"):
@@ -84,7 +85,7 @@ class DatasetConfig:
         return cls(**config)
 
     def split_config(self) -> SplitConfig:
-        return SplitConfig(self.max_tokens, self.overlap_turns, self.loss_on_overlap, self.prefix_loss)
+        return SplitConfig(self.max_tokens, self.overlap_turns, self.loss_on_overlap, self.prefix_loss, self.windows)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

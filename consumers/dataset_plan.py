@@ -39,6 +39,7 @@ class PlannedRollout:
     windows: list = field(default_factory=list)  # kept consumers.split.Window objects
     same_ctx: list = field(default_factory=list)  # per window of the split (window_idx): bool [n_spans]
     prefix_same_ctx: bool = False  # every prefix step was recorded with its generation context
+    context_fallback: bool = False  # windows=context asked, split greedily instead (consumers.split)
     used: Optional[np.ndarray] = None  # bool [n_steps]: steps stored (prefix + the kept windows' spans)
 
 
@@ -121,7 +122,9 @@ def plan(con: duckdb.DuckDBPyConnection, kind: str, config: DatasetConfig, token
                if len(order) else np.zeros(0, np.int64), "staleness": stale[order]}
     newest = max((w.newest for w in wins), default=None)
     counts = {"steps_read": int(n), "rollouts_seen": len(rinfo), "windows_split": len(wins),
-              "newest_policy_version": newest, **group_counts, "token_ids_from": token_source}
+              "newest_policy_version": newest, **group_counts, "token_ids_from": token_source,
+              **({"context_fallback_rollouts": sum(r.context_fallback for r in rollouts)}
+                 if config.windows == "context" else {})}
     return Plan(steps, stored, samples, +drops, sorted(pending), counts)
 
 
@@ -168,7 +171,9 @@ def _split_one(info: dict, bounds: dict, steps: dict, judges: dict, splits: dict
         drops[reason] += 1
         return
     is_asst = steps["is_asst"][lo:hi]
-    res = split_rollout(is_asst, steps["pinned"][lo:hi], steps["n_tokens"][lo:hi], config.split_config())
+    ctx = steps["context_start"][lo:hi]
+    res = split_rollout(is_asst, steps["pinned"][lo:hi], steps["n_tokens"][lo:hi], config.split_config(),
+                        context_start=ctx)
     drops.update(res.drops)
     if not res.windows:
         return
@@ -182,10 +187,10 @@ def _split_one(info: dict, bounds: dict, steps: dict, judges: dict, splits: dict
     for w, qw in zip(res.windows, q.tolist()):
         body = w.spans[:, 0]
         wins.append(_Win(len(rollouts), w, qw, int(pv[body[is_asst[body]]].min()), newest))
-    ctx = steps["context_start"][lo:hi]
     rollouts.append(PlannedRollout(info, lo, hi, res.prefix_len,
                              same_ctx=[same_context(w, ctx, steps["n_tokens"][lo:hi]) for w in res.windows],
-                             prefix_same_ctx=bool(np.all(ctx[:res.prefix_len] >= 0))))
+                             prefix_same_ctx=bool(np.all(ctx[:res.prefix_len] >= 0)),
+                             context_fallback=res.context_fallback))
 
 
 

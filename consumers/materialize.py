@@ -26,6 +26,8 @@ Which events enter (each exclusion counted in the manifest's `drops`, by reason,
 - steps are sorted by step_idx, so arrival order does not matter; a gap in step_idx (or fewer steps
   than `rollout_ended.n_steps`) leaves the rollout out (`step_gap`);
 - `consumers.split` drops (prefix_too_long, turn_too_long, trailing_observations, no_turns);
+  `windows=context` cuts a window per recorded generation context (`consumers.split.split_contexts`);
+  rollouts it cannot apply to are split greedily, counted in `counts.context_fallback_rollouts`;
 - rl: windows without a valid judge result (`unrewarded`), judge results for rollouts never started
   (`judge_unknown_rollout`); several results for one step: the latest valid (produced_at, offset) wins;
 - a step of the rollout holds a URL of its task's blacklist (`store.blacklist`): `blacklisted`;

@@ -18,6 +18,15 @@ Every window's input is `prefix tokens ++ window tokens` and must fit `max_token
   chat template's generation prompt and closing ids around them: `consumers.sampled`), so
   `Window.n_loss_tokens` counts whole assistant steps and the dataset builder recounts sampled ids.
 
+`windows="context"` (runner rollouts that record `context_start`) cuts one window per generation context
+instead: the runner gave assistant step s the context prefix ++ steps [c_s, s), c_s its recorded
+`context_start` (it moves on only when the runner prunes). Window j is prefix ++ steps [c_j, e_j], e_j the
+last assistant step generated in context c_j, so every window is exactly a context the policy sampled in.
+Loss sits on the assistant steps generated in c_j only; the older steps the prune kept are context (they
+trained in their own window), so no trained span is off-context whatever `loss_on_overlap` says. A rollout
+where that does not hold (a step without `context_start`, a context starting inside the prefix, a window over
+B, a turn too long) falls back to the greedy split above (`SplitResult.context_fallback`).
+
 Windows are stored as *spans* (step_idx, tok_start, tok_end, loss) into the rollout's steps, the
 prefix once per rollout, so storage grows with unique tokens, not with K. Drops come back as a
 Counter by reason; units per reason are in `DROP_UNITS`.
@@ -34,7 +43,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Mapping, Optional, Sequence, get_args
 
 import numpy as np
@@ -44,6 +53,7 @@ from schemas.events import MAX_INT32
 from schemas.errors import ConfigError, ValidationError
 
 PrefixLoss = Literal["first", "never", "always"]
+WindowMode = Literal["fit", "context"]
 DROP_UNITS = {
     "prefix_too_long": "rollouts",  # B <= 0: nothing fits next to the prefix
     "no_turns": "rollouts",  # no assistant step after the prefix (or every turn dropped): no window
@@ -64,6 +74,7 @@ class SplitConfig:
     overlap_turns: int = 0  # O: turns shared by consecutive windows
     loss_on_overlap: bool = True  # eq. 6 trains overlapped actions again
     prefix_loss: PrefixLoss = "first"
+    windows: WindowMode = "fit"  # fit: eq. 4-6; context: one window per recorded generation context
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_INT32:
@@ -74,6 +85,8 @@ class SplitConfig:
             raise ConfigError(f"loss_on_overlap must be true or false, got {self.loss_on_overlap!r}")
         if self.prefix_loss not in get_args(PrefixLoss):
             raise ConfigError(f"prefix_loss must be one of {get_args(PrefixLoss)}, got {self.prefix_loss!r}")
+        if self.windows not in get_args(WindowMode):
+            raise ConfigError(f"windows must be one of {get_args(WindowMode)}, got {self.windows!r}")
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> "SplitConfig":
@@ -106,12 +119,59 @@ class SplitResult:
     budget: int  # B = max_tokens - prefix_tokens
     windows: list[Window]
     drops: Counter  # reason -> count (units in DROP_UNITS)
+    context_fallback: bool = False  # windows="context" asked, but the rollout was split greedily (see above)
 
 
 def split_rollout(roles: Roles, pinned: Sequence[bool] | np.ndarray, n_tokens: Sequence[int] | np.ndarray,
-                  config: SplitConfig, *, step_idx: Optional[Sequence[int] | np.ndarray] = None) -> SplitResult:
-    """One rollout's steps (sorted by step_idx) -> windows. See the module docstring for the rules."""
-    return split_turns(build_turns(roles, pinned, n_tokens, step_idx=step_idx), config)
+                  config: SplitConfig, *, step_idx: Optional[Sequence[int] | np.ndarray] = None,
+                  context_start: Optional[Sequence[int] | np.ndarray] = None) -> SplitResult:
+    """One rollout's steps (sorted by step_idx) -> windows. See the module docstring for the rules.
+    `context_start`: int [n] per step, -1 where not recorded (used by windows="context" only)."""
+    turns = build_turns(roles, pinned, n_tokens, step_idx=step_idx)
+    if config.windows == "context":
+        res = split_contexts(turns, np.asarray(context_start if context_start is not None else
+                                               np.full(len(turns.n_tokens), -1), np.int64), config)
+        if res is not None:
+            return res
+        return replace(split_turns(turns, config), context_fallback=True)
+    return split_turns(turns, config)
+
+
+def split_contexts(turns: Turns, context_start: np.ndarray, config: SplitConfig) -> Optional[SplitResult]:
+    """windows="context": one window per generation context (module docstring); None where it cannot apply."""
+    p, is_asst, n_tok = turns.prefix_len, turns.is_assistant, turns.n_tokens
+    budget = config.max_tokens - turns.prefix_tokens
+    if budget <= 0 or not turns.n_turns:
+        return None
+    acts = turns.end_step  # the assistant steps after the prefix, in order
+    ctx = context_start[acts]
+    if np.any(ctx < p) or np.any(ctx > acts) or np.any(np.diff(ctx) < 0):
+        return None  # not recorded, inside the prefix, or not a runner's (starts only move forward)
+    prefix_spans = np.column_stack([np.arange(p), np.zeros(p, np.int64), n_tok[:p], is_asst[:p]]).astype(np.int64)
+    prefix_spans.setflags(write=False)
+    prefix_act = int(n_tok[:p][is_asst[:p]].sum())
+    first_of = np.flatnonzero(np.concatenate([[True], ctx[1:] != ctx[:-1]]))  # first turn of each context
+    last_of = np.append(first_of[1:], len(acts)) - 1
+    windows = []
+    for i, (a, b) in enumerate(zip(first_of.tolist(), last_of.tolist())):
+        c, e = int(ctx[a]), int(acts[b])
+        steps = np.arange(c, e + 1)
+        n = int(n_tok[c:e + 1].sum())
+        if n > budget:
+            return None
+        loss = is_asst[steps] & (context_start[steps] == c)  # generated in this context: the rest is context
+        spans = np.column_stack([steps, np.zeros(len(steps), np.int64), n_tok[steps], loss]).astype(np.int64)
+        spans.setflags(write=False)
+        pl = config.prefix_loss == "always" or (config.prefix_loss == "first" and i == 0)
+        t0 = int(np.searchsorted(turns.end_step, c))  # the turn holding step c
+        windows.append(Window(
+            window_idx=i, first_turn=t0, last_turn=b, n_turns=b - t0 + 1, first_step=c, last_step=e, spans=spans,
+            n_tokens=turns.prefix_tokens + n, n_loss_tokens=int(n_tok[steps][loss.astype(bool)].sum())
+            + (prefix_act if pl else 0), obs_truncated=False, prefix_loss=pl))
+    drops: Counter = Counter()
+    if turns.n_dropped_obs:
+        drops["trailing_observations"] += turns.n_dropped_obs
+    return SplitResult(p, turns.prefix_tokens, prefix_spans, budget, windows, drops)
 
 
 def split_turns(turns: Turns, config: SplitConfig) -> SplitResult:

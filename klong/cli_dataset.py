@@ -10,7 +10,8 @@
 file first, then `key=value` overrides (values read as YAML: 4096 is an int, true a bool, [1,2] a list),
 then `--stage` / `--iteration`. `--config` also takes a shipped example by name (`sft`, or
 `examples/sft.yaml` from any directory). Keys: max_tokens, overlap_turns, loss_on_overlap, prefix_loss,
-reward_mode, std_normalize, drop_constant_groups, max_staleness, tokenizer, stage, iteration, tasks, statuses
+windows (fit|context), reward_mode, std_normalize, drop_constant_groups, max_staleness, tokenizer, stage, iteration,
+tasks, statuses
 (README "Versioned datasets"). On a terminal, build and replay show progress bars (-q: none); Ctrl-C
 leaves nothing half-built.
 """

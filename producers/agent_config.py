@@ -40,6 +40,9 @@ class AgentConfig:
     top_p: float = 1.0
     top_k: int = -1
     max_tokens: Optional[int] = None  # per completion
+    # token-in/token-out: the policy's context length (the server's max_model_len). The runner prunes before a call
+    # whose prompt + max_tokens + closing ids would not fit, so every recorded context fits it (agent_context)
+    context_limit: Optional[int] = None
     max_transient_errors: int = 3  # consecutive policy failures (after the client's retries) before 'error'
     snapshot_every_turns: int = 0  # extra snapshots during the rollout (0: only at the end)
     # The policy's model directory (tokenizer + chat template, `klong model import`): token-in/token-out through
@@ -68,6 +71,9 @@ class AgentConfig:
             raise ConfigError(f"temperature must be a number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1] (1: off), got {self.top_p!r}")
+        cl = self.context_limit
+        if cl is not None and (not isinstance(cl, int) or isinstance(cl, bool) or cl < 2):
+            raise ConfigError(f"context_limit must be an integer >= 2 (the server's max_model_len) or null, got {cl!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             raise ConfigError(f"top_k must be an integer >= 1, or -1 (off), got {self.top_k!r}")
 

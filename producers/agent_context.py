@@ -5,6 +5,7 @@
     turn = ctx.sample(client, step_idx=8, pinned=False, timeout_s=60, rollout_id=rid)  # one policy call
     turn.token_ids, turn.logprobs, turn.context_start, turn.prompt                  # what to record
     ctx.prune(0.3)                                                                  # after a context error
+    ctx = TokenContext(chat, tools=TOOLS, limit=2048)   # the server's max_model_len: prune before overflowing
 
 The model is given `concat(ids of the messages in context) ++ generation prompt` as a token-id prompt and
 its sampled ids are appended exactly as they came: nothing is re-tokenized. For a new observation only
@@ -15,6 +16,12 @@ the template closes the turn with after them (`\\n` after a sampled `<|im_end|>`
 sample was cut by max_tokens), so the context stays well-formed chat text. Its logprobs are one per id: the
 behaviour logprob for sampled ids, NaN for the ids the template added; `Turn.n_generation_prompt` and
 `Turn.n_sampled` say which ids were sampled (recorded with the step: only those carry loss).
+
+With `limit` (the server's `max_model_len`) a call whose prompt, its max_tokens (or at least one sampled id)
+and the ids the template closes a cut turn with would not fit raises `ContextLengthExceeded` before it is sent,
+so the runner prunes first: every recorded context, closed turn included, fits `limit` (a window the dataset
+builder cuts along the contexts is at most `limit` tokens), and a sample is never cut by the context. Without
+it the server decides (vLLM shortens max_tokens to what is left, then the closed turn is `limit` + 2 ids).
 
 Pruning drops whole messages after the pinned prefix (`agent_policy.prune`) and keeps the ids of the rest
 as they are, so the new context is still a concatenation of recorded steps: steps [0, P) ++ [c, k).
@@ -28,12 +35,12 @@ import math
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from consumers.chat import ChatTokenizer, TemplateError
-from producers.agent_policy import PolicyClient, parse_hermes, prune
+from producers.agent_policy import ContextLengthExceeded, PolicyClient, parse_hermes, prune
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,9 @@ class Turn:
 
 
 class TokenContext:
-    def __init__(self, chat: ChatTokenizer, tools: Sequence[dict]):
-        self.chat, self.tools = chat, list(tools)
+    def __init__(self, chat: ChatTokenizer, tools: Sequence[dict], limit: Optional[int] = None):
+        self.chat, self.tools, self.limit = chat, list(tools), limit
+        self._closing_cut: Optional[int] = None  # ids the template closes a cut sample with (computed once)
         self.messages: list[dict] = []  # the messages in context, as the template renders them
         self.ids: list[np.ndarray] = []  # per message: its ids in the context
         self.steps: list[int] = []  # per message: its step_idx
@@ -85,7 +93,15 @@ class TokenContext:
         start = self.context_start(step_idx)
         header = self.chat.generation_prompt(self.messages, self.tools)
         prompt = self.prompt_ids + header.tolist()
-        out = client.complete_tokens(prompt, timeout_s=timeout_s, rollout_id=rollout_id)
+        if self.limit is None:
+            out = client.complete_tokens(prompt, timeout_s=timeout_s, rollout_id=rollout_id)
+        else:
+            room = self.limit - len(prompt) - self.closing_cut()  # sampled ids that still close within limit
+            if room < (client.max_tokens or 1):
+                raise ContextLengthExceeded(f"context limit {self.limit}: a prompt of {len(prompt)} ids leaves "
+                                            f"{room} for a reply of up to {client.max_tokens or 1} and its closing ids")
+            out = client.complete_tokens(prompt, timeout_s=timeout_s, rollout_id=rollout_id,
+                                         max_tokens=client.max_tokens or room)
         sampled = np.asarray(out.token_ids, dtype=np.int32)
         stopped = len(sampled) > 0 and self.chat.eos_id is not None and int(sampled[-1]) == self.chat.eos_id
         text = self.chat.decode(sampled[:-1] if stopped else sampled)
@@ -104,6 +120,15 @@ class TokenContext:
         content, calls = parse_hermes(text)
         self._append(msg, ids, step_idx, pinned)
         return Turn(text, content, calls, ids, lps, out.finish_reason, start, prompt, len(header), len(sampled))
+
+    def closing_cut(self) -> int:
+        """How many ids the template appends to close an assistant turn cut before its end-of-turn id."""
+        if self._closing_cut is None:
+            user = [{"role": "user", "content": "x"}]
+            before = self.chat.render(user, self.tools, add_generation_prompt=True) + "y"
+            after = self.chat.render(user + [{"role": "assistant", "content": "y"}], self.tools)
+            self._closing_cut = len(self.chat.encode(after[len(before):])) if after.startswith(before) else 2
+        return self._closing_cut
 
     def prune(self, ratio: float) -> bool:
         """Drops the oldest `ratio` of the messages after the prefix; False when nothing is left to drop."""

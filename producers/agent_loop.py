@@ -39,7 +39,8 @@ class AgentLoop:
                  config: AgentConfig, timeout_s: float, reading: Optional[ReadingTracker]):
         self.rec, self.sandbox, self.client, self.control, self.config = rec, sandbox, client, control, config
         self.timeout_s, self.reading = timeout_s, reading
-        self.ctx = TokenContext(chat_tokenizer(config.model_dir), TOOLS) if config.model_dir else None
+        self.ctx = TokenContext(chat_tokenizer(config.model_dir), TOOLS, limit=config.context_limit) \
+            if config.model_dir else None
         self.t0 = time.monotonic()
         self.messages: list[dict] = []
         self.n_prefix = 0  # messages of the pinned prefix (kept by pruning)

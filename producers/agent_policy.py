@@ -142,8 +142,10 @@ class PolicyClient:
     def close(self) -> None:
         self._client.close()
 
-    def complete_tokens(self, prompt_ids: list[int], *, timeout_s: float, rollout_id: str) -> TokenCompletion:
-        """One sample from `/v1/completions` with a token-id prompt (vLLM): the sampled ids and logprobs."""
+    def complete_tokens(self, prompt_ids: list[int], *, timeout_s: float, rollout_id: str,
+                        max_tokens: Optional[int] = None) -> TokenCompletion:
+        """One sample from `/v1/completions` with a token-id prompt (vLLM): the sampled ids and logprobs.
+        `max_tokens`: this call's cap (default: the client's)."""
         extra: dict = {"return_token_ids": True, "skip_special_tokens": False}
         if self.top_k not in (-1, 0):  # vLLM's extra: not in the OpenAI API
             extra["top_k"] = self.top_k
@@ -153,7 +155,7 @@ class PolicyClient:
             extra["structured_outputs"] = {"regex": self.tool_call_regex}
         resp = self._call(lambda client, timeout: client.completions.create(
             model=self.policy.model, prompt=[int(i) for i in prompt_ids], temperature=self.temperature,
-            top_p=self.top_p, max_tokens=self.max_tokens, logprobs=0, extra_body=extra,
+            top_p=self.top_p, max_tokens=max_tokens or self.max_tokens, logprobs=0, extra_body=extra,
             extra_headers={"X-Klong-Rollout-Id": rollout_id}, timeout=timeout), timeout_s)
         if not resp.choices:
             raise TransientError(f"policy {self.policy.model} returned no choices")
