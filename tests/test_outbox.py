@@ -22,7 +22,7 @@ from klong.settings import Settings, Topics
 from producers.outbox import Outbox
 from schemas.errors import BrokerError, ConfigError, ValidationError
 from schemas.events import (JudgeRequested, JudgeRequestedPayload, Step, StepPayload, TaskPayload, TaskRegistered,
-                            decode, key_of, new_event)
+                            decode, encode, key_of, new_event)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,7 +190,8 @@ def test_full_outbox_blocks_put_until_kafka_drains_it(tmp_path, caplog):
             while "outbox full" not in caplog.text and time.monotonic() < deadline:
                 time.sleep(0.05)
             time.sleep(0.5)  # a put that were not blocked would go on past the bound below meanwhile
-            assert putter.is_alive() and 15 <= len(done) < 25  # ~20 kB of 1 kB records, then blocked
+            fits = -(-20_000 // (len(encode(events[0])) + len(key_of(events[0]).encode())))  # records in 20 kB
+            assert putter.is_alive() and fits - 2 <= len(done) <= fits + 3, (len(done), fits)  # then blocked
             assert "outbox full" in caplog.text and "klong sink run" in caplog.text
             broker = BrokerProcess.start(port, tmp_path / "broker.log")
             putter.join(30)
