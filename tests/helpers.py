@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import time
+
 import numpy as np
 from kafka import KafkaProducer
 
@@ -44,3 +47,27 @@ def produce(settings, events, raw: list[tuple[str, bytes | None, bytes]] = ()) -
         producer.flush()
     finally:
         producer.close()
+
+
+def kill_sinks_repeatedly(start, n_flushes, rng, *, kills: int, random_s: tuple[float, float]) -> tuple[int, int]:
+    """kill -9 sink processes from `start()` until `kills` kills, half of them after the sink archived something.
+    Kills alternate: one at a random moment (`random_s`: any phase, start-up, polling, mid-flush), one that first
+    waits until `n_flushes()` grows (an event, not a clock: on a loaded machine a sink may archive nothing for
+    seconds) and lands a random moment later. Returns (kills, kills that followed progress)."""
+    done = after_progress = 0
+    while done < kills or after_progress < kills // 2:
+        before = n_flushes()
+        proc = start()
+        if done % 2:
+            deadline = time.monotonic() + 300
+            while n_flushes() == before and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.5))
+        else:
+            time.sleep(rng.uniform(*random_s))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done += 1
+        after_progress += n_flushes() > before
+        assert done < 4 * kills, (done, after_progress)  # a sink that never archives: fail, don't loop
+    return done, after_progress

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from store.archive import MANIFEST, archived_files, list_flushes, recover_positi
 from store.catalog import Catalog, QueryError
 from store.integrity import repair, verify
 from store.objstore import location
-from tests.helpers import produce, rollout_events
+from tests.helpers import kill_sinks_repeatedly, produce, rollout_events
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -182,25 +181,10 @@ def test_sink_archives_to_s3_exactly_once_through_kill_minus_nine(settings, s3_u
     env = {**os.environ, "KLONG_ARCHIVE_URL": s3.archive_url}
     cmd = [sys.executable, "-m", "klong", "sink", "run", "--home", str(s3.home), "--bootstrap-servers",
            s3.bootstrap_servers, "--topic-prefix", s3.topics.prefix, "-q", "--flush-interval", "0.1"]
-    kills = kills_after_progress = 0
     try:
-        # kills alternate: one at a random moment, one once this sink archived something new (an event, not
-        # a clock: on a loaded machine a sink may archive nothing within seconds) plus a random delay
-        while kills < KILLS or kills_after_progress < KILLS // 2:
-            before = len(list_flushes(s3.archive))
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
-            if kills % 2:
-                deadline = time.monotonic() + 300
-                while len(list_flushes(s3.archive)) == before and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                time.sleep(rng.uniform(0.0, 0.5))
-            else:
-                time.sleep(rng.uniform(1.0, 4.0))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            kills_after_progress += len(list_flushes(s3.archive)) > before
-            assert kills < 4 * KILLS, (kills, kills_after_progress)  # a sink that never archives: fail, don't loop
+        kills, kills_after_progress = kill_sinks_repeatedly(
+            lambda: subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env),
+            lambda: len(list_flushes(s3.archive)), rng, kills=KILLS, random_s=(1.0, 4.0))
     finally:
         stop.set()
         t.join()

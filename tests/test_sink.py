@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from consumers.sink import Sink
 from schemas.events import event_type
 from store.archive import list_flushes
 from store.catalog import Catalog
-from tests.helpers import produce, rollout_events
+from tests.helpers import kill_sinks_repeatedly, produce, rollout_events
 
 
 def raw_counts(settings, table="step"):
@@ -131,27 +130,10 @@ def test_kill_minus_nine_exactly_once(settings):
 
     t = threading.Thread(target=producer)
     t.start()
-    kills = kills_after_progress = 0
-    try:
-        # Start-up (interpreter + writer process) takes ~1 s, far more on a loaded machine. Kills alternate:
-        # one at a random moment (any phase: start-up, polling, mid-flush), one that first waits until this
-        # sink archived something new (an event, not a clock) and then lands a random moment later, so at
-        # least 5 kills interrupt a sink that was writing, however slow the machine.
-        while kills < 10 or kills_after_progress < 5:
-            before = len(list_flushes(settings.archive_dir))
-            proc = subprocess.Popen(sink_cmd(settings, "--flush-interval", "0.1"), stdout=subprocess.DEVNULL)
-            if kills % 2:
-                deadline = time.monotonic() + 300
-                while len(list_flushes(settings.archive_dir)) == before and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                time.sleep(rng.uniform(0.0, 0.5))
-            else:
-                time.sleep(rng.uniform(0.8, 3.0))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            kills_after_progress += len(list_flushes(settings.archive_dir)) > before
-            assert kills < 40, (kills, kills_after_progress)  # a sink that never archives: fail, don't loop
+    try:  # start-up (interpreter + writer process) takes ~1 s, far more on a loaded machine
+        kills, kills_after_progress = kill_sinks_repeatedly(
+            lambda: subprocess.Popen(sink_cmd(settings, "--flush-interval", "0.1"), stdout=subprocess.DEVNULL),
+            lambda: len(list_flushes(settings.archive_dir)), rng, kills=10, random_s=(0.8, 3.0))
     finally:
         stop.set()
         t.join()
