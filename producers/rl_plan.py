@@ -41,8 +41,9 @@ change only after they ended. Their group ids are `PLAN:eval:i<iteration>:<task>
 `eval_*` columns of `rl_iterations` read them.
 
 `serve:` keys (klong.serve.ServeConfig): model (NAME under HOME/models or a directory), device (cpu | cuda),
-dtype (default float32 on cpu, bfloat16 on cuda), max_model_len, port, kv_cache_gib, and home (the data home
-whose server to use; default the run's own). `train.config` (a trainer YAML or a shipped name) with
+dtype (default float32 on cpu, bfloat16 on cuda), max_model_len (also the runner's `agent.context_limit` unless
+the agent block sets a lower one), port, kv_cache_gib, and home (the data home whose server to use; default the
+run's own). `train.config` (a trainer YAML or a shipped name) with
 `overrides` (a mapping or a list of `key=value`) needs `serve:`: each iteration trains from the checkpoint
 being served (model.name is set by the loop) and reloads the server with the new one.
 """
@@ -282,6 +283,8 @@ def parse_plan(raw: Any, source: str = "plan") -> RlPlan:
     if train_config and serve is None:
         raise ConfigError("train.config needs serve: the loop trains the served checkpoint and reloads the server "
                           "(without a managed server use train.command, a shell hook)")
+    if serve is not None:
+        agent = _context_limit(dict(agent), serve)
     return RlPlan(
         name=name, tasks=tasks, split=split, policy=policy, judge=judge, stages=parsed,
         dataset_name=ds["name"], dataset_config=cfg,
@@ -333,6 +336,22 @@ def _serve(raw: Any) -> Optional[dict]:
         if k in raw:
             _int(raw, k, "serve.", 1)
     return dict(raw)
+
+
+def _context_limit(agent: dict, serve: dict) -> dict:
+    """The managed server's context length is the runner's `agent.context_limit` unless the plan sets one: the
+    runner then prunes before a call the server would cut (vLLM shortens `max_tokens` to what is left, and the
+    closed turn ends over the model's length). A limit above the server's is refused."""
+    from klong.serve import ServeConfig
+
+    model_len = serve.get("max_model_len", ServeConfig.max_model_len)
+    limit = agent.get("context_limit")
+    if limit is None:
+        agent["context_limit"] = model_len
+    elif isinstance(limit, int) and not isinstance(limit, bool) and limit > model_len:
+        raise ConfigError(f"agent.context_limit {limit} is above serve.max_model_len {model_len}: the server cannot "
+                          "take that context; lower it or raise serve.max_model_len")
+    return agent
 
 
 def _train(raw: Any) -> tuple[Optional[str], Optional[float], Optional[str], tuple[str, ...]]:

@@ -136,3 +136,16 @@ def test_check_command_prints_the_schedule_and_reports_bad_files(tmp_path, capsy
     assert "must hold a mapping" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="No such file"):
         load_plan(tmp_path / "missing.yaml")
+
+
+def test_the_servers_context_length_is_the_runners_context_limit():
+    """With a managed server the runner prunes at the server's max_model_len unless the agent sets a lower limit;
+    a higher one is refused (the server could not take that context)."""
+    base = {**copy.deepcopy(PLAN), "serve": {"model": "smollm2", "max_model_len": 1152}}
+    base.pop("policy", None)
+    assert parse_plan(base).agent["context_limit"] == 1152
+    assert parse_plan({**base, "serve": {"model": "smollm2"}}).agent["context_limit"] == 4096  # the server's default
+    assert parse_plan({**base, "agent": {"context_limit": 1000}}).agent["context_limit"] == 1000
+    with pytest.raises(ConfigError, match="context_limit 2000 is above serve.max_model_len 1152"):
+        parse_plan({**base, "agent": {"context_limit": 2000}})
+    assert "context_limit" not in parse_plan(copy.deepcopy(PLAN)).agent  # no managed server: nothing to derive
