@@ -22,8 +22,6 @@ run under a time limit, row and byte caps and DuckDB's memory limit, and stop wh
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -51,7 +49,7 @@ from store.viewer import PAGE_ROWS, ROLLOUT_COLUMNS, STATUSES, NotFound, Rollout
 
 HERE = Path(__file__).parent
 FIRST_STEPS = 200  # steps rendered with a rollout page; the rest come from /api/steps?rollout=ID&start=N
-MEMORY_LIMIT = "2GB"  # DuckDB's memory limit for each of the viewer's connections (spills beyond it)
+MEMORY_LIMIT = "2GB"  # DuckDB's memory limit for each of the viewer's connections (a query past it fails)
 # The rollouts list's columns: compact, so a page fits a 1,400 px window (every ROLLOUT_COLUMNS sorts by URL)
 LIST_COLUMNS = ("rollout_id", "task_id", "group_id", "stage", "iteration", "status", "final_score", "n_turns",
                 "n_steps", "n_tokens", "elapsed_s", "n_judged", "policy_version", "started_at")
@@ -89,9 +87,9 @@ def create_app(settings: Settings, first_steps: int = FIRST_STEPS, host: str = "
     if first_steps < 1:
         raise ConfigError(f"first_steps {first_steps} must be >= 1")
     limits.check()
-    # DuckDB spills to a directory of its own inside the data home (not the working directory's .tmp/)
-    tmp = settings.home / ".klong-ui" / f"tmp-{os.getpid()}"
-    catalog = Catalog(settings, config={"memory_limit": memory_limit, "temp_directory": str(tmp)})
+    # No spilling: DuckDB lets SQL read its temp directory whatever the lock-down says, so the viewer, which runs
+    # SQL from web requests, has none (temp_directory ''); a query past memory_limit fails with a clear error
+    catalog = Catalog(settings, config={"memory_limit": memory_limit, "temp_directory": ""})
     viewer = Viewer(catalog)
     token = new_token()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -103,7 +101,6 @@ def create_app(settings: Settings, first_steps: int = FIRST_STEPS, host: str = "
         # the figures' numbers for every rollout, computed once in the background: /plots answers from the cache
         threading.Thread(target=plot_numbers, args=("",), name="klong-ui-plots", daemon=True).start()
         yield
-        shutil.rmtree(tmp, ignore_errors=True)  # DuckDB removes its files; this removes what a crash left
 
     app = FastAPI(title="klong ui", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(HostGuard, hosts=allowed_hosts(host))

@@ -8,7 +8,7 @@ cap, streams its rows, and stops when its client leaves.
     q.cancel()                           # from any thread: the client left
 
 How: the query runs in its own thread on its own DuckDB connection (Catalog.connect: the read-only views and
-lock-down, DuckDB's `memory_limit` and a private `temp_directory` from the catalog's config). A timer calls
+lock-down, DuckDB's `memory_limit` and no `temp_directory`: nothing spills, so nothing spilled is readable). A timer calls
 the connection's `interrupt()` at the time limit, wherever the query is (planning, a blocking aggregate,
 streaming). Rows come through DuckDB's Arrow stream (`to_arrow_reader`), a few batches ahead of the
 consumer (a bounded queue: a slow client slows the query instead of filling memory), so a 40 M-row result
@@ -225,4 +225,6 @@ class BoundedQuery:
 
 def _one_line(e: Exception) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "Out of Memory" in text:  # the viewer never spills to disk (app.py): say what to do
+        text += " (the viewer's queries run in memory, without spilling: narrow the query or raise --memory-limit)"
     return text
