@@ -121,13 +121,15 @@ class RolloutStartedPayload(msgspec.Struct, frozen=True, kw_only=True):
     tokenizer: str = ""
 
 
-class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     name: str
     arguments: str = ""  # JSON text, as OpenAI-compatible APIs return it
     id: Optional[str] = None
 
 
-class StepPayload(msgspec.Struct, frozen=True, kw_only=True):
+class StepPayload(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One turn of a rollout. On the wire, fields left at their defaults are omitted (decoding restores them): a
+    tool step would otherwise carry ~250 bytes of nulls of the assistant-only fields."""
     step_idx: NonNegInt  # 0-based, dense within a rollout
     role: Role
     content: str = ""
