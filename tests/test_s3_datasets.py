@@ -166,6 +166,7 @@ def test_no_command_prints_the_secret_key(two, monkeypatch, capsys, s3_server):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-" + secret)  # a refused request: its error, in one line
     assert cli(s3, "dataset", "build", "ds2", "--kind", "rl", "max_tokens=1000") != 0
     out.append(capsys.readouterr())
+    assert f"error: archive {s3.archive_url}: cannot list it" in out[2].err  # one line naming the archive
     text = "".join(o.out + o.err for o in out)
     assert "ds@1" in text and secret not in text
     manifest = (version_dir(s3.home, "ds", 1) / "manifest.json").read_text()
