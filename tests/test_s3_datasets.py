@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 
 import pyarrow.parquet as pq
 import pytest
@@ -144,14 +145,26 @@ def test_trainer_reader_lineage_and_viewer_on_the_bucket(two, monkeypatch, capsy
     # the viewer's rollout page, from the bucket: what the local archive's page shows
     from store.ui.app import create_app
 
-    pages = []
+    pages, hits, overlays, plots = [], [], [], []
     for s in (local, s3):
         with TestClient(create_app(s), base_url="http://127.0.0.1") as client:
             r = client.get("/rollouts/r1")
             assert r.status_code == 200, r.text[:500]
             pages.append(r.text)
             assert client.get("/rollouts/nope").status_code == 404
+            found = client.get("/search", params={"q": "tool step 7 "})
+            assert found.status_code == 200, found.text[:500]
+            hits.append(found.text.count("step 7 "))
+            ov = client.get("/api/overlay", params={"rollout": "r1", "ref": "ds@1"})  # the version's windows
+            assert ov.status_code == 200, ov.text[:500]
+            overlays.append({k: v for k, v in ov.json().items() if k != "manifest"})  # manifest: its local path
+            plots.append(client.get("/api/plots").json())
+        for t in threading.enumerate():  # the app's background figures: done before the bucket's variables go
+            if t.name == "klong-ui-plots":
+                t.join(300)
     assert "r1" in pages[1] and pages[0].count('class="step') == pages[1].count('class="step') > 0
+    assert hits[0] == hits[1] > 0 and overlays[0] == overlays[1] and overlays[1]["steps"]
+    assert plots[0] == plots[1] and plots[1]["figures"]
 
 
 def test_no_command_prints_the_secret_key(two, monkeypatch, capsys, s3_server):
