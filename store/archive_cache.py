@@ -15,7 +15,7 @@ Flushes are immutable once committed (a repair re-fetches a flush into a new man
 copy is reused while its size and CRC-32 match what the flush's manifest records; a copy is written
 to a temp name and renamed, so concurrent builds share the cache safely. An object that does not match
 its manifest after download is an error naming it (`klong archive verify` finds such damage), never a
-silently different dataset. The cache can be deleted at any time; it only costs a download again.
+silently different dataset. The cache can be deleted whenever no build runs; it only costs a download again.
 """
 
 from __future__ import annotations
