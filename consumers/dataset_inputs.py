@@ -1,6 +1,7 @@
 """Reading the archive inputs of a dataset build: which flushes, DuckDB views over them, step/rollout/judge rows.
 
     >>> con = connect(InputSet.scan(home / "archive"))   # views raw_<type> and <type> (one row per event_id)
+    >>> InputSet.scan(loc, cache=cache_dir(home, loc))   # a bucket (store.objstore): verified local copies
 
 `InputSet` names the flush directories (and optional Kafka offset ranges) a build reads, so a version can
 be rebuilt from exactly its events (`store.replay`). `connect` opens DuckDB over those Parquet files;
@@ -12,7 +13,7 @@ judge results per rollout, and the text of text-only steps tokenized (or chat-re
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,29 +24,46 @@ import pyarrow as pa
 from consumers.chat import ChatTokenizer, TemplateError
 from schemas.arrow import SCHEMAS
 from schemas.errors import ConfigError
-from store.archive import list_flushes
+from store.archive import list_flushes, relative
+from store.archive_cache import staged
+from store.objstore import S3Location, is_s3
 
 INPUT_TYPES = ("step", "rollout_started", "rollout_resumed", "rollout_ended", "judge_result", "task_registered")
 
 
 @dataclass(frozen=True)
 class InputSet:
-    """Which archived events a build reads: flush directories, optionally only some Kafka offsets."""
+    """Which archived events a build reads: flush directories, optionally only some Kafka offsets. The
+    archive is a local directory or a bucket prefix; a bucket's objects are read from local copies in
+    `cache` (store.archive_cache), so DuckDB reads files on disk either way."""
 
-    archive: Path
+    archive: Path | S3Location
     flushes: tuple[str, ...]  # archive-relative: topic/topic_id/topic+partition+first+last, sorted
     ranges: tuple[tuple[str, int, int, int], ...] = ()  # (topic, partition, first, last): only these offsets
+    cache: Path | None = field(default=None, compare=False)  # for a bucket archive: where its objects are copied
 
     @classmethod
-    def scan(cls, archive: Path) -> "InputSet":
+    def scan(cls, archive: Path | S3Location, cache: Path | None = None) -> "InputSet":
         """Every flush directory of the archive that holds an event type a dataset reads."""
         keep = [f for f in list_flushes(archive) if any(t in f.files for t in INPUT_TYPES)]
-        return cls(archive, tuple(sorted(str(f.path.relative_to(archive)) for f in keep)))
+        return cls(archive, tuple(sorted(relative(archive, f.path) for f in keep)), cache=cache)
+
+    def present(self) -> set[str]:
+        """The flushes (archive-relative) the archive holds now."""
+        return {relative(self.archive, d.path) for d in list_flushes(self.archive)}
 
     def listing(self) -> dict[str, dict[str, Path]]:
-        """Flush (archive-relative) -> its table files, as the archive layout names them (store.archive:
-        strays and symlinks are skipped)."""
-        return {str(d.path.relative_to(self.archive)): d.files for d in list_flushes(self.archive)}
+        """Flush (archive-relative) -> its table files on local disk, as the archive layout names them
+        (store.archive: strays and symlinks are skipped); a bucket's files of this input set are copied
+        into `cache` first."""
+        flushes = list_flushes(self.archive)
+        if not is_s3(self.archive):
+            return {relative(self.archive, d.path): d.files for d in flushes}
+        if self.cache is None:
+            raise ConfigError(f"archive {self.archive}: a build from a bucket needs a cache directory")
+        wanted = set(self.flushes)
+        return staged(self.archive, [d for d in flushes if relative(self.archive, d.path) in wanted],
+                      frozenset(INPUT_TYPES), self.cache)
 
     def files(self, etype: str, listed: dict[str, dict[str, Path]] | None = None) -> list[str]:
         listed = self.listing() if listed is None else listed

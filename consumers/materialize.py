@@ -1,7 +1,7 @@
 """Archive -> dataset version: steps -> turns -> sub-trajectories -> rewards -> advantages -> Parquet.
 
     klong dataset build web-rl --kind rl --config rl.yaml max_tokens=32768     # prints web-rl@N
-    >>> build_version(settings.home, "web-rl", "rl", {"max_tokens": 32768})    # -> BuildOutcome
+    >>> build_version(settings.home, "web-rl", "rl", {"max_tokens": 32768}, archive=settings.archive)
 
 The splitting, reward and advantage rules are `consumers.split`, `consumers.rewards` and
 `consumers.advantages` (DESIGN.md "Semantics the tests hold the code to"); this module decides which
@@ -67,6 +67,8 @@ from consumers.tokenize import load_tokenizer
 from schemas.errors import ConfigError
 from schemas.events import SCHEMA_VERSION
 from store import datasets as ds
+from store.archive_cache import cache_dir
+from store.objstore import S3Location, is_s3
 
 # Re-exported: callers import these from consumers.materialize.
 __all__ = ["KINDS", "INPUT_TYPES", "UNITS", "BATCH_TOKENS", "DatasetConfig", "InputSet", "STEPS_SQL", "ROLLOUTS_SQL",
@@ -140,9 +142,10 @@ class BuildOutcome:
 
 
 def build_version(home: Path | str, name: str, kind: str, config: Mapping[str, Any] | DatasetConfig,
-                  batch_tokens: int = BATCH_TOKENS) -> BuildOutcome:
-    """Builds NAME@N+1 from the whole archive of `home`, or returns the existing version built from the same
-    input set with the same kind, config and tokenizer."""
+                  batch_tokens: int = BATCH_TOKENS, archive: Path | S3Location | None = None) -> BuildOutcome:
+    """Builds NAME@N+1 from the whole archive (`archive`: `Settings.archive`, a directory or a bucket prefix;
+    default `home/archive`), or returns the existing version built from the same input set with the same
+    kind, config and tokenizer. The version's files go to `home/datasets` either way."""
     ds.check_name(name)
     if kind not in KINDS:
         raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -150,9 +153,10 @@ def build_version(home: Path | str, name: str, kind: str, config: Mapping[str, A
     home = Path(home)
     if cfg.tokenizer != "bytes" and not Path(cfg.tokenizer).exists() and (home / "models" / cfg.tokenizer).is_dir():
         cfg = replace(cfg, tokenizer=str((home / "models" / cfg.tokenizer).resolve()))  # tokenizer=NAME: HOME/models
-    inputs = InputSet.scan(home / "archive")
+    archive = home / "archive" if archive is None else archive
+    inputs = InputSet.scan(archive, cache=cache_dir(home, archive) if is_s3(archive) else None)
     if not inputs.flushes:
-        raise ConfigError(f"the archive in {home} holds no rollout events: nothing to build "
+        raise ConfigError(f"the archive {archive} holds no rollout events: nothing to build "
                           "(produce events and run `klong sink run --until-idle` first)")
     fingerprint = load_tokenizer(cfg.tokenizer).fingerprint
     for m in reversed(ds.all_manifests(home)):

@@ -117,7 +117,8 @@ def cmd_build(args) -> int:
     try:
         with report_progress(lambda rollouts, tokens: (bar.set_postfix_str(f"{tokens:,} tokens", refresh=False),
                                                        bar.update(rollouts - bar.n))):
-            outcome = build_version(_settings(args).home, args.name, kind, cfg)
+            s = _settings(args)
+            outcome = build_version(s.home, args.name, kind, cfg, archive=s.archive)
     except KeyboardInterrupt:
         bar.close()
         _err(f"klong dataset build: interrupted; no version of {args.name} was published (a build is all or nothing)")

@@ -258,7 +258,7 @@ class Scheduler:
 
         t2 = time.monotonic()
         cfg = {**plan.dataset_config, "iteration": [it], "trainer_policy_version": pv}
-        outcome = build_version(self.settings.home, plan.dataset_name, "rl", cfg)
+        outcome = build_version(self.settings.home, plan.dataset_name, "rl", cfg, archive=self.settings.archive)
         summary.build_s, summary.dataset = time.monotonic() - t2, outcome.ref
         summary.n_samples = outcome.manifest["counts"]["samples"]
         self._emit("dataset_built", stage, it, pv, timeout_s=stage.timeout_s, dataset=outcome.ref,

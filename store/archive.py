@@ -248,6 +248,17 @@ def list_flushes(archive: Path | S3Location, topic: str | None = None) -> list[F
     return flushes
 
 
+def relative(archive: Path | S3Location, path) -> str:
+    """A flush's (or file's) path inside the archive, `topic/topic_id/flush`: the same string for a local
+    directory and a bucket, so dataset manifests name their inputs the same way on both."""
+    if is_s3(archive):
+        text = str(path)
+        if not archive.within(text) or text == archive.root:
+            raise ValueError(f"{text} is not inside the archive {archive}")
+        return text[len(archive.root) + 1:]
+    return str(Path(path).relative_to(archive))
+
+
 def archived_files(archive: Path | S3Location) -> dict[str, list[Path]]:
     """Every archived Parquet file by table name (an event type or dead_letters), in path order, from one
     walk of the layout. Walking instead of globbing: a writer's temp directory vanishing mid-walk cannot

@@ -3,8 +3,10 @@
     klong replay web-rl@3                # from the archive: the manifest's flush directories and config
     klong replay web-rl@3 --from-kafka   # re-archive the topics from Kafka first, then the same
 
-From the archive: the manifest records the exact input set (archive flush directories), the kind, the
-config and the tokenizer fingerprint; the version is rebuilt from those into a scratch directory
+From the archive (`Settings.archive`: the home's directory or a bucket prefix, whose objects are read
+from verified local copies, store.archive_cache): the manifest records the exact input set (archive flush
+directories, archive-relative, so the same on disk and in a bucket), the kind, the config and the
+tokenizer fingerprint; the version is rebuilt from those into a scratch directory
 (`datasets/_tmp/`) and its content hash compared with the manifest's. The stored files are hashed too,
 so a modified or corrupted file is reported even when the rebuild matches the manifest.
 
@@ -35,6 +37,8 @@ from consumers.materialize import DatasetConfig, InputSet, materialize
 from klong.settings import Settings, Topics
 from schemas.errors import KlongError
 from store import datasets as ds
+from store.archive_cache import cache_dir
+from store.objstore import is_s3
 
 
 @dataclass(frozen=True)
@@ -86,9 +90,11 @@ def replay(settings: Settings, ref: str, from_kafka: bool = False, keep: bool = 
             scratch_home = home / "_replay" / uuid.uuid4().hex[:12]
             inputs = _rearchive(settings, m, scratch_home, report, progress)
         else:
-            inputs = InputSet(settings.archive_dir, tuple(m["input"]["flushes"]),
-                              tuple(tuple(r) for r in m["input"].get("ranges", [])))
-            missing = [f for f in inputs.flushes if not (inputs.archive / f).is_dir()]
+            archive = settings.archive  # a directory, or a bucket prefix read through local copies
+            inputs = InputSet(archive, tuple(m["input"]["flushes"]), tuple(tuple(r) for r in m["input"].get("ranges", [])),
+                              cache=cache_dir(home, archive) if is_s3(archive) else None)
+            present = inputs.present()
+            missing = [f for f in inputs.flushes if f not in present]
             if missing:
                 report.differences.append(f"archive: {len(missing)} recorded flush directories are gone "
                                           f"(first: {missing[0]})")
