@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from klong.settings import Settings, Topics  # noqa: E402
+from core.settings import Settings, Topics  # noqa: E402
 from schemas.arrow import SCHEMAS, as_list_array, to_table  # noqa: E402
 from schemas.events import (JudgeResult, JudgeResultPayload, RolloutEnded, RolloutEndedPayload,  # noqa: E402
                             RolloutStarted, RolloutStartedPayload, TaskPayload, TaskRegistered, new_event)

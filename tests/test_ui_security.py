@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from consumers.sink import Sink
-from store.ui.app import ServerThread, create_app, rollout_url
-from store.ui.guard import allowed_hosts, host_name
-from store.ui.query import Limits
+from ui.app import ServerThread, create_app, rollout_url
+from ui.guard import allowed_hosts, host_name
+from ui.query import Limits
 from tests.helpers import produce, rollout_events
 
 HOSTILE = ["../sql?q=SELECT 1", "a/b/../c", "..", "x#y%2Fz"]
@@ -33,8 +33,8 @@ CHROMIUM = "/usr/bin/chromium"
 def home(broker, tmp_path_factory):
     import uuid
 
-    from klong.broker import ensure_topics
-    from klong.settings import Settings, Topics
+    from services.broker import ensure_topics
+    from core.settings import Settings, Topics
 
     settings = Settings(home=tmp_path_factory.mktemp("uisec") / "home", bootstrap_servers=broker.bootstrap,
                         topics=Topics(f"t{uuid.uuid4().hex[:10]}"), partitions=2)

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from consumers.materialize import DatasetConfig, InputSet, materialize
-from klong.settings import Settings, Topics
+from core.settings import Settings, Topics
 from schemas.errors import KlongError
 from store import datasets as ds
 

@@ -1,0 +1,103 @@
+"""Imports run only downward: every library module imports only its own package or lower layers.
+
+The layers, bottom to top (README, "Layout"): schemas < core < services < store < producers < consumers <
+trainer < rl < ui < klong. Every import statement counts, at module level or inside a function, since a
+function-level import is the same dependency paid later. The old paths of moved modules (core.aliases)
+still import for users, but the library itself must not use them.
+
+    KLONG_LAYERS_ROOT=/other/checkout pytest tests/test_layers.py   # check another tree (e.g. before the move)
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+from pathlib import Path
+
+import pytest
+
+from core.aliases import MOVED, new_name
+
+LAYERS = ["schemas", "core", "services", "store", "producers", "consumers", "trainer", "rl", "ui", "klong"]
+RANK = {name: i for i, name in enumerate(LAYERS)}
+ROOT = Path(os.environ.get("KLONG_LAYERS_ROOT") or Path(__file__).resolve().parents[1])
+
+
+def _imports(tree: ast.AST, package: str):
+    """(line, absolute module name) of every import in a module, nested ones included."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: within the package, the same layer
+                base = f"{package}.{base}" if base else package
+            if "." in base:
+                yield node.lineno, base
+            else:  # `from store import viewer` imports the module store.viewer
+                for alias in node.names:
+                    yield node.lineno, f"{base}.{alias.name}"
+
+
+def violations(root: Path) -> list[str]:
+    found = []
+    for layer in LAYERS:
+        for path in sorted((root / layer).rglob("*.py")):
+            rel = path.relative_to(root)
+            for line, name in _imports(ast.parse(path.read_text(), str(rel)), layer):
+                top = name.split(".")[0]
+                if top not in RANK:
+                    continue  # the standard library or a third-party package
+                if RANK[top] > RANK[layer]:
+                    found.append(f"{rel}:{line}: {layer} imports {name} from {top}, a higher layer")
+                elif new_name(name) is not None:
+                    old = next(o for o in MOVED if name == o or name.startswith(o + "."))
+                    found.append(f"{rel}:{line}: imports {old}, the old path of {MOVED[old]}")
+    return sorted(set(found))
+
+
+def test_imports_run_only_downward():
+    assert (ROOT / "schemas").is_dir(), f"{ROOT} is not a KLong checkout"
+    bad = violations(ROOT)
+    assert not bad, f"{len(bad)} imports go up the layers ({' < '.join(LAYERS)}):\n" + "\n".join(bad)
+
+
+def test_every_library_package_has_a_layer():
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests"}
+    assert packages <= set(LAYERS), f"packages without a layer in tests/test_layers.py: {sorted(packages - set(LAYERS))}"
+
+
+def test_the_check_sees_function_level_and_relative_imports(tmp_path):
+    for layer in LAYERS:
+        (tmp_path / layer).mkdir()
+    (tmp_path / "store" / "bad.py").write_text(
+        "import os\nfrom store import catalog\n\ndef f():\n    from consumers.sink import Sink\n"
+        "    import trainer.data\n    from .views import x\n    from klong import settings\n")
+    assert violations(tmp_path) == [
+        "store/bad.py:5: store imports consumers.sink from consumers, a higher layer",
+        "store/bad.py:6: store imports trainer.data from trainer, a higher layer",
+        "store/bad.py:8: store imports klong.settings from klong, a higher layer",
+    ]
+    (tmp_path / "klong" / "old.py").write_text("from store.viewer import NotFound\nimport klong.settings\n")
+    assert violations(tmp_path)[:2] == [
+        "klong/old.py:1: imports store.viewer, the old path of ui.viewer",
+        "klong/old.py:2: imports klong.settings, the old path of core.settings",
+    ]
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_old_paths_are_the_same_modules(old):
+    assert importlib.import_module(old) is importlib.import_module(MOVED[old])
+
+
+def test_patching_an_old_path_patches_the_module(monkeypatch):
+    import core.settings
+    import ui.app
+    from store.ui import app
+
+    monkeypatch.setattr("klong.settings.HOME_ENTRIES", ("patched",))
+    assert core.settings.HOME_ENTRIES == ("patched",)
+    assert app is ui.app and ui.app.__spec__.name == "ui.app"  # the real spec survives the alias
+    assert importlib.import_module("store.ui.finder") is importlib.import_module("ui.finder")
