@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,23 @@ def violations(root: Path) -> list[str]:
                 elif new_name(name) is not None:
                     old = next(o for o in MOVED if name == o or name.startswith(o + "."))
                     found.append(f"{rel}:{line}: imports {old}, the old path of {MOVED[old]}")
+            if rel.as_posix() != "core/aliases.py":
+                found += _old_paths_in_strings(path, rel)
     return sorted(set(found))
+
+
+def _old_paths_in_strings(path: Path, rel: Path) -> list[str]:
+    """A module path in a string is an import too (a worker extension class, a list of view modules)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and _DOTTED.fullmatch(node.value):
+            old = next((o for o in MOVED if node.value == o or node.value.startswith(o + ".")), None)
+            if old:
+                found.append(f"{rel}:{node.lineno}: names {node.value!r}, the old path of {MOVED[old]}")
+    return found
+
+
+_DOTTED = re.compile(r"[a-z_]+(\.[A-Za-z_][A-Za-z0-9_]*)+")
 
 
 def test_imports_run_only_downward():
@@ -80,10 +97,12 @@ def test_the_check_sees_function_level_and_relative_imports(tmp_path):
         "store/bad.py:6: store imports trainer.data from trainer, a higher layer",
         "store/bad.py:8: store imports klong.settings from klong, a higher layer",
     ]
-    (tmp_path / "klong" / "old.py").write_text("from store.viewer import NotFound\nimport klong.settings\n")
-    assert violations(tmp_path)[:2] == [
+    (tmp_path / "klong" / "old.py").write_text("from store.viewer import NotFound\nimport klong.settings\n"
+                                               "EXT = 'klong.serve_worker.PolicyWorkerExtension'\n")
+    assert violations(tmp_path)[:3] == [
         "klong/old.py:1: imports store.viewer, the old path of ui.viewer",
         "klong/old.py:2: imports klong.settings, the old path of core.settings",
+        "klong/old.py:3: names 'klong.serve_worker.PolicyWorkerExtension', the old path of services.serve_worker",
     ]
 
 
