@@ -2,6 +2,7 @@
 
     import klong.settings          # the very module object core.settings: patching one patches the other
     from store.ui import app       # ui.app
+    python -m core.aliases FILE... # rewrites the old paths in your files (imports, strings, docs) to the new
 
 `install()` (called by the `klong`, `store`, `producers` and `consumers` packages, so an old path works the
 moment its parent package is imported) puts one finder in front of `sys.meta_path`: a name in `MOVED`, or
@@ -18,7 +19,9 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import re
 import sys
+from pathlib import Path
 from typing import Optional
 
 MOVED = {  # old path -> new path; a package's submodules follow it
@@ -83,3 +86,48 @@ def install() -> None:
     """Makes the old paths importable (idempotent)."""
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
+
+
+_OLD = sorted(MOVED, key=len, reverse=True)  # longest first: producers.scheduler_services before producers.scheduler
+_NAME = re.compile(r"(?<![\w./])(" + "|".join(re.escape(o) for o in _OLD) + r")(?!\w)")
+_PATH = re.compile(r"(?<![\w./])(" + "|".join(re.escape(o.replace(".", "/")) for o in _OLD) + r")(\.py|/)")
+_FROM = re.compile(r"^(\s*)from (\w+) import (\w+)(?: as (\w+))?[ \t]*(#.*)?$", re.M)
+
+
+def _from_line(m: re.Match) -> str:
+    """`from klong import serve` -> `from services import serve`; `from producers import rl_start` ->
+    `from rl import start as rl_start`: the name the code uses stays."""
+    indent, parent, leaf, alias, comment = m.groups()
+    new = MOVED.get(f"{parent}.{leaf}")
+    if new is None:
+        return m.group(0)
+    package, _, new_leaf = new.rpartition(".")
+    name = alias or leaf
+    line = (f"import {new_leaf}" if not package else f"from {package} import {new_leaf}") + \
+        (f" as {name}" if name != new_leaf else "")
+    return indent + line + (f"  {comment}" if comment else "")
+
+
+def rewrite(text: str) -> str:
+    """`text` with every old module path (dotted, as a file path, or `from PARENT import MODULE`) made new."""
+    text = _FROM.sub(_from_line, text)
+    text = _PATH.sub(lambda m: MOVED[m.group(1).replace("/", ".")].replace(".", "/") + m.group(2), text)
+    return _NAME.sub(lambda m: MOVED[m.group(1)], text)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m core.aliases FILE...  rewrites the old module paths in each file to the new ones")
+        return 0 if argv else 2
+    for name in argv:
+        path = Path(name)
+        text = path.read_text()
+        new = rewrite(text)
+        if new != text:
+            path.write_text(new)
+            print(f"rewrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
