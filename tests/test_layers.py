@@ -151,6 +151,10 @@ def test_rewrite_command_on_files(tmp_path):
     assert out.returncode == 0, out.stderr
     assert f.read_text() == "from core.settings import Settings\nfrom ui.viewer import NotFound\n"
     assert violations_of_text(f.read_text()) == []
+    here = Path(__file__).read_text()  # names core.aliases: its old paths are meant, so it is left alone
+    subprocess.run([sys.executable, "-m", "core.aliases", __file__], check=True, timeout=120,
+                   cwd=Path(__file__).resolve().parents[1], capture_output=True)
+    assert Path(__file__).read_text() == here
 
 
 def violations_of_text(text: str) -> list[str]:
