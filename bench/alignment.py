@@ -47,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from klong.settings import Settings, Topics  # noqa: E402
+from core.settings import Settings, Topics  # noqa: E402
 
 
 def say(name: str, value: float, unit: str, note: str = "") -> None:
@@ -145,10 +145,10 @@ CHATS = [
 
 def write_chat_archive(settings: Settings, model_dir: Path, rollouts: int, turns: int) -> None:
     """Conversations as archived events: each step's token_ids = its span of the model directory's chat template
-    rendering (consumers.chat), assistant steps with (placeholder) logprobs."""
+    rendering (core.chat), assistant steps with (placeholder) logprobs."""
     import numpy as np
 
-    from consumers.chat import ChatTokenizer
+    from core.chat import ChatTokenizer
     from schemas.arrow import encode_array, to_table
     from schemas.events import (JudgeResult, JudgeResultPayload, RolloutEnded, RolloutEndedPayload, RolloutStarted,
                                 RolloutStartedPayload, Step, StepPayload, TaskPayload, TaskRegistered, event_type,

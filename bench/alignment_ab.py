@@ -27,9 +27,9 @@ def record(model_dir: Path, work: Path, rollouts: int, turns: int, max_tokens: i
     """Starts a broker and a vLLM server, records `rollouts` concurrent rollouts (token-in/token-out),
     judges them with synthetic scores, archives everything; returns (settings, {rollout_id: [calls]})."""
     from consumers.sink import Sink
-    from klong import serve
-    from klong.broker import BrokerProcess, ensure_topics, free_port
-    from klong.settings import Settings, Topics
+    from services import serve
+    from services.broker import BrokerProcess, ensure_topics, free_port
+    from core.settings import Settings, Topics
     from producers.agent import AgentConfig, PolicyEndpoint, run_agent
     from producers.agent_policy import PolicyClient
     from producers.outbox import Outbox

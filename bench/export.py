@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.loader import say  # noqa: E402
 from bench.materialize import make_archive  # noqa: E402
-from klong.settings import Settings, Topics  # noqa: E402
+from core.settings import Settings, Topics  # noqa: E402
 
 
 def peer_seconds(files: list[Path], scratch: Path, compression: str) -> float:

@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition  # noqa: E402
 
-from klong.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
-from klong.settings import Settings, Topics  # noqa: E402
+from services.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
+from core.settings import Settings, Topics  # noqa: E402
 from producers.agent import AgentConfig, PolicyEndpoint, RolloutControl, run_agent  # noqa: E402
 from producers.fleet import Fleet  # noqa: E402
 from producers.tasks import import_tasks  # noqa: E402

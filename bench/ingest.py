@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kafka import KafkaConsumer, TopicPartition  # noqa: E402
 
 from consumers.sink import Sink  # noqa: E402
-from klong.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
-from klong.settings import Settings, Topics  # noqa: E402
+from services.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
+from core.settings import Settings, Topics  # noqa: E402
 from producers.outbox import Outbox  # noqa: E402
 from producers.recorder import RolloutRecorder  # noqa: E402
 from store.catalog import Catalog  # noqa: E402

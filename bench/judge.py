@@ -35,8 +35,8 @@ from kafka import KafkaProducer  # noqa: E402
 
 from consumers.grading import GraderConfig  # noqa: E402
 from consumers.judge import JudgeConfig, JudgeWorker  # noqa: E402
-from klong.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
-from klong.settings import Settings, Topics  # noqa: E402
+from services.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
+from core.settings import Settings, Topics  # noqa: E402
 from producers.judge_requests import store_snapshot  # noqa: E402
 from producers.tasks import import_tasks  # noqa: E402
 from schemas.events import JudgeRequested, JudgeRequestedPayload, encode, key_of, new_event  # noqa: E402

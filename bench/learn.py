@@ -3,7 +3,7 @@
     .venv/bin/python bench/learn.py [--iterations 2] [--samples 5] [--rollouts 4] [--eval-rollouts 2] [--eval-tasks 10]
 
 In a fresh data home (embedded broker, SmolLM2 imported unless --model gives a directory, the shipped family
-tasks/family registered: train split and held-out eval split), one `klong rl run` plan (producers.scheduler):
+tasks/family registered: train split and held-out eval split), one `klong rl run` plan (rl.scheduler):
 a held-out evaluation under policy v0 (every eval task x --eval-rollouts), then --iterations iterations on
 the train split (--samples tasks x --rollouts rollouts each, round-robin over the train tasks; the demo's
 agent block; `train: {config: rl_smollm2, overrides: {loss.tis_cap: null}}`), and the final held-out
@@ -35,9 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from klong.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
+from services.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
 from klong.demo import demo_plan, smollm2_gguf  # noqa: E402
-from klong.settings import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 
 FAMILY = ROOT / "tasks" / "family"
 
@@ -123,9 +123,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the bench home (printed)")
     args = ap.parse_args()
 
-    from klong import serve
-    from producers.rl_plan import parse_plan
-    from producers.scheduler import Scheduler
+    from services import serve
+    from rl.plan import parse_plan
+    from rl.scheduler import Scheduler
     from producers.tasks import import_tasks
     from store.catalog import Catalog
     from trainer.model_import import import_model

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.materialize import make_archive  # noqa: E402
-from klong.settings import Settings, Topics  # noqa: E402
+from core.settings import Settings, Topics  # noqa: E402
 
 
 def say(name: str, value: float, unit: str, note: str = "") -> None:

@@ -3,9 +3,9 @@
     .venv/bin/python bench/loop.py [--model DIR] [--max-turns 3] [--max-tokens 96]
 
 In a fresh data home (embedded broker, the demo's shipped tasks, SmolLM2 imported unless --model gives a
-directory): starts the policy server (klong.serve), then measures
+directory): starts the policy server (services.serve), then measures
   - vLLM standalone: generation tokens/s of 2 concurrent token-prompt completions (the rollouts' concurrency);
-  - one loop iteration (producers.scheduler with serve: and train:): generation (rollouts, `rolling_s`),
+  - one loop iteration (rl.scheduler with serve: and train:): generation (rollouts, `rolling_s`),
     judge + archive wait (`judge_wait_s`: until the archive holds the ended rollouts and their judge results),
     dataset build, training (`klong train`, 1 step), weight reload (in place);
   - the trainer standalone: the same `klong train` on the same dataset version, tokens/s;
@@ -29,10 +29,10 @@ from urllib import request
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from klong import serve  # noqa: E402
-from klong.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
+from services import serve  # noqa: E402
+from services.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
 from klong.demo import DEMO_TASKS, demo_plan, smollm2_gguf  # noqa: E402
-from klong.settings import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 
 
 def vllm_tokens_per_s(server: serve.PolicyServer, n_requests: int = 2, max_tokens: int = 64) -> float:
@@ -62,8 +62,8 @@ def main() -> int:
 
     import subprocess
 
-    from producers.rl_plan import parse_plan
-    from producers.scheduler import Scheduler
+    from rl.plan import parse_plan
+    from rl.scheduler import Scheduler
     from producers.tasks import import_tasks
     from store.catalog import Catalog
     from trainer.model_import import import_model

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from klong.settings import Settings, Topics  # noqa: E402
+from core.settings import Settings, Topics  # noqa: E402
 from schemas.arrow import SCHEMAS, as_list_array, to_table  # noqa: E402
 from schemas.events import (JudgeResult, JudgeResultPayload, RolloutEnded, RolloutEndedPayload,  # noqa: E402
                             RolloutStarted, RolloutStartedPayload, TaskPayload, TaskRegistered, new_event)
@@ -190,7 +190,7 @@ def _phase_baseline(home: str) -> dict:
 
 def _phase_build(home: str, max_tokens: int, overlap: int, archive_url: str | None = None, name: str = "bench") -> dict:
     from consumers.materialize import build_version
-    from store.objstore import location
+    from core.objstore import location
 
     t0 = time.perf_counter()
     out = build_version(home, name, "rl", {"max_tokens": max_tokens, "overlap_turns": overlap},

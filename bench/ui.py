@@ -40,8 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from klong.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
-from klong.settings import Settings, Topics  # noqa: E402
+from services.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
+from core.settings import Settings, Topics  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -112,7 +112,7 @@ def run(root: Path, args) -> int:
     from playwright.sync_api import sync_playwright
 
     from store.catalog import Catalog, sql_str
-    from store.ui.app import FIRST_STEPS, ServerThread, create_app
+    from ui.app import FIRST_STEPS, ServerThread, create_app
 
     t0 = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,7 @@ def run_find(root: Path, args) -> int:
     from playwright.sync_api import sync_playwright
 
     from store.catalog import Catalog, sql_str
-    from store.ui.app import ServerThread, create_app
+    from ui.app import ServerThread, create_app
 
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -251,12 +251,12 @@ def run_find(root: Path, args) -> int:
             print(f"search over {n_rollouts:,} rollouts, {label} ({hits} hits shown): {server:.3f} s "
                   f"(goal < {GOAL_S:.0f} s: {verdict(server)}); in-process count of the same match: {floor:.3f} s; "
                   f"ratio {server / floor:.2f}")
-        from store.report import figure_data
+        from ui.report import figure_data
 
         cold = timed(lambda: figure_data(cat), 1)  # what the app computes in the background once per archive state
         cached = timed(lambda: get(f"{url}/api/plots"), args.repeat)
         page_html = timed(lambda: get(f"{url}/plots"), args.repeat)
-        from store.report import FIGURES, render
+        from ui.report import FIGURES, render
 
         t1 = time.perf_counter()
         for name in FIGURES:

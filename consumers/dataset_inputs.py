@@ -1,10 +1,10 @@
 """Reading the archive inputs of a dataset build: which flushes, DuckDB views over them, step/rollout/judge rows.
 
     >>> con = connect(InputSet.scan(home / "archive"))   # views raw_<type> and <type> (one row per event_id)
-    >>> InputSet.scan(loc, cache=cache_dir(home, loc))   # a bucket (store.objstore): verified local copies
+    >>> InputSet.scan(loc, cache=cache_dir(home, loc))   # a bucket (core.objstore): verified local copies
 
 `InputSet` names the flush directories (and optional Kafka offset ranges) a build reads, so a version can
-be rebuilt from exactly its events (`store.replay`). `connect` opens DuckDB over those Parquet files;
+be rebuilt from exactly its events (`consumers.replay`). `connect` opens DuckDB over those Parquet files;
 the readers below return numpy/dict columns for the plan (`consumers.dataset_plan`): the step table
 (small columns only, duplicates of one (rollout_id, step_idx) marked by `copy`), registered task splits,
 judge results per rollout, and the text of text-only steps tokenized (or chat-rendered) on demand.
@@ -21,12 +21,12 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from consumers.chat import ChatTokenizer, TemplateError
+from core.chat import ChatTokenizer, TemplateError
 from schemas.arrow import SCHEMAS
 from schemas.errors import ConfigError
 from store.archive import list_flushes, relative
 from store.archive_cache import staged
-from store.objstore import S3Location, is_s3
+from core.objstore import S3Location, is_s3
 
 INPUT_TYPES = ("step", "rollout_started", "rollout_resumed", "rollout_ended", "judge_result", "task_registered")
 
@@ -204,7 +204,7 @@ def step_table(con: duckdb.DuckDBPyConnection, tokenizer, drops: Counter) -> dic
 
 def _render_rollouts(con, steps: dict, idx: np.ndarray, chat: ChatTokenizer) -> dict[int, np.ndarray]:
     """Step row -> ids: each text-only rollout's steps as chat messages (role, content) rendered with the model
-    directory's template and split per message (`consumers.chat`). Tools are not in the events: an import
+    directory's template and split per message (`core.chat`). Tools are not in the events: an import
     with `--tokenizer MODEL_DIR` (which renders the row's `tools`) is exact; this is the fallback."""
     contents = _contents(con, steps, idx)
     t = arrow(con, "SELECT rollout_id, step_idx, role FROM step_meta WHERE copy = 1 ORDER BY rollout_id, step_idx")

@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Optional
 
 import openai
 
-from klong.settings import Settings
+from core.settings import Settings
 from producers.judge_requests import SKIP_DIRS
 from schemas.claimcheck import BlobStore
 from schemas.errors import TerminalError, TransientError, ValidationError

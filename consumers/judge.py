@@ -48,7 +48,7 @@ from kafka.structs import OffsetAndMetadata
 from consumers.grading import (ChatClient, EndpointConfigError, EndpointError, GraderConfig, LeafGrade, Submission,
                                grade_leaf, load_submission, system_prompt)
 from consumers.judge_queue import Job, Ledger, OffsetBook, Scheduler
-from klong.settings import Settings
+from core.settings import Settings
 from producers.outbox import Outbox
 from producers.tasks import ARCHIVED_TASKS_SQL, ResolvedTask, payload_from_row, read_task_events, resolve_task
 from schemas.claimcheck import MAX_EVENT_BYTES, BlobStore

@@ -7,7 +7,7 @@ The splitting, reward and advantage rules are `consumers.split`, `consumers.rewa
 `consumers.advantages` (DESIGN.md "Semantics the tests hold the code to"); this module decides which
 events enter and moves the tokens. It reads an explicit *input set* (a list of archive flush
 directories, optionally restricted to Kafka offset ranges) so a version can be rebuilt from exactly
-the events it was built from (`store.replay`). Two passes, both through DuckDB over the Parquet files:
+the events it was built from (`consumers.replay`). Two passes, both through DuckDB over the Parquet files:
 
 1. plan (small columns only: ids, roles, pins, `len(token_ids)`): every decision is made here, per
    rollout with numpy, then advantages over the whole dataset. Memory ~ O(steps), no token values.
@@ -63,12 +63,12 @@ from consumers.dataset_inputs import INPUT_TYPES, ROLLOUTS_SQL, STEPS_SQL, Input
 from consumers.dataset_plan import Plan, plan
 from consumers.dataset_tokens import FETCH_SQL, fetch_batch, samples_table, same_context
 from consumers.split import DROP_UNITS
-from consumers.tokenize import load_tokenizer
+from core.tokenize import load_tokenizer
 from schemas.errors import ConfigError
 from schemas.events import SCHEMA_VERSION
 from store import datasets as ds
 from store.archive_cache import cache_dir
-from store.objstore import S3Location, is_s3
+from core.objstore import S3Location, is_s3
 
 # Re-exported: callers import these from consumers.materialize.
 __all__ = ["KINDS", "INPUT_TYPES", "UNITS", "BATCH_TOKENS", "DatasetConfig", "InputSet", "STEPS_SQL", "ROLLOUTS_SQL",

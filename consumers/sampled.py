@@ -32,7 +32,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Markup:
-    """What a chat template puts around an assistant message's content (consumers.chat.ChatTokenizer)."""
+    """What a chat template puts around an assistant message's content (core.chat.ChatTokenizer)."""
 
     header: np.ndarray  # int32: the generation prompt, `<|im_start|>assistant\n`
     closing: np.ndarray  # int32: after the content, `<|im_end|>\n`

@@ -38,12 +38,12 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from klong.settings import Settings
-from consumers.flush import FlushJob, run_flush, worker_init
+from core.settings import Settings
+from store.flush import FlushJob, run_flush, worker_init
 from schemas.errors import BrokerError
 from store.archive import clean_tmp, recover_positions, writer_lock
 from store.archive_s3 import drop_unfinished
-from store.objstore import is_s3
+from core.objstore import is_s3
 
 log = logging.getLogger("klong.sink")
 TOPIC_ID_CHECK_S = 1.0
@@ -70,7 +70,7 @@ class Sink:
     def __init__(self, settings: Settings, *, flush_bytes: int = 8 << 20, flush_interval_s: float = 1.0,
                  group: bool = False, topics: list[str] | None = None, writers: int = 1):
         self.settings = settings
-        self.archive = settings.archive  # a local directory, or an S3 prefix (store.objstore)
+        self.archive = settings.archive  # a local directory, or an S3 prefix (core.objstore)
         if is_s3(self.archive):
             self.archive.check()  # a wrong bucket, endpoint or key fails here, in one line, not in a writer
         self.flush_bytes = flush_bytes
@@ -241,7 +241,7 @@ class Sink:
     def flush(self, tps: list[TopicPartition] | None = None, wait: bool = False) -> None:
         """Writes every buffered partition (or `tps`) to the archive, then commits their offsets.
 
-        Decoding, Parquet encoding, fsync and rename run in the writer processes (`consumers.flush`), so
+        Decoding, Parquet encoding, fsync and rename run in the writer processes (`store.flush`), so
         the second core works while this one consumes. Offsets are committed only for writes that completed.
         `wait=True` returns once everything handed over is renamed into the archive.
         """

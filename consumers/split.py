@@ -50,7 +50,8 @@ import numpy as np
 
 from consumers.turns import Roles, Turns, build_turns
 from schemas.events import MAX_INT32
-from schemas.errors import ConfigError, ValidationError
+from schemas.errors import ConfigError
+from store.windows import SPAN_LOSS, SplitResult, Window  # the window format: the dataset store reads it back
 
 PrefixLoss = Literal["first", "never", "always"]
 WindowMode = Literal["fit", "context"]
@@ -60,8 +61,6 @@ DROP_UNITS = {
     "turn_too_long": "turns",  # the assistant step alone exceeds B
     "trailing_observations": "steps",  # observation steps after the last assistant step
 }
-# Span columns: tokens [tok_start, tok_end) of step `step_idx`, with loss 0/1.
-SPAN_STEP, SPAN_START, SPAN_END, SPAN_LOSS = range(4)
 
 
 def _is_int(x: Any) -> bool:
@@ -94,32 +93,6 @@ class SplitConfig:
         if "max_tokens" not in config:
             raise ConfigError("max_tokens is required (the context length L_max)")
         return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    window_idx: int  # 0-based within the rollout
-    first_turn: int  # turn indices (numbering of `Turns`), inclusive; dropped turns inside are skipped
-    last_turn: int
-    n_turns: int  # turns in the window (dropped turns not counted)
-    first_step: int  # step range of the body, inclusive, prefix excluded (first step with kept tokens)
-    last_step: int
-    spans: np.ndarray  # int64 [n_spans, 4], read-only: (step_idx, tok_start, tok_end, loss) per body step
-    n_tokens: int  # prefix included
-    n_loss_tokens: int  # prefix assistant tokens included when prefix_loss
-    obs_truncated: bool  # a turn of this window lost the front of its observations
-    prefix_loss: bool  # whether the prefix's assistant tokens carry loss in this window
-
-
-@dataclass(frozen=True)
-class SplitResult:
-    prefix_len: int  # P
-    prefix_tokens: int
-    prefix_spans: np.ndarray  # int64 [P, 4]: (step_idx, 0, n_tokens, is_assistant), stored once per rollout
-    budget: int  # B = max_tokens - prefix_tokens
-    windows: list[Window]
-    drops: Counter  # reason -> count (units in DROP_UNITS)
-    context_fallback: bool = False  # windows="context" asked, but the rollout was split greedily (see above)
 
 
 def split_rollout(roles: Roles, pinned: Sequence[bool] | np.ndarray, n_tokens: Sequence[int] | np.ndarray,
@@ -258,47 +231,3 @@ def split_turns(turns: Turns, config: SplitConfig) -> SplitResult:
             obs_truncated=cum_trunc[e] > cum_trunc[t], prefix_loss=pl))
         prev_e = e
     return result(windows)
-
-
-# ---- materialization (tests, trainer) ----------------------------------------------------------
-
-
-def flatten_tokens(tokens: Sequence[Sequence[int] | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-step token arrays (indexed by step_idx) -> (values int64 [N], offsets int64 [n_steps + 1])."""
-    lens = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
-    offsets = np.zeros(len(lens) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    parts = [np.asarray(t, dtype=np.int64) for t in tokens]
-    return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), offsets
-
-
-def materialize(result: SplitResult, window: Window, tokens: Sequence[Sequence[int] | np.ndarray],
-                sampled: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Window -> (input_ids int32 [n_tokens], loss_mask uint8 [n_tokens]) = prefix ++ window body.
-
-    `tokens`: the rollout's token ids per step, indexed by step_idx. `sampled`: (start, end) int [n_steps], the
-    ids of step s the policy sampled are [start[s], end[s]); only those carry loss (None: whole steps).
-    """
-    return materialize_flat(result, window, *flatten_tokens(tokens), sampled)
-
-
-def materialize_flat(result: SplitResult, window: Window, values: np.ndarray, offsets: np.ndarray,
-                     sampled: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray]:
-    """`materialize` on the Arrow list layout a Parquet read gives: step s owns values[offsets[s]:offsets[s+1]]."""
-    values, offsets = np.asarray(values), np.asarray(offsets, dtype=np.int64)
-    prefix = result.prefix_spans.copy()
-    prefix[:, SPAN_LOSS] &= int(window.prefix_loss)
-    spans = np.concatenate([prefix, window.spans])
-    step, lo, hi = spans[:, SPAN_STEP], spans[:, SPAN_START], spans[:, SPAN_END]
-    if len(step) and (step.max() + 1 >= len(offsets) or np.any(offsets[step + 1] - offsets[step] != hi)):
-        raise ValidationError("token arrays do not match the n_tokens the rollout was split with")
-    lens = hi - lo
-    # Gather without a per-step loop: position k of span s reads values[offsets[step_s] + lo_s + k].
-    base = offsets[step] + lo - (np.cumsum(lens) - lens)
-    idx = np.repeat(base, lens) + np.arange(int(lens.sum()))
-    mask = np.repeat(spans[:, SPAN_LOSS], lens).astype(np.uint8)
-    if sampled is not None:  # within its step, token k of a span sits at lo + k: in [start, end) or not
-        start, end = (np.asarray(x, np.int64) for x in sampled)
-        at = idx - np.repeat(offsets[step], lens)
-        mask &= ((at >= np.repeat(start[step], lens)) & (at < np.repeat(end[step], lens))).astype(np.uint8)
-    return values[idx].astype(np.int32), mask

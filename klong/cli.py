@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from klong.procs import signals_to
+from core.procs import signals_to
 from schemas.errors import KlongError
 
 ENV_HELP = "(env KLONG_HOME; default ./klong-data)"
@@ -23,7 +23,7 @@ EXTENSIONS = ["klong.cli_dataset", "klong.cli_tasks", "klong.cli_train", "klong.
 
 
 def _settings(args):
-    from klong.settings import Settings
+    from core.settings import Settings
 
     return Settings.load(args.home, args.bootstrap_servers, args.topic_prefix, getattr(args, "partitions", None))
 
@@ -32,7 +32,7 @@ def _settings(args):
 
 
 def cmd_broker(args) -> int:
-    from klong.broker import BrokerProcess, start_embedded
+    from services.broker import BrokerProcess, start_embedded
 
     s = _settings(args)
     if args.action == "start":
@@ -110,7 +110,7 @@ def cmd_simulate(args) -> int:
     # in a real scaffold keeps events until the sink has archived them).
     if bool(args.judge_url) != bool(args.judge_model):
         raise KlongError("--judge-url and --judge-model go together")
-    from klong.broker import probe_kafka
+    from services.broker import probe_kafka
 
     probe_kafka(s, args.connect_timeout)  # no broker: fail now, not after generating everything
     with Outbox(s, fsync="batch", retain="acked") as outbox:
@@ -381,12 +381,12 @@ def _describe_pages(parser: argparse.ArgumentParser) -> None:
                 _describe_pages(page)
 
 
-_MODULES = r"(?:schemas|producers|consumers|store|trainer|klong)\.[a-z_.]+"
+_MODULES = r"(?:schemas|core|services|store|producers|consumers|trainer|rl|ui|klong)\.[a-z_.]+"
 
 
 def _for_users(text: str | None) -> str | None:
     """A help page speaks of commands, files and settings, not of the Python modules behind them: drops
-    `(store.report)`-style references and "The library is `...`." sentences from module docstrings."""
+    `(ui.report)`-style references and "The library is `...`." sentences from module docstrings."""
     import re
 
     if not text:
@@ -407,7 +407,7 @@ def _reads_home(args) -> bool:
 
 
 def _settings_for_home_check(args):
-    from klong.settings import Settings
+    from core.settings import Settings
 
     return Settings.load(getattr(args, "home", None))
 
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from klong.settings import install_log_redaction
+    from core.settings import install_log_redaction
 
     install_log_redaction()  # no secret in any log line, at any level
     if not args.verbose:

@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 
 
 def _settings(args):
-    from klong.settings import Settings
+    from core.settings import Settings
 
     return Settings.load(args.home, args.bootstrap_servers, args.topic_prefix)
 
@@ -26,7 +26,7 @@ def _committed(s, timeout_s: float):
     """The sink group's committed offsets, or (None, why) when no Kafka answers."""
     from kafka.errors import KafkaError
 
-    from klong.broker import probe_kafka
+    from services.broker import probe_kafka
     from schemas.errors import KlongError
     from store.integrity import committed_offsets
     from store.refetch import KafkaSide
@@ -41,7 +41,7 @@ def _committed(s, timeout_s: float):
 
 def _relative(path, archive):
     """`path` as printed: relative to the archive (a directory, or an S3 prefix's `bucket/prefix`)."""
-    from store.objstore import is_s3
+    from core.objstore import is_s3
 
     root = PurePosixPath(archive.root) if is_s3(archive) else archive
     return path.relative_to(root) if path.is_relative_to(root) else path

@@ -24,12 +24,12 @@ import sys
 from pathlib import Path
 
 from klong.cli import IntermixedParser
-from klong.settings import read_yaml
+from core.settings import read_yaml
 from schemas.errors import ConfigError
 
 
 def _settings(args):
-    from klong.settings import Settings
+    from core.settings import Settings
 
     return Settings.load(args.home, args.bootstrap_servers, args.topic_prefix)
 
@@ -246,7 +246,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from store.replay import replay
+    from consumers.replay import replay
 
     from klong.cli import StageBars
 

@@ -21,7 +21,7 @@ MAX_LISTED = 50  # skipped rows listed one per line; the rest are counted
 
 
 def _settings(args):
-    from klong.settings import Settings
+    from core.settings import Settings
 
     return Settings.load(args.home, args.bootstrap_servers, args.topic_prefix)
 

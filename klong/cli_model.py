@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def cmd_model_import(args) -> int:
-    from klong.settings import Settings
+    from core.settings import Settings
     from trainer.model_import import import_model
 
     settings = Settings.load(args.home, args.bootstrap_servers, args.topic_prefix)

@@ -1,4 +1,4 @@
-"""`klong rl run|status|check`: progressive RL plans (producers.scheduler, producers.rl_plan, store.rl).
+"""`klong rl run|status|check`: progressive RL plans (rl.scheduler, rl.plan, store.rl).
 
     klong rl check two-stage.yaml             # validate the plan, print its schedule; runs nothing
     klong rl run two-stage.yaml               # run it: rollouts, carry-overs, judgments, one dataset per iteration
@@ -32,7 +32,7 @@ STATUS_COLUMNS = ["stage", "iteration", "policy_version", "phase", "started", "c
 
 
 def _settings(args):
-    from klong.settings import Settings
+    from core.settings import Settings
 
     return Settings.load(args.home, args.bootstrap_servers, args.topic_prefix)
 
@@ -42,7 +42,7 @@ def _err(line: str) -> None:
 
 
 def cmd_check(args) -> int:
-    from producers.rl_plan import load_plan
+    from rl.plan import load_plan
 
     plan = load_plan(args.plan)
     tasks = f"tasks {', '.join(plan.tasks)}" if plan.tasks else f"every registered {plan.split} task"
@@ -71,8 +71,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from producers.rl_plan import load_plan
-    from producers.scheduler import Scheduler, Stopped
+    from rl.plan import load_plan
+    from rl.scheduler import Scheduler, Stopped
 
     plan = load_plan(args.plan)
     fleet = args.workers if args.workers is not None else (0 if args.fleet else None)
@@ -183,7 +183,7 @@ def register(sub, common) -> None:
     rsub = r.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     ck = rsub.add_parser("check", parents=[common], help="validate a plan YAML and print its schedule (runs nothing)")
-    ck.add_argument("plan", help="plan YAML (see producers/rl_plan.py for every key)")
+    ck.add_argument("plan", help="plan YAML (see rl/plan.py for every key)")
     ck.set_defaults(func=cmd_check)
 
     run = rsub.add_parser("run", parents=[common], help="run a plan: per iteration start rollouts, close "

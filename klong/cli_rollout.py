@@ -22,12 +22,12 @@ import os
 import signal
 import sys
 
-from klong.procs import signals_to
+from core.procs import signals_to
 from schemas.errors import ConfigError
 
 
 def _settings(args):
-    from klong.settings import Settings
+    from core.settings import Settings
 
     return Settings.load(args.home, args.bootstrap_servers, args.topic_prefix)
 
@@ -55,7 +55,7 @@ def _model_dir(args) -> str | None:
     """--model-dir (a directory, or a NAME under HOME/models), for token-in/token-out."""
     if not args.model_dir:
         return None
-    from klong.settings import Settings
+    from core.settings import Settings
     from trainer.model_import import resolve_model_dir
 
     return str(resolve_model_dir(args.model_dir, Settings.load(args.home).home))

@@ -1,4 +1,4 @@
-"""`klong serve start|stop|status|reload`: the policy server (vLLM) of a data home (klong.serve).
+"""`klong serve start|stop|status|reload`: the policy server (vLLM) of a data home (services.serve).
 
     klong serve start --model HOME/models/smollm2          # float32 eager on CPU; returns when healthy
     klong serve start --model DIR --device cuda             # bfloat16 on a GPU (package `vllm`)
@@ -13,13 +13,13 @@ import json
 
 
 def _settings(args):
-    from klong.settings import Settings
+    from core.settings import Settings
 
     return Settings.load(args.home, args.bootstrap_servers, args.topic_prefix)
 
 
 def cmd_serve(args) -> int:
-    from klong import serve
+    from services import serve
 
     settings = _settings(args)
     if args.action == "start":

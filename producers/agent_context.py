@@ -10,7 +10,7 @@
 The model is given `concat(ids of the messages in context) ++ generation prompt` as a token-id prompt and
 its sampled ids are appended exactly as they came: nothing is re-tokenized. For a new observation only
 the ids the chat template adds for it are appended (`ChatTokenizer.added_ids`: the rendering with and
-without it, checked append-only). An assistant step records, like an imported one (`consumers.chat`),
+without it, checked append-only). An assistant step records, like an imported one (`core.chat`),
 its whole message: the generation prompt ids (`<|im_start|>assistant\\n`), the sampled ids, and the ids
 the template closes the turn with after them (`\\n` after a sampled `<|im_end|>`; `<|im_end|>\\n` when the
 sample was cut by max_tokens), so the context stays well-formed chat text. Its logprobs are one per id: the
@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from consumers.chat import ChatTokenizer, TemplateError
+from core.chat import ChatTokenizer, TemplateError
 from producers.agent_policy import ContextLengthExceeded, PolicyClient, parse_hermes, prune
 
 

@@ -8,7 +8,7 @@ requests and completes each future from the workers' results.
     fleet.shutdown()
 
 `submit` takes `ThreadPoolExecutor.submit`'s arguments for `producers.agent.run_agent` (the seam in
-`producers.scheduler`), publishes a `schemas.fleet.RolloutRequest` to `<prefix>.rollout.requests` and
+`rl.scheduler`), publishes a `schemas.fleet.RolloutRequest` to `<prefix>.rollout.requests` and
 returns a `concurrent.futures.Future` that is already running (a request cannot be taken back: `cancel()`
 is False, so a rollout still queued at an iteration's close is carried over like a running one). One
 watcher thread reads `<prefix>.rollout.results` (from its end as of the fleet's start; the first result
@@ -38,8 +38,8 @@ from typing import Any, Callable, Optional
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
-from klong.broker import ensure_topics
-from klong.settings import Settings
+from services.broker import ensure_topics
+from core.settings import Settings
 from producers.fleet_control import ControlWriter
 from producers.fleet_log import config_to_dict
 from schemas.errors import BrokerError, KlongError, TransientError

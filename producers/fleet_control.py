@@ -21,7 +21,7 @@ from typing import Optional
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from klong.settings import Settings
+from core.settings import Settings
 from schemas.errors import BrokerError, KlongError
 from schemas.fleet import RolloutCommand, decode_message, encode_message
 

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from kafka import TopicPartition
 
-from klong.settings import Settings
+from core.settings import Settings
 from producers.fleet_log import LogState, config_from_dict
 from producers.outbox import Outbox
 from schemas.errors import KlongError

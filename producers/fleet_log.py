@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from kafka import KafkaConsumer, TopicPartition
 
-from klong.settings import Settings
+from core.settings import Settings
 from producers.agent_config import AgentConfig
 from producers.sandbox import SandboxLimits
 from schemas.errors import ConfigError, TransientError

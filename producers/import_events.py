@@ -4,7 +4,7 @@
 
 Each message becomes one step whose content is the text followed by every tool call rendered as
 `<tool_call>{json}</tool_call>` (`render`). With a model directory's tokenizer the row is rendered with
-its chat template and split per message (`consumers.chat`); otherwise each step content is encoded alone;
+its chat template and split per message (`core.chat`); otherwise each step content is encoded alone;
 ids the harness recorded win. Event ids are uuid5 of (rollout id, row hash, n), so the same row always
 gives the same events (re-imports dedupe).
 """
@@ -15,7 +15,7 @@ import json
 import uuid
 from typing import Any, Optional
 
-from consumers.chat import ChatTokenizer, to_openai
+from core.chat import ChatTokenizer, to_openai
 from producers.import_rows import Message, Row
 from schemas.arrow import encode_array
 from schemas.events import (Envelope, JudgeResult, JudgeResultPayload, RolloutEnded, RolloutEndedPayload,
@@ -54,7 +54,7 @@ def chat_messages(row: Row) -> list[dict]:
 
 
 def row_token_ids(row: Row, tokenizer) -> list:
-    """Token ids per message: a model directory's chat template split per message (`consumers.chat`: the
+    """Token ids per message: a model directory's chat template split per message (`core.chat`: the
     ids concatenated are `apply_chat_template(messages, tools)`), else each step content encoded alone."""
     if isinstance(tokenizer, ChatTokenizer):
         return tokenizer.message_spans(chat_messages(row), row.tools)

@@ -18,7 +18,7 @@ content would teach nothing) and because a message may make several calls while 
 
 Token ids at import (`tokenizer`): a model directory (`klong model import`) renders the row's messages
 and its `tools` with the model's chat template and records each message's span of that rendering
-(`consumers.chat`): the step ids concatenated are `apply_chat_template(messages, tools)`, tool calls and
+(`core.chat`): the step ids concatenated are `apply_chat_template(messages, tools)`, tool calls and
 role markup included, and each assistant step holds what the model writes after `<|im_start|>assistant\n`.
 "bytes" or a bare tokenizer.json encode each step content alone (tests). rollout_started records the
 tokenizer's fingerprint.
@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from consumers.chat import ChatTokenizer, TemplateError
-from consumers.tokenize import load_tokenizer
-from klong.settings import Settings
+from core.chat import ChatTokenizer, TemplateError
+from core.tokenize import load_tokenizer
+from core.settings import Settings
 from producers.import_events import (chat_messages, event_id, n_events, render, row_events, row_token_ids,
                                      token_plan)
 from producers.import_ledger import Ledger

@@ -19,7 +19,7 @@ import tarfile
 from pathlib import Path
 from typing import Optional
 
-from klong.settings import Settings
+from core.settings import Settings
 from producers.outbox import Outbox
 from schemas.claimcheck import BlobStore
 from schemas.errors import ValidationError

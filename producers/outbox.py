@@ -13,7 +13,7 @@ How it works:
 - One sender thread ships spooled records in order with an idempotent KafkaProducer (acks=all, lz4)
   and notes each record's (partition, offset) and the topic's `topic_id` at that moment. On any
   failure it drops the producer, logs one line, backs off, reconnects, re-creates missing topics
-  (`klong.broker.ensure_topics`) and resends what is not acked. It never drops a record.
+  (`services.broker.ensure_topics`) and resends what is not acked. It never drops a record.
 - retain="archived": about once a second the sender reads the topic ids and the sink group's
   committed offsets (`settings.topics.sink_group`); a record is archived when its topic still has
   the topic_id it was acked under and the committed offset of its partition is past its offset.
@@ -41,8 +41,8 @@ from typing import Literal, Optional, Union
 from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 from kafka.errors import KafkaTimeoutError
 
-from klong.broker import ensure_topics
-from klong.settings import Settings
+from services.broker import ensure_topics
+from core.settings import Settings
 from producers.spool import Spool, SpoolEntry
 from schemas.errors import BrokerError, ConfigError, TerminalError, TransientError, ValidationError
 from schemas.events import Envelope, encode, event_type, key_of

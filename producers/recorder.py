@@ -88,7 +88,7 @@ class RolloutRecorder:
         self.rollout_id = rollout_id or uuid7()
         self.stage, self.iteration, self.policy_version = stage, iteration, policy_version
         self.scaffold, self.model = scaffold, model
-        self.tokenizer = tokenizer  # fingerprint of the ids recorded (consumers.chat), "" unknown
+        self.tokenizer = tokenizer  # fingerprint of the ids recorded (core.chat), "" unknown
         self.blob_store = blob_store or BlobStore(outbox.settings.blob_dir)
         self._existing = next_step_idx is not None
         self._next = next_step_idx or 0

@@ -49,7 +49,7 @@ from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssi
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from klong.settings import Settings
+from core.settings import Settings
 from producers.fleet_control import ControlReader
 from producers.fleet_jobs import FencedOutbox, Job, end_unresumable, run_job
 from producers.fleet_log import LogState, log_states, wait_log_archived

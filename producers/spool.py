@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from klong.procs import fsync_path
+from core.procs import fsync_path
 from schemas.errors import ConfigError
 
 log = logging.getLogger("klong.outbox")

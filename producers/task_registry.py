@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from klong.settings import Settings
+from core.settings import Settings
 from producers.task_source import normalize_title
 from schemas.errors import BrokerError, ValidationError
 from schemas.events import Envelope, TaskPayload, TaskRegistered, decode

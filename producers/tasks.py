@@ -41,7 +41,7 @@ from typing import Iterable, Optional
 
 import msgspec
 
-from klong.settings import Settings
+from core.settings import Settings
 from producers.outbox import Outbox
 from producers.task_registry import (ARCHIVED_TASKS_SQL, Registered, append_registry, latest_task, payload_from_row,
                                      read_registry, read_task_events, read_topic, registered_tasks, registry_file)

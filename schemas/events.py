@@ -116,7 +116,7 @@ class RolloutStartedPayload(msgspec.Struct, frozen=True, kw_only=True):
     policy_version: NonNegInt = 0
     scaffold: str = ""
     model: str = ""
-    # Fingerprint of the vocabulary + chat template the steps' token_ids come from (consumers.chat; "bytes"
+    # Fingerprint of the vocabulary + chat template the steps' token_ids come from (core.chat; "bytes"
     # for the byte tokenizer; "" unknown): a dataset never mixes rollouts of two fingerprints.
     tokenizer: str = ""
 
@@ -254,7 +254,7 @@ class TrainingRunPayload(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RlIterationPayload(msgspec.Struct, frozen=True, kw_only=True):
-    """One fact of the progressive-RL scheduler (`producers.scheduler`) about one iteration of a plan run.
+    """One fact of the progressive-RL scheduler (`rl.scheduler`) about one iteration of a plan run.
 
     started: the iteration's new rollouts (`rollouts`, planned ids) and those carried in from the previous
     iteration (`carried_in`). closed: the close rule fired; `carried_out` keep running into the next

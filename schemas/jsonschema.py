@@ -40,7 +40,7 @@ ID_BASE = "urn:klong:schemas:v1:"
 # Base64 whose decoded length is a multiple of 4 bytes: 16 characters carry 12 bytes; the tail carries 4
 # ("xxxxxx==") or 8 ("xxxxxxxxxxx=") more.
 BASE64_WORDS = r"^(?:[A-Za-z0-9+/]{16})*(?:[A-Za-z0-9+/]{6}==|[A-Za-z0-9+/]{11}=)?$"
-TOPICS = {  # event type -> topic (prefix "klong", KLONG_TOPIC_PREFIX changes it); klong.settings.Topics.for_event
+TOPICS = {  # event type -> topic (prefix "klong", KLONG_TOPIC_PREFIX changes it); core.settings.Topics.for_event
     "task_registered": "klong.tasks", "rollout_started": "klong.rollouts", "step": "klong.rollouts",
     "snapshot": "klong.rollouts", "rollout_resumed": "klong.rollouts", "rollout_ended": "klong.rollouts",
     "judge_requested": "klong.judge.requests.eval (priority eval) or klong.judge.requests.train (priority train)",

@@ -21,7 +21,7 @@ Parquet file a manifest does not list) is skipped with one warning per path and 
 `README.txt` or a symlink to /etc dropped into the archive cannot fail or redirect a query. Flushes
 written before manifests existed are read by their `<event_type>.parquet` files.
 
-The archive can also be an S3 prefix (`KLONG_ARCHIVE_URL`, store.objstore): the same keys, and the
+The archive can also be an S3 prefix (`KLONG_ARCHIVE_URL`, core.objstore): the same keys, and the
 manifest object, written last, is the commit point there (store.archive_s3); these functions dispatch.
 """
 
@@ -45,9 +45,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from klong.procs import fsync_path
+from core.procs import fsync_path
 from schemas.arrow import SCHEMAS
-from store.objstore import S3Location, is_s3
+from core.objstore import S3Location, is_s3
 
 log = logging.getLogger("klong.archive")
 TMP = "_tmp"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from schemas.errors import KlongError
 from store.archive import FlushDir, relative
-from store.objstore import S3Location
+from core.objstore import S3Location
 
 CHUNK = 8 << 20  # bytes per read of an object: bounded memory whatever an object's size
 THREADS = 8  # S3 GETs are latency-bound: a few in flight hide the round trips

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from store.archive import (_NAME, LOW_CARDINALITY, MANIFEST, QUARANTINE, TMP, TABLES, FlushDir, Stray, file_entry,
                            flush_name, make_manifest, parse_manifest)
-from store.objstore import S3Location
+from core.objstore import S3Location
 
 _manifests: dict[tuple, dict] = {}  # (path, size, mtime) -> parsed manifest
 

@@ -28,11 +28,11 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from klong.settings import Settings
+from core.settings import Settings
 from schemas.arrow import SCHEMAS, as_list_array
 from schemas.errors import TerminalError
 from store.archive import DEAD_LETTER_SCHEMA, DEAD_LETTERS, archived_files
-from store.objstore import S3Location, is_s3
+from core.objstore import S3Location, is_s3
 
 VIEW_EXTENSIONS = ["store.dataset_views", "store.tasks", "store.training", "store.rl", "store.blacklist"]
 READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}

@@ -20,7 +20,7 @@ Layout of one version (written into `datasets/_tmp/` and renamed into place whol
         logprobs       list<float32> [n_tokens]   (rl) behaviour logprob per action token, null elsewhere
     samples.parquet  one row per window (sub-trajectory): numbers for SQL plus its spans
         (span_step, span_start, span_end, span_loss: tokens [start, end) of step `span_step`) into the
-        rollout's tokens; input = prefix ++ spans, exactly `consumers.split.materialize_flat`
+        rollout's tokens; input = prefix ++ spans, exactly `store.windows.materialize_flat`
     manifest.json    name, version, kind, format, event schema_version, config, tokenizer fingerprint,
                      input set (flush dirs + per-partition offset watermark),
                      counts, drops by reason, pending rollouts, table digests, content hash, created_at
@@ -55,8 +55,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from consumers.split import SplitResult, Window, materialize_flat
-from klong.procs import fsync_path
+from store.windows import SplitResult, Window, materialize_flat
+from core.procs import fsync_path
 from schemas.errors import ConfigError, TerminalError
 
 FORMAT = 2  # layout version of a dataset; part of the content hash (2: per-step sampled ranges, temperature)

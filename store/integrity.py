@@ -21,7 +21,7 @@ Three kinds of problem:
 
 `repair` moves each damaged flush to `archive/_quarantine/` (same sub-path; nothing is deleted), then
 reads the offsets of every damaged and missing range from the same topic incarnation in Kafka and writes
-them through the sink's own flush code (`consumers.flush`), so a rebuilt directory is what the sink would
+them through the sink's own flush code (`store.flush`), so a rebuilt directory is what the sink would
 have written. Ranges Kafka no longer holds (retention, a restarted memory broker) are reported as lost.
 """
 
@@ -39,9 +39,9 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from klong.settings import Settings
+from core.settings import Settings
 from store.archive import DEAD_LETTERS, MANIFEST, QUARANTINE, FlushDir, Stray, walk, writer_lock
-from store.objstore import S3Location, is_s3
+from core.objstore import S3Location, is_s3
 
 Kind = Literal["damaged", "missing", "stray"]
 
@@ -246,7 +246,7 @@ def repair(settings: Settings, *, refetch: bool = True, timeout_s: float = 60.0)
 
 def _refetch(settings: Settings, kafka, gap: Gap, timeout_s: float) -> tuple[Path | None, str]:
     """Reads one range from Kafka and writes it as the sink would; (path, "") or (None, why not)."""
-    from consumers.flush import FlushJob, run_flush
+    from store.flush import FlushJob, run_flush
     from store.archive import list_flushes
     from store.refetch import Unavailable
 

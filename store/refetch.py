@@ -19,7 +19,7 @@ import time
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from klong.settings import Settings
+from core.settings import Settings
 from schemas.errors import BrokerError, TerminalError
 
 

@@ -1,4 +1,4 @@
-"""SQL views of progressive-RL plan runs, built on the scheduler's `rl_iteration` events (producers.scheduler).
+"""SQL views of progressive-RL plan runs, built on the scheduler's `rl_iteration` events (rl.scheduler).
 
     klong sql "SELECT stage, iteration, policy_version, phase, started, carried_in, carried_out, running,
                       finished, timeout, judged, dataset, rolling_s, judge_wait_s FROM rl_iterations"
@@ -72,7 +72,7 @@ VIEWS = {
         FROM m LEFT JOIN _rl_closed c USING (plan, run_id, iteration) LEFT JOIN rollouts r USING (rollout_id)
         ANTI JOIN _rl_not_started n USING (plan, run_id, iteration, rollout_id)""",
     # Held-out evaluations (a plan's `eval:`): their rollouts' group ids are PLAN:eval:i<iteration>:<task>
-    # (producers.iteration.eval_group_prefix); plan names hold no ':'.
+    # (rl.iteration.eval_group_prefix); plan names hold no ':'.
     "rl_evals": """
         SELECT regexp_extract(group_id, '^([^:]+):eval:i([0-9]+):', 1) AS plan,
                CAST(regexp_extract(group_id, '^([^:]+):eval:i([0-9]+):', 2) AS INTEGER) AS iteration,

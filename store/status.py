@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from klong.settings import Settings
+from core.settings import Settings
 from schemas.errors import BrokerError, ConfigError
 from store.archive import recover_positions, walk
 from store.catalog import Catalog
@@ -55,7 +55,7 @@ def partition_lag(settings: Settings) -> list[PartitionLag]:
 def unarchived_events(settings: Settings, timeout_s: float = 5.0) -> int:
     """Events Kafka holds that the archive does not (the sum of partition lags; a lower bound on the
     embedded broker). BrokerError / ConfigError when no Kafka answers within `timeout_s`."""
-    from klong.broker import probe_kafka
+    from services.broker import probe_kafka
 
     probe_kafka(settings, timeout_s)
     return sum(p.lag for p in partition_lag(settings))

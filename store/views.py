@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import re
 
-from klong.settings import Settings
+from core.settings import Settings
 
 _MISSING = re.compile(r"(?:Table|View) with name \"?([\w.]+)\"? does not exist", re.IGNORECASE)
 

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from klong.broker import BrokerProcess, ensure_topics, free_port
-from klong.settings import Settings, Topics
+from services.broker import BrokerProcess, ensure_topics, free_port
+from core.settings import Settings, Topics
 
 
 @pytest.fixture(scope="session")
@@ -63,10 +63,10 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def policy_server(smollm2_dir, tmp_path_factory):
-    """One real vLLM server (klong.serve) per test session, serving SmolLM2 float32 eager on CPU. Every
+    """One real vLLM server (services.serve) per test session, serving SmolLM2 float32 eager on CPU. Every
     real-model test shares it; a test that reloads other weights reloads `policy_server.state.model` back
     (policy_version 0) before it ends, so the next test sees the base model."""
-    from klong import serve
+    from services import serve
 
     home = tmp_path_factory.mktemp("policy-server")
     # a port of its own: vLLM listens with SO_REUSEPORT, so two servers on one port would share its connections

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from klong.broker import free_port
+from services.broker import free_port
 
 
 def weed_binary() -> str | None:

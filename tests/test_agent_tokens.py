@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from consumers.chat import ChatTokenizer
+from core.chat import ChatTokenizer
 from consumers.materialize import build_version
 from consumers.sink import Sink
 from producers.agent import AgentConfig, PolicyEndpoint, run_agent

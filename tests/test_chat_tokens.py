@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from consumers.chat import ChatTokenizer, TemplateError
+from core.chat import ChatTokenizer, TemplateError
 from consumers.materialize import build_version
 from producers.importer import parse_messages, render
 from tests.test_import import call, cli, paperbench_row, produce, sink, task_event

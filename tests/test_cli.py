@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from consumers.sink import Sink
-from klong.broker import free_port
+from services.broker import free_port
 from klong.cli import main
 from schemas.events import encode
 from tests.helpers import produce, rollout_events

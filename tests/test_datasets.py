@@ -18,7 +18,8 @@ import pytest
 
 from consumers.materialize import build_version
 from consumers.sink import Sink
-from consumers.split import SplitConfig, materialize, split_rollout
+from consumers.split import SplitConfig, split_rollout
+from store.windows import materialize
 from klong.cli import main
 from schemas.arrow import encode_array
 from schemas.events import JudgeResult, JudgeResultPayload, Step, StepPayload, new_event

@@ -152,8 +152,8 @@ def test_messages_export_is_never_null(broker, tmp_path):
 
     from consumers.materialize import build_version
     from consumers.sink import Sink
-    from klong.broker import ensure_topics
-    from klong.settings import Settings, Topics
+    from services.broker import ensure_topics
+    from core.settings import Settings, Topics
     from tests.helpers import produce
     from tests.test_materialize import task
 

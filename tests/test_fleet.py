@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from producers.rl_plan import parse_plan
-from producers.scheduler import Scheduler
+from rl.plan import parse_plan
+from rl.scheduler import Scheduler
 from store.catalog import Catalog
 from tests.openai_stub import StubModel
 from tests.policy_stub import PolicyStub

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from consumers.chat import ChatTokenizer
+from core.chat import ChatTokenizer
 from consumers.materialize import build_version
 from producers.import_events import row_events, token_plan
 from producers.import_formats import detect, read_objects

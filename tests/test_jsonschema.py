@@ -3,7 +3,7 @@
 A property test (hypothesis) mutates well-formed events of every type (fields deleted, replaced by values of
 the wrong type, out of range, too long, null, bad base64, other event types' tags, ...) and compares the
 verdict of a standard Draft 2020-12 validator with format checks against the sink's own path on the same
-bytes (`schemas.events.decode`, then `schemas.arrow.to_table`, which is what `consumers.flush` does before a
+bytes (`schemas.events.decode`, then `schemas.arrow.to_table`, which is what `store.flush` does before a
 record is archived or dead-lettered). The schemas are also checked as a strict validator would (ajv strict
 mode): only 2020-12 keywords, and every type-specific keyword beside its `type`.
 """

@@ -12,7 +12,7 @@ import pytest
 
 kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (the `test` extra)")
 
-from klong.settings import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from producers.sandbox import SandboxLimits  # noqa: E402
 from producers.sandbox_k8s import render_manifests, render_network_policy, render_pod_manifest  # noqa: E402
 from trainer.config import load_config, shipped_configs  # noqa: E402

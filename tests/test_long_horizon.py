@@ -102,7 +102,7 @@ class CutPolicy:
 
 @pytest.mark.parametrize("max_tokens", [24, None])
 def test_context_limit_prunes_before_the_prompt_and_closed_turn_overflow(smollm2_dir, max_tokens):
-    from consumers.chat import ChatTokenizer
+    from core.chat import ChatTokenizer
     from producers.agent_context import TokenContext
     from producers.agent_policy import ContextLengthExceeded
     from producers.agent_tools import TOOLS
@@ -198,7 +198,7 @@ def long_plan(model_dir: Path, serve_home: Path) -> dict:
 
 @pytest.mark.timeout(2400)  # rollouts of 6 turns and two trainings of the real model on a shared 2-core machine
 def test_long_horizon_overflow_run_on_the_real_model(policy_server, smollm2_dir, make_settings, tmp_path):
-    from klong import serve
+    from services import serve
     from producers.tasks import import_tasks
     from store import datasets as ds
     from store.catalog import Catalog

@@ -71,7 +71,7 @@ def test_rubric_nodes_memory_is_linear_in_the_tree(settings, tmp_path):
          "task_category": "Code Development"} for i in range(20_000)]}
     import_tasks(settings, [make_task(tmp_path / "tasks", "wide", rubric=rubric)], "train")
     Sink(settings).run(until_idle=True)
-    code = ("import sys; from klong.settings import Settings, Topics; from store.catalog import Catalog; "
+    code = ("import sys; from core.settings import Settings, Topics; from store.catalog import Catalog; "
             "from pathlib import Path; "
             f"s = Settings(home=Path({str(settings.home)!r}), bootstrap_servers='x', topics=Topics({settings.topics.prefix!r})); "
             "print(Catalog(s).scalar(\"SELECT count(*) FILTER (WHERE is_leaf) FROM rubric_nodes WHERE task_id = 'wide'\"))")
@@ -125,7 +125,7 @@ def test_a_home_that_is_no_data_home_is_an_error(tmp_path, capsys):
 
 
 def test_simulate_without_a_broker_fails_after_its_timeout(tmp_path, capsys):
-    from klong.broker import free_port
+    from services.broker import free_port
 
     rc = main(["simulate", "--rollouts", "1", "--home", str(tmp_path / "h"), "--bootstrap-servers",
                f"127.0.0.1:{free_port()}", "--connect-timeout", "3"])

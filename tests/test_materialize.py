@@ -1,6 +1,6 @@
 """The dataset builder (consumers.materialize) over a real Parquet archive and real DuckDB.
 
-The archive here is written by the sink's own flush code (`consumers.flush.run_flush`: decode, Arrow,
+The archive here is written by the sink's own flush code (`store.flush.run_flush`: decode, Arrow,
 offset-named directory, atomic rename) without a broker, so hypothesis can build hundreds of small
 datasets in seconds. The Kafka path end to end is in test_datasets.py / test_replay.py.
 """
@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings as hsettings
 from hypothesis import strategies as st
 
 from consumers.materialize import DatasetConfig, build_version
-from consumers.split import SplitConfig, materialize, split_rollout
-from klong.settings import Settings, Topics
+from consumers.split import SplitConfig, split_rollout
+from store.windows import materialize
+from core.settings import Settings, Topics
 from schemas.arrow import encode_array, to_table
 from schemas.errors import ConfigError
 from schemas.events import (JudgeResult, JudgeResultPayload, RolloutEnded, RolloutEndedPayload, RolloutResumed,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from klong.cli import main
-from klong.settings import Settings, Topics
+from core.settings import Settings, Topics
 from schemas.errors import ConfigError
 from store.datasets import check_name, datasets_dir
 from trainer.model_import import import_model, resolve_model_dir

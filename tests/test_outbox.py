@@ -17,8 +17,8 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from klong.broker import BrokerProcess, ensure_topics, free_port
-from klong.settings import Settings, Topics
+from services.broker import BrokerProcess, ensure_topics, free_port
+from core.settings import Settings, Topics
 from producers.outbox import Outbox
 from schemas.errors import BrokerError, ConfigError, ValidationError
 from schemas.events import (JudgeRequested, JudgeRequestedPayload, Step, StepPayload, TaskPayload, TaskRegistered,
@@ -118,7 +118,7 @@ def test_process_killed_mid_put_loses_nothing_that_put_returned(settings, tmp_pa
     spool = tmp_path / "spool"
     script = textwrap.dedent(f"""
         import sys
-        from klong.settings import Settings, Topics
+        from core.settings import Settings, Topics
         from producers.outbox import Outbox
         from schemas.events import Step, StepPayload, new_event
         # No broker configured: nothing can be sent before the kill.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from klong.broker import free_port
+from services.broker import free_port
 from klong.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]

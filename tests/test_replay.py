@@ -13,7 +13,7 @@ import pytest
 from consumers.materialize import build_version
 from store.archive import list_flushes
 from store.datasets import SAMPLES, DatasetError, open_version, version_dir
-from store.replay import replay
+from consumers.replay import replay
 from tests.helpers import produce, rollout_events
 from tests.test_datasets import cli, sink
 from tests.test_materialize import task

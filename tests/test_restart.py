@@ -15,8 +15,8 @@ import uuid
 import numpy as np
 
 from consumers.sink import Sink
-from klong.broker import BrokerProcess, ensure_topics, free_port
-from klong.settings import Settings, Topics
+from services.broker import BrokerProcess, ensure_topics, free_port
+from core.settings import Settings, Topics
 from producers.outbox import Outbox
 from producers.recorder import RolloutRecorder
 from store.catalog import Catalog

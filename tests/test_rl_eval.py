@@ -9,8 +9,8 @@ import yaml
 
 from consumers.materialize import build_version
 from klong.cli import main
-from producers.rl_plan import parse_plan
-from producers.scheduler import Scheduler
+from rl.plan import parse_plan
+from rl.scheduler import Scheduler
 from producers.tasks import import_tasks
 from schemas.errors import ConfigError
 from store.catalog import Catalog
@@ -80,7 +80,7 @@ def test_eval_rollouts_run_each_iteration_and_after_the_last_and_never_enter_a_d
     assert [(r["policy_version"], r["rollouts"], r["solved"], r["mean_score"], r["solve_rate"]) for r in rates] == [
         (0, 4, 2, 0.75, 0.5), (1, 4, 2, 0.75, 0.5)]
     # `klong report`'s figure: training reward beside the held-out score, per policy version
-    from store.report import render, series
+    from ui.report import render, series
 
     ev = series("evals", cat, "with-eval")
     assert ev["policy_version"] == [0, 1, 2] and ev["train_score"] == [0.75, 0.75, None]

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from klong import serve
-from producers.rl_plan import parse_plan
+from services import serve
+from rl.plan import parse_plan
 from producers.tasks import import_tasks
 from schemas.errors import ConfigError
 from store.catalog import Catalog

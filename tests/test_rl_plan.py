@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from klong.cli import main
-from producers.rl_plan import load_plan, parse_duration, parse_plan
+from rl.plan import load_plan, parse_duration, parse_plan
 from schemas.errors import ConfigError
 
 PLAN = {

@@ -24,7 +24,7 @@ from schemas.events import event_type
 from store.archive import MANIFEST, archived_files, list_flushes, recover_positions
 from store.catalog import Catalog, QueryError
 from store.integrity import repair, verify
-from store.objstore import location
+from core.objstore import location
 from tests.helpers import kill_sinks_repeatedly, produce, rollout_events
 
 pytestmark = pytest.mark.timeout(900)

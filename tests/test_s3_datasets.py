@@ -25,7 +25,7 @@ from store.archive import MANIFEST, list_flushes, relative
 from store.archive_cache import ArchiveObjectError, cache_dir
 from store.catalog import Catalog
 from store.datasets import SAMPLES, TOKENS, version_dir
-from store.replay import replay
+from consumers.replay import replay
 from tests.helpers import produce, rollout_events
 from tests.test_materialize import task
 from trainer.data import DatasetReader
@@ -140,7 +140,7 @@ def test_trainer_reader_lineage_and_viewer_on_the_bucket(two, monkeypatch, capsy
     assert n == Catalog(local).scalar(where) == 30 + 20 + 30 + 24 + 12
 
     # the viewer's rollout page, from the bucket: what the local archive's page shows
-    from store.ui.app import create_app
+    from ui.app import create_app
 
     pages, hits, overlays, plots = [], [], [], []
     for s in (local, s3):

@@ -1,4 +1,4 @@
-"""store.objstore without a server: archive URLs are checked, S3 settings come from the AWS variables,
+"""core.objstore without a server: archive URLs are checked, S3 settings come from the AWS variables,
 and no secret is ever printed."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from klong.settings import Settings
+from core.settings import Settings
 from schemas.errors import ConfigError
-from store.objstore import S3Location, is_s3, location, s3_filesystem
+from core.objstore import S3Location, is_s3, location, s3_filesystem
 
 
 def test_location_parses_s3_urls_and_keeps_local_paths():

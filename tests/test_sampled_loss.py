@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from consumers.chat import ChatTokenizer
+from core.chat import ChatTokenizer
 from consumers.materialize import build_version
 from producers.agent_config import AgentConfig
 from producers.agent_context import TokenContext

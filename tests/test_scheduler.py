@@ -23,8 +23,8 @@ import yaml
 from consumers.materialize import build_version
 from klong.cli import main
 from consumers.sink import Sink
-from producers.rl_plan import parse_plan
-from producers.scheduler import Scheduler
+from rl.plan import parse_plan
+from rl.scheduler import Scheduler
 from producers.tasks import import_tasks
 from schemas.errors import ConfigError
 from store.catalog import Catalog

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from klong.settings import RedactingFilter, Settings, redact
+from core.settings import RedactingFilter, Settings, redact
 from tests.test_cli import klong
 from tests.test_tasks import make_task
 

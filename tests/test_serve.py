@@ -13,9 +13,9 @@ from urllib import request
 import pytest
 import torch
 
-from klong import serve
-from klong.broker import free_port
-from klong.procs import pid_alive
+from services import serve
+from services.broker import free_port
+from core.procs import pid_alive
 
 
 def klong(*args, timeout=120):

@@ -10,8 +10,8 @@ import msgspec
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from klong.broker import ensure_topics
-from klong.settings import Settings, Topics
+from services.broker import ensure_topics
+from core.settings import Settings, Topics
 from producers.outbox import Outbox
 from producers.simulate import TIMEOUT_S, VOCAB_SIZE, simulate
 from schemas.arrow import decode_array

@@ -194,7 +194,7 @@ def test_an_archive_with_list_token_arrays_gets_a_clear_error(tmp_path):
     """Step files from before token arrays were archived as binary: the catalog says what to do."""
     import pyarrow as pa
 
-    from klong.settings import Settings
+    from core.settings import Settings
     from schemas.arrow import as_list_array, to_table
     from store.archive import write_flush
     from store.catalog import Catalog, QueryError

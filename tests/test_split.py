@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumers.split import SplitConfig, materialize, materialize_flat, split_rollout, flatten_tokens
+from consumers.split import SplitConfig, split_rollout
+from store.windows import flatten_tokens, materialize, materialize_flat
 from consumers.turns import build_turns
 from schemas.errors import ConfigError
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from consumers.tokenize import ByteTokenizer, HFTokenizer, fill_token_ids, load_tokenizer
+from core.tokenize import ByteTokenizer, HFTokenizer, fill_token_ids, load_tokenizer
 from schemas.errors import ConfigError, ValidationError
 
 

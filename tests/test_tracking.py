@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from klong.cli import main
-from producers.iteration import IterationSummary
-from producers.rl_plan import parse_plan
+from rl.iteration import IterationSummary
+from rl.plan import parse_plan
 from schemas.errors import ConfigError
 from store.datasets import load_manifest
 from tests import tracker_readers as read
@@ -148,7 +148,7 @@ def test_the_rl_loop_logs_each_iterations_rewards(train_home, tmp_path, monkeypa
 def test_klong_rl_run_logs_each_iterations_rewards_to_the_plans_tracker(settings, tmp_path, monkeypatch):
     """The real scheduler (scripted policy, stub judge): one point per iteration, equal to the rollouts' scores."""
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
-    from producers.scheduler import Scheduler
+    from rl.scheduler import Scheduler
     from store.catalog import Catalog
     from tests.openai_stub import StubModel
     from tests.policy_stub import PolicyStub

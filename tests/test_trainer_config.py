@@ -8,7 +8,7 @@ import yaml
 from kubernetes import client
 
 from klong.cli import main
-from klong.settings import Settings, Topics
+from core.settings import Settings, Topics
 from schemas.errors import ConfigError
 from store.catalog import Catalog
 from tests.test_trainer_data import train_home  # noqa: F401  (session fixture)

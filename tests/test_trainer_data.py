@@ -17,8 +17,8 @@ import pytest
 
 from consumers.materialize import build_version
 from consumers.sink import Sink
-from klong.broker import ensure_topics
-from klong.settings import Settings, Topics
+from services.broker import ensure_topics
+from core.settings import Settings, Topics
 from schemas.arrow import encode_array
 from schemas.errors import ConfigError
 from schemas.events import (JudgeResult, JudgeResultPayload, RolloutEnded, RolloutEndedPayload, RolloutStarted,

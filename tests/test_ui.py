@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from klong.broker import ensure_topics, free_port
+from services.broker import ensure_topics, free_port
 from klong.cli import main
-from klong.settings import Settings, Topics
+from core.settings import Settings, Topics
 from store.catalog import Catalog, sql_str
-from store.report import FIGURES, series, write_report
-from store.viewer import HEAD_CHARS, TAIL_CHARS
+from ui.report import FIGURES, series, write_report
+from ui.viewer import HEAD_CHARS, TAIL_CHARS
 from tests.test_tasks import klong
 from tests.ui_data import BLACKLISTED, build_plan_home
 
@@ -432,7 +432,7 @@ def test_filter_by_group_and_the_group_page_side_by_side(data, server, page):
 
 def test_token_view_colours_logprobs_and_shows_a_windows_loss_mask(data, server, page):
     settings, ids, cat = data
-    from store.ui.tokens import step_tokens
+    from ui.tokens import step_tokens
 
     rid = ids["long"]
     step = rows(cat, f"SELECT step_idx, token_ids, logprobs FROM step_tokens WHERE rollout_id = {sql_str(rid)} "

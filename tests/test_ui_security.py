@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from consumers.sink import Sink
-from store.ui.app import ServerThread, create_app, rollout_url
-from store.ui.guard import allowed_hosts, host_name
-from store.ui.query import Limits
+from ui.app import ServerThread, create_app, rollout_url
+from ui.guard import allowed_hosts, host_name
+from ui.query import Limits
 from tests.helpers import produce, rollout_events
 
 HOSTILE = ["../sql?q=SELECT 1", "a/b/../c", "..", "x#y%2Fz"]
@@ -33,8 +33,8 @@ CHROMIUM = "/usr/bin/chromium"
 def home(broker, tmp_path_factory):
     import uuid
 
-    from klong.broker import ensure_topics
-    from klong.settings import Settings, Topics
+    from services.broker import ensure_topics
+    from core.settings import Settings, Topics
 
     settings = Settings(home=tmp_path_factory.mktemp("uisec") / "home", bootstrap_servers=broker.bootstrap,
                         topics=Topics(f"t{uuid.uuid4().hex[:10]}"), partitions=2)
@@ -219,7 +219,7 @@ def test_sql_reads_neither_the_working_directory_temp_nor_the_home(server, home,
 def test_a_query_past_the_memory_limit_fails_with_what_to_do(home):
     """The viewer never spills (nothing on disk for SQL to read): a query past memory_limit fails, saying why."""
     from store.catalog import Catalog
-    from store.ui.query import BoundedQuery
+    from ui.query import BoundedQuery
 
     catalog = Catalog(home, config={"memory_limit": "64MB", "temp_directory": ""})
     q = BoundedQuery(catalog, "SELECT count(*) FROM (SELECT * FROM range(20000000) ORDER BY random())",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from store.ui.app import group_url, rollout_url
-from store.ui.finder import _snippet
-from store.viewer import rubric_tree
+from ui.app import group_url, rollout_url
+from ui.finder import _snippet
+from ui.viewer import rubric_tree
 
 # root (w1) -> section A (w3) -> leaves a1 (w2), a2 (w1); leaf b (w1)
 NODES = [
@@ -66,7 +66,7 @@ def test_id_links_are_encoded(rid, url):
 
 
 def test_token_texts_of_ids_a_tokenizer_does_not_know_are_none():
-    from store.ui.tokens import _texts
+    from ui.tokens import _texts
 
     assert _texts([104, 20216, 105], "bytes") == ["h", None, "i"]  # 20216: not a byte
     assert _texts([1, 2], None) == [None, None]

@@ -3,7 +3,7 @@
     build_plan_home(settings, workdir)      # -> {"rollouts": [...ids in policy-call order], "long": id}
 
 What it holds, all made by the real parts: two train tasks with nested rubric trees and a blacklisted
-URL, a two-stage progressive-RL plan (`klong rl run` code path: producers.scheduler) of 12
+URL, a two-stage progressive-RL plan (`klong rl run` code path: rl.scheduler) of 12
 rollouts by the real agent runner against the scripted policy server, graded by the real judge worker
 against the judge stub (leaf scores with explanations), carried-over rollouts, one RL dataset version per
 iteration with a small `max_tokens` (so rollouts split into several windows, an oversized action is
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from consumers.sink import Sink
 from klong.cli import main
-from producers.rl_plan import parse_plan
-from producers.scheduler import Scheduler
+from rl.plan import parse_plan
+from rl.scheduler import Scheduler
 from producers.tasks import import_tasks
 from tests.openai_stub import StubModel
 from tests.policy_stub import PolicyStub

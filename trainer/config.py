@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 
 import yaml
 
-from klong.settings import read_yaml
+from core.settings import read_yaml
 from schemas.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"

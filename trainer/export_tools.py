@@ -27,8 +27,8 @@ _MARK = "\x00klong-system\x00"
 
 def _chat_for(home: Path, manifest: dict):
     """The ChatTokenizer whose fingerprint the version's token ids come from, or None."""
-    from consumers.chat import ChatTokenizer
-    from consumers.tokenize import is_model_dir
+    from core.chat import ChatTokenizer
+    from core.tokenize import is_model_dir
 
     want = (manifest.get("counts") or {}).get("token_ids_from") or manifest.get("tokenizer")
     if not want or not str(want).startswith("sha256:"):

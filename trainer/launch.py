@@ -25,7 +25,7 @@ from typing import Optional
 
 import yaml
 
-from klong.settings import Settings
+from core.settings import Settings
 from schemas.errors import ConfigError, KlongError
 from trainer.config import RunConfig, dump_yaml
 
@@ -66,7 +66,7 @@ def deepspeed_command(settings: Settings, run_id: str, run_dir: Path, nproc: int
 
 def launch_deepspeed(settings: Settings, cfg: RunConfig, run_id: str, run_dir: Path, nproc: int,
                      resume: Optional[Path] = None) -> int:
-    from klong.broker import free_port
+    from services.broker import free_port
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))

@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from klong.settings import Settings
+from core.settings import Settings
 from producers.outbox import Outbox
 from producers.recorder import publish
 from schemas.errors import ConfigError, KlongError

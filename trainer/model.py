@@ -91,12 +91,12 @@ def load_model(cfg: ModelConfig, max_positions: int, seed: int = 0,
 
 def check_tokenizer(info: ModelInfo, manifest: dict) -> None:
     """A real model trains only on ids its own tokenizer and chat template made: the dataset's
-    `counts.token_ids_from` fingerprint (consumers.chat) must be the model directory's. Unknown sources
+    `counts.token_ids_from` fingerprint (core.chat) must be the model directory's. Unknown sources
     (rollouts recorded without a fingerprint) pass; the vocabulary range is checked by the reader either way."""
     source = manifest.get("counts", {}).get("token_ids_from") or ""
     if info.stand_in or not source:
         return
-    from consumers.chat import ChatTokenizer
+    from core.chat import ChatTokenizer
 
     try:
         mine = ChatTokenizer(info.source).fingerprint

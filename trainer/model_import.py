@@ -1,5 +1,5 @@
 """`klong model import`: a GGUF file or a local transformers directory -> `HOME/models/NAME`, a directory
-that the trainer (`model.name=DIR`), the renderer (`consumers.chat`) and vLLM (`--model DIR`) all read.
+that the trainer (`model.name=DIR`), the renderer (`core.chat`) and vLLM (`--model DIR`) all read.
 
     path = import_model("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2", home / "models")
     resolve_model_dir("smollm2", home)          # NAME under HOME/models, or a directory path -> Path

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from klong.settings import Settings, read_yaml
+from core.settings import Settings, read_yaml
 from schemas.errors import ConfigError
 from store import datasets as ds
 from trainer.config import RunConfig, dump_yaml, from_dict

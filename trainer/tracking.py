@@ -244,7 +244,7 @@ def loop_report_to(plan) -> tuple[str, ...]:
 
 def iteration_metrics(home: Path, summary) -> dict[str, float]:
     """An iteration's rewards (from the dataset version it built: per rollout, the Q of its last window; per
-    window, Q and the advantage) and its counts and timings (`producers.iteration.IterationSummary`)."""
+    window, Q and the advantage) and its counts and timings (`rl.iteration.IterationSummary`)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 

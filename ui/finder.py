@@ -6,7 +6,7 @@
 Search is a case-insensitive substring match over every step's content and tool-call arguments
 (DuckDB `contains(lower(...))` over the `steps` view: no index to build or keep fresh, and the whole
 content is searched, also the middles a page shows collapsed), newest rollouts first, PAGE hits a page.
-It runs under the viewer's query limits (store.ui.query), like the SQL box. A hit carries a snippet
+It runs under the viewer's query limits (ui.query), like the SQL box. A hit carries a snippet
 around its first match, split into (before, match, after) for the page to mark.
 """
 
@@ -16,8 +16,8 @@ from typing import Optional
 
 from schemas.errors import ConfigError
 from store.catalog import Catalog, sql_str
-from store.ui.query import BoundedQuery, Limits
-from store.viewer import NotFound, _rows
+from ui.query import BoundedQuery, Limits
+from ui.viewer import NotFound, _rows
 
 PAGE = 50  # hits per page
 CONTEXT = 100  # characters of a snippet before the match (after: 2 x CONTEXT)

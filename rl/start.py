@@ -1,4 +1,4 @@
-"""Where a progressive-RL plan run starts (`producers.scheduler`): its tasks, its first iteration number,
+"""Where a progressive-RL plan run starts (`rl.scheduler`): its tasks, its first iteration number,
 and the part of its schedule earlier runs left.
 
     tasks = resolve_tasks(settings, plan)                 # ["fre", "bam"]; ConfigError naming what is wrong
@@ -10,7 +10,7 @@ alone, `resolve_eval_tasks`); checked against what is
 registered (archive, registry file and the tasks topic, so a task imported a moment ago counts): an
 unknown task or an eval task is refused. Numbering: after the highest iteration already in the archive
 (any plan run or rollout), so a dataset's `iteration` filter never mixes two runs. Resume: the
-iterations of the schedule the plan's earlier runs finished are skipped (`producers.rl_loop.resume_point`),
+iterations of the schedule the plan's earlier runs finished are skipped (`rl.loop.resume_point`),
 and the run starts from the checkpoint the last one produced (None: the base model).
 """
 
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from klong.settings import Settings
-from producers.rl_plan import RlPlan
+from core.settings import Settings
+from rl.plan import RlPlan
 from schemas.errors import ConfigError
 
 
@@ -79,7 +79,7 @@ def base_iteration(settings: Settings) -> int:
 def remaining_schedule(settings: Settings, plan: RlPlan, schedule: list, say: Callable[[str], None]
                        ) -> tuple[list, Optional[str]]:
     """The part of the schedule earlier runs of this plan did not finish, and the checkpoint they left."""
-    from producers.rl_loop import resume_point
+    from rl.loop import resume_point
 
     point = resume_point(settings, plan)
     if point.done >= len(schedule):

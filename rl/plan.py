@@ -1,4 +1,4 @@
-"""The progressive-RL plan: a YAML file `klong rl run PLAN.yaml` executes (`producers.scheduler`).
+"""The progressive-RL plan: a YAML file `klong rl run PLAN.yaml` executes (`rl.scheduler`).
 
     plan = load_plan("two-stage.yaml")     # RlPlan, or ConfigError naming the key at fault
     klong rl check two-stage.yaml          # the same from the command line: prints the schedule
@@ -17,7 +17,7 @@
     judge_timeout: 30m               # after close: wait this long for the archive and the judge
     initial_policy_version: 0        # the policy of iteration 1; +1 per iteration
     agent: {min_time_fraction: 0.5}  # producers.agent.AgentConfig fields for every rollout
-    serve: {model: smollm2, device: cpu}   # optional: a managed vLLM policy server (klong.serve); policy: then optional
+    serve: {model: smollm2, device: cpu}   # optional: a managed vLLM policy server (services.serve); policy: then optional
     train:                           # optional, after each iteration's dataset (blocks the next iteration)
       config: rl_smollm2             # train the served checkpoint on it (klong train), then reload the server
       overrides: {train.max_steps: 1}
@@ -40,7 +40,7 @@ They are never trained on (eval tasks never enter a training dataset) and never 
 change only after they ended. Their group ids are `PLAN:eval:i<iteration>:<task>`; `rl_evals` and the
 `eval_*` columns of `rl_iterations` read them.
 
-`serve:` keys (klong.serve.ServeConfig): model (NAME under HOME/models or a directory), device (cpu | cuda),
+`serve:` keys (services.serve.ServeConfig): model (NAME under HOME/models or a directory), device (cpu | cuda),
 dtype (default float32 on cpu, bfloat16 on cuda), max_model_len (also the runner's `agent.context_limit` unless
 the agent block sets a lower one), port, kv_cache_gib, and home (the data home whose server to use; default the
 run's own). `train.config` (a trainer YAML or a shipped name) with
@@ -342,7 +342,7 @@ def _context_limit(agent: dict, serve: dict) -> dict:
     """The managed server's context length is the runner's `agent.context_limit` unless the plan sets one: the
     runner then prunes before a call the server would cut (vLLM shortens `max_tokens` to what is left, and the
     closed turn ends over the model's length). A limit above the server's is refused."""
-    from klong.serve import ServeConfig
+    from services.serve import ServeConfig
 
     model_len = serve.get("max_model_len", ServeConfig.max_model_len)
     limit = agent.get("context_limit")
@@ -397,7 +397,7 @@ def _yaml_scalar(v: Any) -> str:
 
 def load_plan(path: str | Path) -> RlPlan:
     """Reads and validates a plan YAML file; errors name the file and the key."""
-    from klong.settings import read_yaml
+    from core.settings import read_yaml
 
     try:
         return parse_plan(read_yaml(path), str(path))

@@ -34,11 +34,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from consumers.materialize import DatasetConfig, InputSet, materialize
-from klong.settings import Settings, Topics
+from core.settings import Settings, Topics
 from schemas.errors import KlongError
 from store import datasets as ds
 from store.archive_cache import cache_dir
-from store.objstore import is_s3
+from core.objstore import is_s3
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from klong.procs import pid_alive
+from core.procs import pid_alive
 from schemas.arrow import to_table
 from schemas.errors import TransientError, ValidationError
 from schemas.events import decode, event_type

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from store.catalog import Catalog, sql_str
 from store.datasets import SAMPLES, TOKENS, DatasetError, DatasetVersion
-from store.viewer import NotFound
+from ui.viewer import NotFound
 
 MAX_TOKENS = 20_000  # tokens a view shows (a 14 kB tool output is ~4,000)
 
@@ -47,7 +47,7 @@ class OneWindow(DatasetVersion):
 
 @lru_cache(maxsize=4)
 def _tokenizer(spec: str):
-    from consumers.tokenize import load_tokenizer
+    from core.tokenize import load_tokenizer
 
     return load_tokenizer(spec)
 

@@ -1,4 +1,4 @@
-"""The background services of a progressive-RL run (`producers.scheduler`): the sink and the judge, in threads.
+"""The background services of a progressive-RL run (`rl.scheduler`): the sink and the judge, in threads.
 
     services = Services(say)
     services.start(settings, plan, embedded_sink=True)   # a Sink thread; a JudgeWorker thread with plan.judge
@@ -18,8 +18,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from klong.settings import Settings
-from producers.rl_plan import RlPlan
+from core.settings import Settings
+from rl.plan import RlPlan
 
 
 class Services:

@@ -14,7 +14,7 @@ in ~35 s instead of ~2 min) and uses every core; on CUDA bfloat16. State in HOME
 HOME/serve.log.
 
 Reload without a restart (vLLM's own mechanism, server started with VLLM_SERVER_DEV_MODE=1):
-POST /pause?mode=wait, POST /collective_rpc calling our worker extension (klong.serve_worker:
+POST /pause?mode=wait, POST /collective_rpc calling our worker extension (services.serve_worker:
 vLLM's `reload_weights` from the checkpoint directory, then the tied output layer rebuilt), POST
 /reset_prefix_cache, POST /resume. If that fails the server is restarted on the checkpoint; the
 result says which ran.
@@ -34,15 +34,15 @@ from typing import Literal
 from urllib import error as urlerror
 from urllib import request as urlrequest
 
-from klong.broker import _port_open, free_port
-from klong.procs import pid_alive
-from klong.settings import Settings
+from services.broker import _port_open, free_port
+from core.procs import pid_alive
+from core.settings import Settings
 from schemas.errors import ConfigError, TransientError
 
 Device = Literal["cpu", "cuda"]
 DEFAULT_PORT = 8124
 SERVED_NAME = "policy"
-WORKER_EXTENSION = "klong.serve_worker.PolicyWorkerExtension"
+WORKER_EXTENSION = "services.serve_worker.PolicyWorkerExtension"
 
 
 class ServeError(TransientError):

@@ -1,4 +1,4 @@
-// /plots: draws the report's figures as SVG from /api/plots (store.report panels): no image rendering on the
+// /plots: draws the report's figures as SVG from /api/plots (ui.report panels): no image rendering on the
 // server, so the page is as fast as its SQL. Each panel: labelled axes, one series per dataset/run with a
 // legend; a curve with a single point says "one iteration so far" with its value instead of a dot.
 "use strict";

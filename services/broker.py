@@ -23,8 +23,8 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from klong.procs import pid_alive
-from klong.settings import Settings
+from core.procs import pid_alive
+from core.settings import Settings
 from schemas.errors import BrokerError, ConfigError
 
 

@@ -14,7 +14,7 @@ pairs in every log line:
     KLONG_KAFKA_SSL_CAFILE / KLONG_KAFKA_SSL_CERTFILE / KLONG_KAFKA_SSL_KEYFILE
 
 `KLONG_TOPIC_PREFIX` (default `klong`) names the topics, so several deployments (or tests) can
-share one cluster. `KLONG_ARCHIVE_URL=s3://bucket/prefix` puts the archive in a bucket (store.objstore;
+share one cluster. `KLONG_ARCHIVE_URL=s3://bucket/prefix` puts the archive in a bucket (core.objstore;
 endpoint and credentials from the usual AWS variables); the default is `<home>/archive`.
 """
 
@@ -223,10 +223,10 @@ class Settings:
 
     @property
     def archive(self):
-        """Where the archive is: `archive_dir` (a Path), or an S3 prefix (store.objstore.S3Location)."""
+        """Where the archive is: `archive_dir` (a Path), or an S3 prefix (core.objstore.S3Location)."""
         if not self.archive_url:
             return self.archive_dir
-        from store.objstore import location
+        from core.objstore import location
 
         return location(self.archive_url)
 

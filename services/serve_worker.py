@@ -1,4 +1,4 @@
-"""vLLM worker extension of the policy server (`--worker-extension-cls klong.serve_worker.PolicyWorkerExtension`).
+"""vLLM worker extension of the policy server (`--worker-extension-cls services.serve_worker.PolicyWorkerExtension`).
 
 vLLM mixes this class into its worker; `POST /collective_rpc {"method": "klong_reload_weights", "kwargs":
 {"weights_path": DIR}}` calls it in every worker. It runs vLLM's own in-place `reload_weights` and then

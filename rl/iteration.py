@@ -1,4 +1,4 @@
-"""One iteration of a progressive-RL run (`producers.scheduler`): its rollouts, its summary and its two waits.
+"""One iteration of a progressive-RL run (`rl.scheduler`): its rollouts, its summary and its two waits.
 
     wait_close(members, plan, t0, last, poll_s, check, say)        # close_fraction ended, or iteration_timeout
     results = {r.rollout_id: rollout_result(r, say) for r in ended}
@@ -21,8 +21,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from klong.settings import Settings
-from producers.rl_plan import RlPlan
+from core.settings import Settings
+from rl.plan import RlPlan
 
 PROGRESS_EVERY_S = 5.0
 
@@ -59,7 +59,7 @@ class IterationSummary:
     checkpoint: Optional[str] = None  # with a managed server: the weights the next iteration is served from
     reload_s: float = 0.0
     reload_method: Optional[str] = None
-    eval: Any = None  # producers.rl_eval.EvalSummary: the held-out evaluation beside this iteration (plan's eval:)
+    eval: Any = None  # rl.evals.EvalSummary: the held-out evaluation beside this iteration (plan's eval:)
 
 
 def counts(d: dict) -> str:

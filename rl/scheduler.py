@@ -1,4 +1,4 @@
-"""The progressive-RL stage scheduler: runs a plan (`producers.rl_plan`) iteration by iteration.
+"""The progressive-RL stage scheduler: runs a plan (`rl.plan`) iteration by iteration.
 
     klong rl run two-stage.yaml                                   # progress lines per iteration; Ctrl-C stops cleanly
     >>> Scheduler(settings, load_plan("two-stage.yaml")).run()   # -> [IterationSummary, ...]
@@ -18,7 +18,7 @@ iteration. Iterations are numbered across stages, after the highest iteration al
    They keep the stage they started in and its timeout T(m), which bounds their total wall time. Rollouts
    still queued for a free slot are never started (`not_started`: the trainer has moved on). The plan's
    last iteration has nothing to carry into, so it waits for all its rollouts.
-3. wait (`judge_timeout`, progress every few seconds; producers.iteration) until the archive holds the
+3. wait (`judge_timeout`, progress every few seconds; rl.iteration) until the archive holds the
    `rollout_ended` of every rollout that ended in the iteration and the judge result of every judgment
    they requested; on timeout the build goes ahead (the missing ones are counted, their windows
    `unrewarded`).
@@ -36,22 +36,22 @@ rollouts of each eval task run under that iteration's policy in the same pool (g
 of the iteration: never counted by the close rule, never carried over; the iteration waits for them (and
 their judgments) before its dataset is built and the weights change. Eval tasks never enter a training
 dataset. With `final` (default when the plan trains) one more evaluation runs after the last iteration,
-under the policy it produced (producers.rl_eval). `Scheduler.evals` holds the scores; `rl_evals` (store.rl)
+under the policy it produced (rl.evals). `Scheduler.evals` holds the scores; `rl_evals` (store.rl)
 reads them back.
 
-Closing the loop (producers.rl_loop): with `serve:` the scheduler starts (or finds) a managed vLLM server
-(klong.serve) and serves the checkpoint the plan has reached; with `train: {config: ...}` each iteration
+Closing the loop (rl.loop): with `serve:` the scheduler starts (or finds) a managed vLLM server
+(services.serve) and serves the checkpoint the plan has reached; with `train: {config: ...}` each iteration
 then runs `klong train` on its dataset version from the served checkpoint (policy_version pv -> pv+1) and
 reloads the server's weights in place, before the next iteration starts. Rollouts carried over wait at
 their next policy call until pv+1 is served, so every step carries the version that generated it. The
 `trained` event records the checkpoint and the train and reload times. Without a managed server, the
-optional `train:` shell hook (placeholders {dataset} {next_policy_version} ...; producers.train_hook) runs
+optional `train:` shell hook (placeholders {dataset} {next_policy_version} ...; rl.train_hook) runs
 after each build instead; the next iteration starts when it exits 0 (else the run stops).
 
 Resume: a run first reads what earlier runs of the same plan finished (`rl_iteration` events) and starts at
-the next iteration of the plan's schedule, with the checkpoint the last one produced (producers.rl_start).
+the next iteration of the plan's schedule, with the checkpoint the last one produced (rl.start).
 
-Services (producers.scheduler_services): unless `embedded_sink=False` (an external `klong sink run`
+Services (rl.services): unless `embedded_sink=False` (an external `klong sink run`
 archives), a Sink runs in a thread; with a `judge:` endpoint in the plan a JudgeWorker runs in a thread
 (otherwise `klong judge run` must run). Events go through the durable outbox `HOME/outbox/rl-<plan>`.
 `stop()` (Ctrl-C): queued rollouts are cancelled, running ones stopped at their next turn boundary
@@ -67,19 +67,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable, Optional
 
-from klong.settings import Settings
-from producers import rl_start
-from producers.iteration import IterationSummary, Rollout, counts, rollout_result, wait_archived, wait_close
+from core.settings import Settings
+from rl import start as rl_start
+from rl.iteration import IterationSummary, Rollout, counts, rollout_result, wait_archived, wait_close
 from producers.outbox import Outbox
 from producers.recorder import publish
-from producers.rl_eval import EvalSummary, finish_eval, start_eval
-from producers.rl_plan import RlPlan, Stage, agent_config
-from producers.scheduler_services import Services
-from producers.train_hook import run_train_hook
+from rl.evals import EvalSummary, finish_eval, start_eval
+from rl.plan import RlPlan, Stage, agent_config
+from rl.services import Services
+from rl.train_hook import run_train_hook
 from schemas.errors import ConfigError, KlongError
 from schemas.events import RlIteration, RlIterationPayload, new_event, uuid7
 
-# Re-exported: callers import these from producers.scheduler.
+# Re-exported: callers import these from rl.scheduler.
 __all__ = ["Scheduler", "IterationSummary", "EvalSummary", "Stopped"]
 
 
@@ -108,8 +108,8 @@ class Scheduler:
         self.policy = agent.PolicyEndpoint(plan.policy.base_url, plan.policy.model,
                                            api_key=os.environ[env] if env else "EMPTY")
         self.loop = None
-        if plan.serve is not None:  # a managed policy server: its URL once it runs (producers.rl_loop)
-            from producers.rl_loop import PolicyLoop
+        if plan.serve is not None:  # a managed policy server: its URL once it runs (rl.loop)
+            from rl.loop import PolicyLoop
 
             self.loop = PolicyLoop(settings, plan, self._say)
             if not self.agent_config.model_dir:  # token-in/token-out with the served model's tokenizer and template
@@ -186,11 +186,11 @@ class Scheduler:
         return rl_start.remaining_schedule(self.settings, self.plan, schedule, self._say)
 
     def base_iteration(self) -> int:
-        """Iterations of a run are numbered after the highest one already in the archive (producers.rl_start)."""
+        """Iterations of a run are numbered after the highest one already in the archive (rl.start)."""
         return rl_start.base_iteration(self.settings)
 
     def resolve_tasks(self) -> list[str]:
-        """The plan's task ids, checked against the registered tasks (producers.rl_start)."""
+        """The plan's task ids, checked against the registered tasks (rl.start)."""
         return rl_start.resolve_tasks(self.settings, self.plan)
 
     # ---- one iteration -------------------------------------------------------------------------

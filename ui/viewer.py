@@ -1,6 +1,6 @@
-"""Read-only queries behind `klong ui` (store.ui): the rollouts list, one rollout as a conversation, judge
+"""Read-only queries behind `klong ui` (ui): the rollouts list, one rollout as a conversation, judge
 results as rubric trees, blacklist hits. Everything comes from the catalog's views (store.catalog); a
-dataset version's overlay on a rollout is in store.overlay.
+dataset version's overlay on a rollout is in ui.overlay.
 
     v = Viewer(Catalog(settings))
     v.rollouts(RolloutFilter(task="fre", status="finished", sort="final_score"))   # -> list of dicts

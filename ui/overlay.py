@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from store.datasets import MANIFEST, SAMPLES, TOKENS, load_manifest, parse_ref, version_dir
-from store.viewer import NotFound
+from ui.viewer import NotFound
 
 REASONS = {
     "trailing_observations": "observation after the last action: no turn to learn from",

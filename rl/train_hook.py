@@ -1,8 +1,8 @@
-"""The plan's `train:` shell hook (`producers.rl_plan`), run by the scheduler after each iteration's build.
+"""The plan's `train:` shell hook (`rl.plan`), run by the scheduler after each iteration's build.
 
     train_s = run_train_hook(settings, plan, stage, it, pv, "web-rl@3", check, say)
 
-Used when the plan has no managed server (with `serve:` the scheduler trains through producers.rl_loop).
+Used when the plan has no managed server (with `serve:` the scheduler trains through rl.loop).
 The command gets its placeholders ({dataset} {iteration} {stage} {policy_version} {next_policy_version}
 {plan} {home}) shell-quoted, and KLONG_HOME / KLONG_BOOTSTRAP_SERVERS / KLONG_TOPIC_PREFIX in its
 environment. Carried-over rollouts keep running meanwhile. A non-zero exit or the plan's
@@ -17,9 +17,9 @@ import shlex
 import time
 from typing import Callable
 
-from klong.procs import run_supervised
-from klong.settings import Settings
-from producers.rl_plan import RlPlan, Stage
+from core.procs import run_supervised
+from core.settings import Settings
+from rl.plan import RlPlan, Stage
 from schemas.errors import TerminalError
 
 

@@ -2,7 +2,7 @@
 the checkpoint being served, the weight reload, and where an interrupted run resumes.
 
     loop = PolicyLoop(settings, plan, say)                 # plan.serve: {model, device, dtype, ...}
-    endpoint = loop.start(loop.base_checkpoint(), pv)       # vLLM (klong.serve) healthy, serving that checkpoint
+    endpoint = loop.start(loop.base_checkpoint(), pv)       # vLLM (services.serve) healthy, serving that checkpoint
     step = loop.advance("web-rl@3", n_samples, it, pv, check)   # klong train from the served checkpoint, reload
     step.checkpoint, step.train_s, step.reload.method      # the weights pv+1 is served from
 
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from klong import serve
-from klong.procs import run_supervised
-from klong.settings import Settings
-from producers.rl_plan import RlPlan
+from services import serve
+from core.procs import run_supervised
+from core.settings import Settings
+from rl.plan import RlPlan
 from schemas.errors import ConfigError, TerminalError
 
 

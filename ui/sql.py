@@ -1,8 +1,8 @@
 """The SQL box of `klong ui`: `GET /sql` shows the form (runs nothing), `POST /sql` runs the query and shows
 its first SHOWN rows, `POST /sql.csv` streams the whole result as CSV.
 
-Both POSTs carry the page's per-process token and must come from the viewer's own origin (store.ui.guard);
-every query runs under the viewer's limits (store.ui.query: time limit, row and byte caps, DuckDB memory
+Both POSTs carry the page's per-process token and must come from the viewer's own origin (ui.guard);
+every query runs under the viewer's limits (ui.query: time limit, row and byte caps, DuckDB memory
 limit) and is interrupted as soon as its client disconnects. A CSV that hits a limit after its first rows
 ends without its closing chunk, so the download fails visibly instead of arriving short.
 """
@@ -22,8 +22,8 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from schemas.errors import TerminalError
 from store.catalog import Catalog
-from store.ui.guard import check_same_origin
-from store.ui.query import BoundedQuery, Limits
+from ui.guard import check_same_origin
+from ui.query import BoundedQuery, Limits
 
 class ClientGone(TerminalError):
     """The client of a query disconnected (nobody reads the answer)."""

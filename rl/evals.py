@@ -1,4 +1,4 @@
-"""Held-out evaluation inside a progressive-RL plan run (the plan's `eval:`; `producers.scheduler` calls it).
+"""Held-out evaluation inside a progressive-RL plan run (the plan's `eval:`; `rl.scheduler` calls it).
 
     evals = start_eval(sched, pool, stage, it, pv)        # n rollouts of every eval task under policy pv
     summary = finish_eval(sched, evals, results, it, pv)  # waits for them and their judgments -> EvalSummary
@@ -7,7 +7,7 @@
 The rollouts go into the scheduler's pool like the iteration's own, with group ids
 `PLAN:eval:i<iteration>:<task>` (`eval_group_prefix`; the view `rl_evals` in store.rl parses them back), the
 iteration and policy_version of the policy they score. Their tasks are registered eval tasks
-(`producers.rl_start.resolve_eval_tasks`), so the runner asks for their judgments at eval priority and no
+(`rl.start.resolve_eval_tasks`), so the runner asks for their judgments at eval priority and no
 training dataset takes them. `finish_eval` waits for every one of them (they are never carried over: the
 weights change only after the evaluation under them ended) and for the judge results of them and of the
 iteration's own ended rollouts, then reads the scores from the archive.
@@ -20,8 +20,8 @@ from concurrent.futures import wait
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from klong.settings import Settings
-from producers.iteration import Rollout, rollout_result
+from core.settings import Settings
+from rl.iteration import Rollout, rollout_result
 
 
 @dataclass

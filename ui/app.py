@@ -10,12 +10,12 @@ results as rubric trees, blacklist hits, a dataset version's windows overlaid; j
 `/search` full-text search over steps (all rollouts or one), `/groups/<group_id>` a group's rollouts side
 by side, `/tokens` one step's tokens (log-probs, a window's loss mask), `/plots` the report's figures drawn
 in the browser from `/api/plots` (PNGs at `/plots/<name>.png`), `/blacklist` every hit, `/sql` the SQL
-box (store.ui.sql: runs by POST only). Ids go into links URL-encoded (`rollout_url`); an id that is `.`
+box (ui.sql: runs by POST only). Ids go into links URL-encoded (`rollout_url`); an id that is `.`
 or `..` as a path segment would be resolved away by the browser, so `/rollout?id=` opens any id.
 JSON and fragments for the pages' scripts: `/api/steps?rollout=ID&start=N` (later steps as HTML),
 `/api/step?rollout=ID&idx=N` (a step's whole content), `/api/overlay?rollout=ID&ref=NAME@N`.
 
-Protection (store.ui.guard, store.ui.query): the Host header must name this viewer; the SQL box and search
+Protection (ui.guard, ui.query): the Host header must name this viewer; the SQL box and search
 run under a time limit, row and byte caps and DuckDB's memory limit, and stop when their client leaves.
 """
 
@@ -34,18 +34,18 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from klong.settings import Settings
+from core.settings import Settings
 from schemas.errors import ConfigError, TerminalError
 from store.archive import list_flushes
 from store.catalog import Catalog
 from store.datasets import all_manifests
-from store.overlay import overlay
-from store.report import FIGURES, figure_data, render
-from store.ui import finder, sql
-from store.ui.guard import Forbidden, HostGuard, allowed_hosts, new_token
-from store.ui.query import Limits
-from store.ui.tokens import step_tokens
-from store.viewer import PAGE_ROWS, ROLLOUT_COLUMNS, STATUSES, NotFound, RolloutFilter, Viewer, as_jsonable
+from ui.overlay import overlay
+from ui.report import FIGURES, figure_data, render
+from ui import finder, sql
+from ui.guard import Forbidden, HostGuard, allowed_hosts, new_token
+from ui.query import Limits
+from ui.tokens import step_tokens
+from ui.viewer import PAGE_ROWS, ROLLOUT_COLUMNS, STATUSES, NotFound, RolloutFilter, Viewer, as_jsonable
 
 HERE = Path(__file__).parent
 FIRST_STEPS = 200  # steps rendered with a rollout page; the rest come from /api/steps?rollout=ID&start=N
@@ -273,7 +273,7 @@ class ServerThread:
     def __init__(self, app: FastAPI, port: int = 0):
         import uvicorn
 
-        from klong.broker import free_port
+        from services.broker import free_port
 
         port = port or free_port()
         self.url = f"http://127.0.0.1:{port}"

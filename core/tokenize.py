@@ -3,7 +3,7 @@
 `load_tokenizer("bytes")` gives the built-in UTF-8 byte tokenizer (ids 0..255, for tests and demos);
 `load_tokenizer("path/to/tokenizer.json")` (or a directory holding one) loads a Hugging Face
 `tokenizers` file from local disk; a model directory with a chat template (`klong model import`) gives a
-`consumers.chat.ChatTokenizer`, which renders whole conversations with the template instead (the dataset
+`core.chat.ChatTokenizer`, which renders whole conversations with the template instead (the dataset
 builder and the importer use its per-message spans); nothing is ever downloaded. Each tokenizer has a `fingerprint`
 (the spec, or the file's sha256) for dataset manifests: same fingerprint, same tokens. Only the
 step content is encoded, without special tokens or a chat template: steps are concatenated later,
@@ -73,12 +73,12 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """"bytes" -> ByteTokenizer; a model directory with a chat template -> `consumers.chat.ChatTokenizer`
+    """"bytes" -> ByteTokenizer; a model directory with a chat template -> `core.chat.ChatTokenizer`
     (messages rendered with the template); any other path is a tokenizer.json (or its directory)."""
     if str(spec) == "bytes":
         return ByteTokenizer()
     if is_model_dir(spec):
-        from consumers.chat import ChatTokenizer
+        from core.chat import ChatTokenizer
 
         return ChatTokenizer(spec)
     return HFTokenizer(spec)
