@@ -80,7 +80,10 @@ class PolicyStub:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the runner gave up (rollout deadline)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 4096  # listen backlog: a fleet opens ~1,000 connections at once (default 5)
+
+        self._server = Server(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="policy-stub", daemon=True)
 
