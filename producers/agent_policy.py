@@ -127,7 +127,7 @@ def _tokens(choice: dict) -> tuple[Optional[list[int]], Optional[list[float]]]:
     return [int(i) for i in ids], (lps if lps is not None and len(lps) == len(ids) else None)
 
 
-_SHARED: dict[tuple, Any] = {}  # (base_url, api_key, max_retries, timeout) -> one openai.OpenAI per process
+_SHARED: dict[tuple, tuple] = {}  # (base_url, api_key, max_retries, timeout) -> (client, its no-retry copy)
 _SHARED_LOCK = threading.Lock()
 MAX_CONNECTIONS = 4096  # concurrent policy calls of one process (a fleet worker runs ~1,000 rollouts)
 
@@ -140,13 +140,14 @@ def _shared_client(policy: PolicyEndpoint, max_retries: int):
 
     key = (policy.base_url, policy.api_key or "EMPTY", max_retries, policy.request_timeout_s)
     with _SHARED_LOCK:
-        client = _SHARED.get(key)
-        if client is None:
+        pair = _SHARED.get(key)
+        if pair is None:
             limits = httpx2.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS)
-            client = _SHARED[key] = openai.OpenAI(
-                base_url=policy.base_url, api_key=policy.api_key or "EMPTY", max_retries=max_retries,
-                timeout=policy.request_timeout_s, http_client=openai.DefaultHttpxClient(limits=limits))
-        return client
+            client = openai.OpenAI(base_url=policy.base_url, api_key=policy.api_key or "EMPTY",
+                                   max_retries=max_retries, timeout=policy.request_timeout_s,
+                                   http_client=openai.DefaultHttpxClient(limits=limits))
+            pair = _SHARED[key] = (client, client.with_options(max_retries=0))  # the copy shares the connections
+        return pair
 
 
 class PolicyClient:
@@ -161,7 +162,7 @@ class PolicyClient:
         self.temperature, self.max_tokens, self.seed = temperature, max_tokens, seed
         self.top_p, self.top_k = top_p, top_k  # 1.0 and -1: off (the whole temperature-scaled distribution)
         self.tool_call_regex = tool_call_regex  # complete_tokens: sample only calls this regex matches
-        self._client = _shared_client(policy, max_retries)
+        self._client, self._no_retry = _shared_client(policy, max_retries)
 
     def close(self) -> None:
         """Nothing to release: the HTTP client is shared by the process's rollouts (and closed at exit)."""
@@ -202,7 +203,7 @@ class PolicyClient:
         import openai
 
         # Near the rollout's deadline the client must not retry a timed-out call (it would overrun it).
-        client = self._client if timeout_s >= self.policy.request_timeout_s else self._client.with_options(max_retries=0)
+        client = self._client if timeout_s >= self.policy.request_timeout_s else self._no_retry
         try:
             return request(client, max(0.1, min(timeout_s, self.policy.request_timeout_s)))
         except openai.APITimeoutError as e:
@@ -230,7 +231,8 @@ class PolicyClient:
         msg = choice.get("message") or {}
         calls = [(c.get("id") or f"call-{i}", c["function"]["name"], c["function"].get("arguments") or "")
                  for i, c in enumerate(msg.get("tool_calls") or [])
-                 if isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)]
+                 if isinstance(c, dict) and isinstance(c.get("function"), dict)
+                 and isinstance(c["function"].get("name"), str)]
         ids, lps = _tokens(choice)
         return Completion(msg.get("content") or "", calls, ids, lps, choice.get("finish_reason") or "")
 

@@ -1,0 +1,78 @@
+"""What a fleet worker pays per rollout: a request for a rollout that never started costs a set lookup in an
+incrementally read index (not SQL over the whole archive), and a policy call neither builds an HTTP client
+nor walks the OpenAI SDK's typed transform, with the same request on the wire."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from consumers.sink import Sink
+from producers.agent_policy import PolicyClient, PolicyEndpoint
+from producers.agent_tools import TOOLS
+from producers.fleet_log import StartedIndex, log_states
+from tests.helpers import produce, rollout_events
+from tests.policy_stub import PolicyStub
+
+A, B, C = ("0193bbbb-0000-7000-8000-00000000000a", "0193bbbb-0000-7000-8000-00000000000b",
+           "0193bbbb-0000-7000-8000-00000000000c")
+NEW = "0193bbbb-0000-7000-8000-0000000000ff"
+
+
+def test_started_index_reads_each_flush_once_and_log_states_agrees_with_the_full_query(settings):
+    produce(settings, rollout_events(A, 4, end=None, score=None) + rollout_events(B, 3, score=None))
+    Sink(settings).run(until_idle=True)
+    index = StartedIndex(settings)
+    assert index.refresh() >= 1 and {A, B} <= index.ids and NEW not in index.ids
+    assert index.refresh() == 0  # nothing new archived: nothing read again
+
+    produce(settings, rollout_events(C, 2, end=None, score=None))
+    Sink(settings).run(until_idle=True)
+    before = index.files_read
+    assert index.refresh() >= 1 and C in index.ids
+    assert index.files_read - before <= 4  # only the new flushes (one per partition at most), not the archive
+
+    ids = [A, B, C, NEW]
+    fast, full = log_states(settings, ids, index=index), log_states(settings, ids)
+    for rid in ids:
+        assert (fast[rid].started, fast[rid].ended, fast[rid].next_step_idx, fast[rid].problem) == \
+            (full[rid].started, full[rid].ended, full[rid].next_step_idx, full[rid].problem)
+        assert (fast[rid].resume is None) == (full[rid].resume is None)
+    assert fast[A].resume.next_step_idx == 4 and fast[B].ended.status == "finished" and fast[C].resume is not None
+    assert not fast[NEW].started and fast[NEW].resume is None and fast[NEW].ended is None
+
+
+def test_policy_calls_share_one_http_client_and_skip_the_sdks_typed_transform(monkeypatch):
+    import openai.resources.chat.completions.completions as chat
+    import openai.resources.completions as completions
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the SDK's typed transform ran (~35 ms of CPU per call with the agent's tools)")
+
+    monkeypatch.setattr(chat, "maybe_transform", refuse)
+    monkeypatch.setattr(completions, "maybe_transform", refuse)
+    messages = [{"role": "system", "content": "You are an agent."}, {"role": "user", "content": "Do it."}]
+    with PolicyStub([{"tool": "bash", "args": {"cmd": "ls"}}]) as stub:
+        endpoint = PolicyEndpoint(stub.url, "stub", api_key="k-1")
+        one, two = PolicyClient(endpoint, max_tokens=64), PolicyClient(endpoint, max_tokens=64)
+        assert one._client is two._client  # one connection pool per endpoint and process
+        assert PolicyClient(PolicyEndpoint(stub.url, "stub", api_key="k-2"))._client is not one._client
+        c = one.complete(messages, tools=TOOLS, timeout_s=60, rollout_id="r-1")
+        one.close()  # a rollout's end leaves the shared client usable for the others
+        two.complete(messages, tools=TOOLS, timeout_s=5, rollout_id="r-2")  # near its deadline: the no-retry copy
+    assert c.tool_calls[0][1:] == ("bash", json.dumps({"cmd": "ls"})) and c.token_ids and c.logprobs
+    body = stub.requests[0].body
+    assert body == {"model": "stub", "messages": messages, "tools": TOOLS, "tool_choice": "auto", "temperature": 1.0,
+                    "top_p": 1.0, "max_tokens": 64, "logprobs": True, "return_token_ids": True,
+                    "return_tokens_as_token_ids": True}
+    assert [r.rollout_id for r in stub.requests] == ["r-1", "r-2"]
+
+
+@pytest.mark.parametrize("reply", [{"choices": []}, {"no": "choices"}, ["a", "list"]])
+def test_a_reply_without_choices_is_a_transient_error(reply):
+    from producers.agent_policy import _first_choice
+    from schemas.errors import TransientError
+
+    with pytest.raises(TransientError, match="returned no choices"):
+        _first_choice(reply, "m")
