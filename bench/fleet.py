@@ -19,7 +19,8 @@ after a warm-up (the window opens once a first rollout ended) each run prints:
                          age of the newest end offset the sink's committed offsets have reached
   cpu_ms_per_rollout     CPU time in the window per finished rollout, by process: the workers (Python), their
                          tool subprocesses (bash), the broker, the sink, and this process (the policy server
-                         and the scheduler's side); `cores_used` is their sum per second of window
+                         and the scheduler's side); `cores_used` is their sum per second of window; the
+                         largest worker's resident memory at the window's end
   load                   the machine's 1-minute load average, mean and max over the window
 Then the scaling ratio rollouts_per_min(2) / rollouts_per_min(1) against the goal (>= 1.7 where the cores
 allow), split into the CPU the two runs got (cores_used(2) / cores_used(1)) times how many rollouts each
@@ -169,6 +170,7 @@ def one_run(name: str, broker: BrokerProcess, work: Path, n_workers: int, per_wo
                 loads.append(os.getloadavg()[0])
             time.sleep(0.25)
         cpu1 = cpu_seconds(watched) if cpu0 is not None else None
+        rss = max((p.memory_info().rss for p in watched["workers"]), default=0) / 2**20
     finally:
         lags = [v for t, v in lag.stop() if t_start <= t <= t_end]
         for p in procs[1:]:  # workers: no hand-over needed, this run's topics are thrown away
@@ -193,7 +195,7 @@ def one_run(name: str, broker: BrokerProcess, work: Path, n_workers: int, per_wo
             "lag_max": max(lags) if lags else float("nan"), "inflight_peak": max(inflight, default=0),
             "inflight_median": pct(inflight, 50), "statuses": statuses, "cpu": cpu,
             "cores_used": sum(cpu.values()) / args.seconds, "load_mean": float(np.mean(loads)) if loads else 0.0,
-            "load_max": max(loads, default=0.0), "nice": worker_nice}
+            "load_max": max(loads, default=0.0), "nice": worker_nice, "rss": rss}
 
 
 def report(r: dict) -> None:
@@ -203,7 +205,8 @@ def report(r: dict) -> None:
           f"median {r['inflight_median']:.0f}  rollouts_per_min {r['rpm']:.0f}  events_per_s {r['events_s']:.0f}  "
           f"sink_lag_s p50 {r['lag_p50']:.2f} p95 {r['lag_p95']:.2f} max {r['lag_max']:.2f}  ended {r['statuses']}")
     print(f"    cpu_ms_per_rollout: {per}  |  cores_used {r['cores_used']:.2f} of {os.cpu_count()}  |  "
-          f"load mean {r['load_mean']:.1f} max {r['load_max']:.1f}  |  workers at nice {r['nice']}", flush=True)
+          f"load mean {r['load_mean']:.1f} max {r['load_max']:.1f}  |  workers at nice {r['nice']}, "
+          f"largest {r['rss']:.0f} MB resident", flush=True)
 
 
 def main() -> None:
