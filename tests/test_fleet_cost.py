@@ -76,3 +76,13 @@ def test_a_reply_without_choices_is_a_transient_error(reply):
 
     with pytest.raises(TransientError, match="returned no choices"):
         _first_choice(reply, "m")
+
+
+def test_the_scripted_policy_server_takes_a_fleets_burst_of_connects():
+    """A fleet opens ~1,000 connections at once; with the default listen backlog (5) most connects would wait
+    out SYN retries (1 s, 3 s, ...) before the server saw them."""
+    with PolicyStub([], keep_requests=False) as stub:
+        assert stub._server.request_queue_size >= 1000
+        PolicyClient(PolicyEndpoint(stub.url, "stub")).complete([{"role": "user", "content": "hi"}], tools=TOOLS,
+                                                               timeout_s=60, rollout_id="r-1")
+        assert stub.requests == [] and stub.cursor == {"r-1": 1}  # answered, not kept
