@@ -108,15 +108,17 @@ def wait_log_archived(settings: Settings, admin, probe: KafkaConsumer, *, timeou
 
 class StartedIndex:
     """The rollout ids that have a `rollout_started` event in the archive (the rollouts topic's flushes),
-    kept up to date by `refresh()`, which reads only what it has not read before: a flush directory is
-    read again only if the files it lists changed (a repair restored one)."""
+    kept up to date by `refresh()`, which reads only what it has not read before: the walk skips the flush
+    directories already read without opening their manifests. A flush whose manifest lists a
+    `rollout_started` file that is not there (damaged; `klong archive repair` may restore it), or whose
+    manifest is unreadable, is read again at the next refresh."""
 
     TABLE = "rollout_started"
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.ids: set[str] = set()
-        self._read: dict[str, tuple] = {}  # flush directory -> the files it listed when read
+        self._done: set[str] = set()  # flush directories read in full
         self.files_read = 0
 
     def refresh(self) -> int:
@@ -127,10 +129,7 @@ class StartedIndex:
         from store.archive import list_flushes
 
         n = 0
-        for d in list_flushes(self.settings.archive, self.settings.topics.rollouts):
-            listed = tuple(sorted(d.files))
-            if self._read.get(str(d.path)) == listed:
-                continue
+        for d in list_flushes(self.settings.archive, self.settings.topics.rollouts, skip=self._done):
             f = d.files.get(self.TABLE)
             if f is not None:
                 fs = d.store.fs if d.store is not None else None
@@ -140,7 +139,9 @@ class StartedIndex:
                     raise TransientError(f"cannot read {f}: {e}") from e
                 self.ids.update(table.column("rollout_id").to_pylist())
                 n += 1
-            self._read[str(d.path)] = listed
+            listed = d.manifest is not None and f"{self.TABLE}.parquet" in (d.manifest.get("files") or {})
+            if f is not None or not (listed or d.manifest_error):  # else: read it again next time
+                self._done.add(str(d.path))
         self.files_read += n
         return n
 

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from consumers.sink import Sink
+from store import archive
 from producers.agent_policy import PolicyClient, PolicyEndpoint
 from producers.agent_tools import TOOLS
 from producers.fleet_log import StartedIndex, log_states
@@ -20,18 +21,22 @@ A, B, C = ("0193bbbb-0000-7000-8000-00000000000a", "0193bbbb-0000-7000-8000-0000
 NEW = "0193bbbb-0000-7000-8000-0000000000ff"
 
 
-def test_started_index_reads_each_flush_once_and_log_states_agrees_with_the_full_query(settings):
+def test_started_index_reads_each_flush_once_and_log_states_agrees_with_the_full_query(settings, monkeypatch):
     produce(settings, rollout_events(A, 4, end=None, score=None) + rollout_events(B, 3, score=None))
     Sink(settings).run(until_idle=True)
     index = StartedIndex(settings)
     assert index.refresh() >= 1 and {A, B} <= index.ids and NEW not in index.ids
-    assert index.refresh() == 0  # nothing new archived: nothing read again
+    manifests = []
+    real = archive.read_manifest
+    monkeypatch.setattr(archive, "read_manifest", lambda path: manifests.append(path) or real(path))
+    assert index.refresh() == 0 and manifests == []  # nothing new archived: nothing read, not even a manifest
 
     produce(settings, rollout_events(C, 2, end=None, score=None))
     Sink(settings).run(until_idle=True)
     before = index.files_read
     assert index.refresh() >= 1 and C in index.ids
     assert index.files_read - before <= 4  # only the new flushes (one per partition at most), not the archive
+    assert 0 < len(manifests) <= 4
 
     ids = [A, B, C, NEW]
     fast, full = log_states(settings, ids, index=index), log_states(settings, ids)
@@ -86,3 +91,19 @@ def test_the_scripted_policy_server_takes_a_fleets_burst_of_connects():
         PolicyClient(PolicyEndpoint(stub.url, "stub")).complete([{"role": "user", "content": "hi"}], tools=TOOLS,
                                                                timeout_s=60, rollout_id="r-1")
         assert stub.requests == [] and stub.cursor == {"r-1": 1}  # answered, not kept
+
+
+def test_a_flush_missing_its_rollout_started_file_is_read_again_once_restored(settings):
+    """A damaged flush (its manifest lists the file, the file is gone) must not be taken as read: once a repair
+    puts the file back, the rollout counts as started (else a redelivered request would run it again)."""
+    produce(settings, rollout_events(A, 3, end=None, score=None))
+    Sink(settings).run(until_idle=True)
+    files = [d.files["rollout_started"] for d in archive.list_flushes(settings.archive, settings.topics.rollouts)
+             if "rollout_started" in d.files]
+    assert len(files) == 1
+    aside = files[0].with_name("aside.bin")
+    files[0].rename(aside)
+    index = StartedIndex(settings)
+    assert index.refresh() == 0 and A not in index.ids
+    aside.rename(files[0])
+    assert index.refresh() == 1 and A in index.ids
