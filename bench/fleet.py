@@ -11,7 +11,9 @@ runs share no backlog. A run of N workers starts them with `--per-worker` rollou
 requests topic ahead of them (N x per-worker rollouts in flight); the `--big` run asks for that many in
 flight (1% more room) over `--big-workers` workers, run under `nice -n <--big-nice>` so that the sink and
 the broker come first for the CPU (what keeps the archive fresh on a loaded machine). Over `--seconds`
-after a warm-up (the window opens once a first rollout ended) each run prints:
+after a warm-up (the window opens once a first rollout ended) each run prints the following. Keep the
+window near a rollout's length at full load or longer (~60 s with 1,000 in flight here): the first
+rollouts start together, and a shorter window ends before most of that first wave does.
   in_flight peak/median  rollouts started (a first policy call) and not ended, sampled every 0.25 s
   rollouts_per_min       rollouts whose result arrived in the window, per minute
   events_per_s           their events (steps + started/snapshot/ended) per second
