@@ -107,3 +107,17 @@ def test_a_flush_missing_its_rollout_started_file_is_read_again_once_restored(se
     assert index.refresh() == 0 and A not in index.ids
     aside.rename(files[0])
     assert index.refresh() == 1 and A in index.ids
+
+
+def test_started_index_on_an_s3_archive(settings, s3_url):
+    """The same index over a bucket (SeaweedFS): flushes read once, their manifests not fetched again."""
+    import dataclasses
+
+    s3 = dataclasses.replace(settings, archive_url=s3_url())
+    produce(s3, rollout_events(A, 3, end=None, score=None))
+    Sink(s3).run(until_idle=True)
+    index = StartedIndex(s3)
+    assert index.refresh() == 1 and A in index.ids and NEW not in index.ids
+    assert index.refresh() == 0
+    states = log_states(s3, [A, NEW], index=index)
+    assert states[A].resume.next_step_idx == 3 and not states[NEW].started
