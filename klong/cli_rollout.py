@@ -163,6 +163,12 @@ machine that reaches Kafka and the data home (a shared volume: blobs, archive):
 
     klong rollout worker --max-rollouts 64
     klong rollout worker --max-rollouts 64 --quiet       # no line per rollout started / resumed
+    nice -n 10 klong rollout worker --max-rollouts 500   # beside the sink: the sink comes first for the CPU
+
+Sizing: rollouts run as threads (each waits on the policy server or a tool call) and a worker's Python
+uses one core at a time, so run about one worker per core with --max-rollouts = rollouts in flight /
+workers (two workers of 505 held 1,000 in flight on 2 cores). On cores shared with the sink and broker,
+run workers under `nice` so the archive stays fresh.
 
 A worker that dies mid-rollout (kill -9, a lost node): its requests go to the other workers, which
 resume its rollouts from their recorded steps (the same context, the next step_idx) or end them

@@ -39,6 +39,7 @@ import stat
 import time
 import uuid
 import zlib
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,12 +210,15 @@ def _flush_files(path: Path, manifest: dict | None, strays: list[Stray]) -> dict
     return files
 
 
-def walk(archive: Path | S3Location, topic: str | None = None) -> tuple[list[FlushDir], list[Stray]]:
-    """Every flush directory (by topic, incarnation, name) and every stray entry, never following a symlink."""
+def walk(archive: Path | S3Location, topic: str | None = None, skip: Container[str] = frozenset()
+         ) -> tuple[list[FlushDir], list[Stray]]:
+    """Every flush directory (by topic, incarnation, name) and every stray entry, never following a symlink.
+    `skip`: flush directory paths (as str) to leave out without reading their manifests (a reader that keeps
+    what it read, so each walk costs only what is new)."""
     if is_s3(archive):
         from store.archive_s3 import walk_s3
 
-        return walk_s3(archive, topic)
+        return walk_s3(archive, topic, skip)
     flushes: list[FlushDir] = []
     strays: list[Stray] = []
     if not archive.is_dir():
@@ -229,6 +233,8 @@ def walk(archive: Path | S3Location, topic: str | None = None) -> tuple[list[Flu
                 if not m or m["topic"] != topic_dir.name:
                     strays.append(Stray(path, "not a flush directory name (<topic>+<partition>+<first>+<last>)"))
                     continue
+                if skip and str(path) in skip:
+                    continue
                 manifest, error = None, None
                 try:
                     manifest = read_manifest(path)
@@ -240,9 +246,11 @@ def walk(archive: Path | S3Location, topic: str | None = None) -> tuple[list[Flu
     return flushes, strays
 
 
-def list_flushes(archive: Path | S3Location, topic: str | None = None) -> list[FlushDir]:
-    """Every flush directory; stray entries are skipped with a warning (`walk` returns them)."""
-    flushes, strays = walk(archive, topic)
+def list_flushes(archive: Path | S3Location, topic: str | None = None, skip: Container[str] = frozenset()
+                 ) -> list[FlushDir]:
+    """Every flush directory (but those in `skip`, see `walk`); stray entries are skipped with a warning
+    (`walk` returns them)."""
+    flushes, strays = walk(archive, topic, skip)
     for s in strays:
         _warn(s.path, s.why)
     return flushes

@@ -18,6 +18,7 @@ import hashlib
 import json
 import tempfile
 from collections import defaultdict
+from collections.abc import Container
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
@@ -63,8 +64,10 @@ def _manifest(loc: S3Location, path: str, info) -> dict:
     return _manifests[key]
 
 
-def walk_s3(loc: S3Location, topic: str | None = None) -> tuple[list[FlushDir], list[Stray]]:
-    """Every committed flush (one with a manifest) and every stray object, in path order."""
+def walk_s3(loc: S3Location, topic: str | None = None, skip: Container[str] = frozenset()
+            ) -> tuple[list[FlushDir], list[Stray]]:
+    """Every committed flush (one with a manifest) and every stray object, in path order; the flushes whose
+    path is in `skip` are left out without reading their manifests."""
     from store.archive import _warn
 
     dirs, strays = _group(loc, topic)
@@ -74,6 +77,8 @@ def walk_s3(loc: S3Location, topic: str | None = None) -> tuple[list[FlushDir], 
         m = _NAME.fullmatch(parts[-1])
         if MANIFEST not in objects:
             strays.append(Stray(PurePosixPath(path), "an unfinished flush (no manifest.json): not archived"))
+            continue
+        if skip and path in skip:
             continue
         manifest, error = None, None
         try:

@@ -22,7 +22,8 @@ does), without moving the script on. Responses carry vLLM's token extras: `choic
 the request asks `return_token_ids`, logprob tokens spelled `token_id:N` with
 `return_tokens_as_token_ids`; ids are the UTF-8 bytes of the completion text (content + tool call),
 logprobs deterministic. `token_ids=False` answers like a plain OpenAI endpoint (no ids, no logprobs).
-Every request is kept in `requests` (rollout id, messages, status, body).
+Every request is kept in `requests` (rollout id, messages, status, body) unless `keep_requests=False`
+(benchmarks: thousands of rollouts). The listen backlog takes a thousand connects at once (a fleet).
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ class Request:
 
 class PolicyStub:
     def __init__(self, script: Script, *, then: Optional[dict] = None, token_ids: bool = True,
-                 max_context_chars: Optional[int] = None, port: int = 0):
+                 max_context_chars: Optional[int] = None, port: int = 0, keep_requests: bool = True):
         self.script, self.then, self.token_ids = script, then or END, token_ids
-        self.max_context_chars = max_context_chars
+        self.max_context_chars, self.keep_requests = max_context_chars, keep_requests
         self.requests: list[Request] = []
         self.cursor: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -80,7 +81,10 @@ class PolicyStub:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the runner gave up (rollout deadline)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 4096  # listen backlog: a fleet opens ~1,000 connections at once (default 5)
+
+        self._server = Server(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="policy-stub", daemon=True)
 
@@ -112,7 +116,8 @@ class PolicyStub:
         body = json.loads(raw)
         req = Request(time.time(), rollout_id, body.get("messages", []), body)
         with self._lock:
-            self.requests.append(req)
+            if self.keep_requests:  # a benchmark's thousands of rollouts would keep every context (O(steps^2))
+                self.requests.append(req)
             script, i = self._script(rollout_id), self.cursor.get(rollout_id, 0)
             action = script[i] if i < len(script) else self.then
             chars = sum(len(m.get("content") or "") for m in req.messages)
