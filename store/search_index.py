@@ -185,9 +185,10 @@ class Snapshot:
     this table is its `gid`). `winner`: the copy of its event_id the SQL views keep (the lowest file, then offset);
     `pending`: rows of files no segment covers."""
 
-    def __init__(self, files: list[str], rows: pa.Table, parts: list[tuple[Segment, np.ndarray]], pending: np.ndarray,
-                 texts):
-        self.files, self.rows, self.parts, self.pending, self._texts = files, rows, parts, pending, texts
+    def __init__(self, files: list[str], keys: list[tuple], rows: pa.Table, parts: list[tuple[Segment, np.ndarray]],
+                 pending: np.ndarray, texts):
+        self.files, self.keys, self.rows, self.parts, self.pending = files, keys, rows, parts, pending
+        self._texts = texts  # (path, key) -> the file's texts (the index's cache)
         con = duckdb.connect(config={"enable_external_access": False, "autoinstall_known_extensions": False})
         try:
             con.register("r", rows.select(["event_id", "file", "kafka_offset"]).append_column(
@@ -241,7 +242,7 @@ class Snapshot:
         parts, where = [], []
         for f in np.unique(file).tolist():
             at = np.flatnonzero(file == f)
-            parts.append(self._texts(self.files[f]).take(pa.array(row[at])))
+            parts.append(self._texts(self.files[f], self.keys[f]).take(pa.array(row[at])))
             where.append(at)
         if not parts:
             return pa.table({"content": pa.array([], pa.string()), "tool_name": pa.array([], pa.string()),
@@ -261,7 +262,7 @@ class StepIndex:
         self._lock = threading.Lock()
         self._segments: dict[str, Segment] = {}
         self._snap: Optional[tuple[tuple, Snapshot]] = None
-        self._cache: OrderedDict[str, pa.Table] = OrderedDict()  # path -> texts, least recently used first
+        self._cache: OrderedDict[tuple, pa.Table] = OrderedDict()  # file key -> texts, least recently used first
         self._updater: Optional[threading.Thread] = None
         self.errors: list[str] = []  # why an update failed (the search scans meanwhile)
 
@@ -324,20 +325,20 @@ class StepIndex:
                 tables.append(t.append_column("file", pa.array(np.full(t.num_rows, pos, np.int32))))
                 base += t.num_rows
             rows = pa.concat_tables(tables) if tables else _empty_rows()
-            snap = Snapshot([str(self.archive / k[0]) for k in keys], rows,
+            snap = Snapshot([str(self.archive / k[0]) for k in keys], keys, rows,
                             [(segments[n], m) for n, m in to_gid.items()],
                             np.concatenate(pending) if pending else np.zeros(0, bool), self._file_texts)
             self._snap = (state, snap)
             return snap
 
-    def _file_texts(self, path: str) -> pa.Table:
+    def _file_texts(self, path: str, key: tuple) -> pa.Table:
         with self._lock:
-            if path in self._cache:
-                self._cache.move_to_end(path)
-                return self._cache[path]
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         t = _texts(path)
         with self._lock:
-            self._cache[path] = t
+            self._cache[key] = t  # by (path, size, mtime): a rewritten file is read again
             while sum(x.nbytes for x in self._cache.values()) > CACHE_BYTES and len(self._cache) > 1:
                 self._cache.popitem(last=False)
         return t

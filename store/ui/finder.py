@@ -76,7 +76,7 @@ def search(catalog: Catalog, limits: Limits, text: str, rollout: Optional[str] =
         raise ConfigError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
     if page < 0:
         raise ConfigError(f"page {page} must be >= 0")
-    needle = text.lower()
+    needle = lower(text)
     if index is not None and index.enabled:
         rows = _indexed(catalog, limits, index, needle, rollout, role, page, running)
     else:
@@ -85,6 +85,15 @@ def search(catalog: Catalog, limits: Limits, text: str, rollout: Optional[str] =
     rows = [r for r in rows if (k := (r["rollout_id"], r["step_idx"])) not in seen and not seen.add(k)]  # a re-sent step
     hits = [_snippet(r, text) for r in rows[:PAGE]]
     return {"hits": hits, "more": len(rows) > PAGE, "page": page}
+
+
+def lower(text: str) -> str:
+    """`text` lowered by DuckDB, as the match lowers the steps' text (Python's str.lower differs: "İ" -> "i̇")."""
+    con = duckdb.connect(config={"enable_external_access": False, "autoinstall_known_extensions": False})
+    try:
+        return con.execute("SELECT lower($t)", {"t": text}).fetchall()[0][0]
+    finally:
+        con.close()
 
 
 def _scanned(catalog: Catalog, limits: Limits, needle: str, rollout: Optional[str], role: Optional[str], page: int,
