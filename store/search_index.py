@@ -185,7 +185,10 @@ class StepIndex:
                     pending.append(np.zeros(t.num_rows, bool))
                     t = t.select(list(ROW_COLUMNS) + ["row"])
                 else:
-                    t = _read(str(self.archive / key[0]), list(ROW_COLUMNS))
+                    try:
+                        t = _read(str(self.archive / key[0]), list(ROW_COLUMNS))
+                    except FileNotFoundError:  # quarantined since it was listed: no longer in the archive
+                        t = _empty_rows().select(list(ROW_COLUMNS))
                     t = t.append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int32)))
                     pending.append(np.ones(t.num_rows, bool))
                 tables.append(t.append_column("file", pa.array(np.full(t.num_rows, pos, np.int32))))

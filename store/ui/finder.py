@@ -134,10 +134,13 @@ def _rollouts_started(catalog: Catalog, limits: Limits, running: Optional[set]) 
     import os
 
     files = archived_files(catalog.settings.archive).get("rollout_started", [])
-    state = tuple((str(f), os.stat(f).st_mtime_ns) for f in files)
+    try:
+        state = tuple((str(f), os.stat(f).st_mtime_ns) for f in files)
+    except FileNotFoundError:  # quarantined while listed: read it again next time too
+        state = None
     home = str(catalog.settings.home)
     hit = _started.get(home)
-    if hit is None or hit[0] != state:
+    if hit is None or hit[0] != state or state is None:
         rows = _collect(catalog, STARTED, limits, running)
         table = pa.table({"rollout_id": pa.array([r["rollout_id"] for r in rows], pa.string()),
                           "started_at": pa.array([r["started_at"] for r in rows], pa.timestamp("us", tz="UTC"))})
