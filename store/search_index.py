@@ -9,7 +9,7 @@
 What is indexed: each step row's words, where a word is a maximal run of `[a-z0-9_]` in DuckDB's `lower(content)`
 and `lower(tool_call.arguments)` (the very text the search's exact match reads). A posting list per word holds
 the rows it occurs in (Parquet: `postings.parquet`, one row per word; `rows.parquet` the rows' event id,
-rollout, step and archive position). A needle the search looks for is a substring of the lowered text, so each
+rollout, step and archive position; store.search_segments). A needle the search looks for is a substring of the lowered text, so each
 of its own words is a word of that text, except where the needle ends: the first word may be the tail of a
 longer word, the last its head, a needle of one word any part of one. `candidates` takes, for each word of the
 needle, the rows holding a word of the text that fits that way, and intersects them; the caller confirms each
@@ -37,7 +37,8 @@ import pyarrow as pa
 from klong.settings import Settings
 from store.archive import archived_files
 from store.objstore import is_s3
-from store.search_segments import ROW_COLUMNS, Segment, _empty_rows, _file_key, _read, _texts, build_segment, terms
+from store.search_segments import (ROW_COLUMNS, Segment, build_segment, empty_rows, file_key, read_columns, read_texts,
+                                   terms)
 
 __all__ = ["MAX_SEGMENTS", "Snapshot", "StepIndex", "terms"]
 MAX_SEGMENTS = 8  # beyond this many segments in use, `update` rebuilds one over every file
@@ -136,7 +137,7 @@ class StepIndex:
         keys = []
         for f in archived_files(self.archive).get("step", []):
             try:
-                keys.append(_file_key(Path(f), self.archive))
+                keys.append(file_key(Path(f), self.archive))
             except FileNotFoundError:  # quarantined while we listed: no longer in the archive
                 continue
         return keys
@@ -186,14 +187,14 @@ class StepIndex:
                     t = t.select(list(ROW_COLUMNS) + ["row"])
                 else:
                     try:
-                        t = _read(str(self.archive / key[0]), list(ROW_COLUMNS))
+                        t = read_columns(str(self.archive / key[0]), list(ROW_COLUMNS))
                     except FileNotFoundError:  # quarantined since it was listed: no longer in the archive
-                        t = _empty_rows().select(list(ROW_COLUMNS))
+                        t = empty_rows().select(list(ROW_COLUMNS))
                     t = t.append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int32)))
                     pending.append(np.ones(t.num_rows, bool))
                 tables.append(t.append_column("file", pa.array(np.full(t.num_rows, pos, np.int32))))
                 base += t.num_rows
-            rows = pa.concat_tables(tables) if tables else _empty_rows()
+            rows = pa.concat_tables(tables) if tables else empty_rows()
             snap = Snapshot([str(self.archive / k[0]) for k in keys], keys, rows,
                             [(segments[n], m) for n, m in to_gid.items()],
                             np.concatenate(pending) if pending else np.zeros(0, bool), self._file_texts)
@@ -205,7 +206,7 @@ class StepIndex:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        t = _texts(path)
+        t = read_texts(path)
         with self._lock:
             self._cache[key] = t  # by (path, size, mtime): a rewritten file is read again
             while sum(x.nbytes for x in self._cache.values()) > CACHE_BYTES and len(self._cache) > 1:

@@ -48,12 +48,12 @@ def terms(needle: str) -> list[tuple[str, str]]:
     return out
 
 
-def _file_key(path: Path, archive: Path) -> tuple[str, int, int]:
+def file_key(path: Path, archive: Path) -> tuple[str, int, int]:
     st = os.stat(path)
     return str(path.relative_to(archive)), st.st_size, st.st_mtime_ns
 
 
-def _read(path: str, columns: list[str]) -> pa.Table:
+def read_columns(path: str, columns: list[str]) -> pa.Table:
     """Columns of an archived step file; a column the file lacks (written before it existed) reads as nulls."""
     have = set(pq.read_schema(path).names)
     t = pq.read_table(path, columns=[c for c in columns if c in have])
@@ -63,9 +63,9 @@ def _read(path: str, columns: list[str]) -> pa.Table:
     return t.select(columns)
 
 
-def _texts(path: str) -> pa.Table:
+def read_texts(path: str) -> pa.Table:
     """content, tool_name, tool_arguments of every row of a step file."""
-    t = _read(path, ["content", "tool_call"])
+    t = read_columns(path, ["content", "tool_call"])
     call = t.column("tool_call")
     if pa.types.is_struct(call.type):
         name, args = pc.struct_field(call, "name"), pc.struct_field(call, "arguments")
@@ -118,9 +118,9 @@ def build_segment(root: Path, archive: Path, keys: list[tuple[str, int, int]]) -
         for k, key in enumerate(keys):
             path = archive / key[0]
             try:
-                meta = _read(str(path), list(ROW_COLUMNS))
-                t = _texts(str(path))
-                if _file_key(path, archive) != key:
+                meta = read_columns(str(path), list(ROW_COLUMNS))
+                t = read_texts(str(path))
+                if file_key(path, archive) != key:
                     return None
             except FileNotFoundError:
                 return None
@@ -142,7 +142,7 @@ def build_segment(root: Path, archive: Path, keys: list[tuple[str, int, int]]) -
     tmp = root / f".tmp-{os.getpid()}-{threading.get_ident()}-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    pq.write_table(pa.concat_tables(rows) if rows else _empty_rows(), tmp / "rows.parquet")
+    pq.write_table(pa.concat_tables(rows) if rows else empty_rows(), tmp / "rows.parquet")
     pq.write_table(merged, tmp / "postings.parquet")
     (tmp / "files.json").write_text(json.dumps({"files": keys}))
     try:
@@ -152,7 +152,7 @@ def build_segment(root: Path, archive: Path, keys: list[tuple[str, int, int]]) -
     return root / name
 
 
-def _empty_rows() -> pa.Table:
+def empty_rows() -> pa.Table:
     from schemas.arrow import SCHEMAS
 
     schema = SCHEMAS["step"]
