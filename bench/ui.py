@@ -6,9 +6,10 @@ each), beside a plain query of the same rows measured in the same run.
                                  [--repeat 5] [--keep DIR]
 
 Find part: `--find-rollouts` simulated rollouts of 10-40 turns (real broker, recorder, sink) and an RL dataset
-version; then, served by the app in this process: GET /search over every rollout and within one rollout (a
-word that occurs in some steps, and one that occurs in none: the whole content scanned), beside the same
-match as a plain in-process `Catalog.arrow` count (the floor: one scan of `steps`); /plots in the browser
+version; the search's word index built cold (store.search_index); then, served by the app in this process: GET
+/search over every rollout and within one rollout (a word that occurs in some steps, and text that occurs in
+none), beside the same search scanning every step (`finder.search(index=None)`, what the viewer did before the
+index) and the same match as a plain in-process `Catalog.arrow` count (one scan of `steps`); /plots in the browser
 until every figure is drawn and its server parts (the page, /api/plots from the cache the app fills in the
 background at start), beside computing the numbers cold and `klong report`'s matplotlib PNGs.
 
@@ -224,11 +225,22 @@ def run_find(root: Path, args) -> int:
         settings, ref = Settings(home=root / "home"), "bench-find@1"
     else:
         settings, ref = make_find_home(root, args.find_rollouts)
+    from store.search_index import StepIndex
+    from ui import finder
+    from ui.query import Limits
+
+    shutil.rmtree(settings.home / "index", ignore_errors=True)  # measure the index build cold
+    t1 = time.perf_counter()
+    n_indexed = StepIndex(settings).update()
+    built = time.perf_counter() - t1
+    size = sum(f.stat().st_size for f in (settings.home / "index").rglob("*") if f.is_file())
     cat = Catalog(settings)
     n_rollouts, n_steps, n_chars = cat.arrow("SELECT count(DISTINCT rollout_id), count(*), sum(length(content))::DOUBLE "
                                              "FROM steps").to_pylist()[0].values()
     print(f"data: {n_rollouts:,} rollouts, {n_steps:,} steps, {n_chars / 1e6:.0f} M characters simulated, archived and "
           f"built into {ref} in {time.perf_counter() - t0:.0f} s")
+    print(f"search index: {n_indexed} step files, {size / 1e6:.1f} MB of Parquet, built cold in {built:.1f} s (once, in "
+          f"the viewer's background; a new flush is searched by reading it until the next update indexes it)")
     # a word some steps hold (from the simulated steps themselves), and one no step holds
     word = cat.scalar("SELECT split_part(trim(content), ' ', 1) FROM steps WHERE role = 'assistant' "
                       "AND length(split_part(trim(content), ' ', 1)) >= 5 ORDER BY rollout_id, step_idx LIMIT 1")
@@ -241,16 +253,20 @@ def run_find(root: Path, args) -> int:
         return "ok" if x < GOAL_S else "OVER the goal"
 
     with ServerThread(create_app(settings)) as url:
+        get(f"{url}/api/plots")  # the figures' numbers the app computes in the background at start: not during the timing
         get(f"{url}/search?q=warmup")
         for label, text, scope in (("a word in some steps", word, ""), ("text in no step", "zq-no-such-text-xj", ""),
                                    ("a word, one rollout", word, f"&rollout={quote(rid, safe='')}")):
             q = f"{url}/search?q={quote(text)}{scope}"
             server = timed(lambda: get(q), args.repeat)
             hits = get(q).decode().count('class="hit"')
+            rollout = rid if scope else None
+            scan = timed(lambda: finder.search(cat, Limits(), text, rollout=rollout, index=None), args.repeat)
             floor = timed(lambda: cat.arrow(floor_sql.format(w=sql_str(text.lower()))), args.repeat)
-            print(f"search over {n_rollouts:,} rollouts, {label} ({hits} hits shown): {server:.3f} s "
-                  f"(goal < {GOAL_S:.0f} s: {verdict(server)}); in-process count of the same match: {floor:.3f} s; "
-                  f"ratio {server / floor:.2f}")
+            print(f"search over {n_rollouts:,} rollouts, {label} ({hits} hits shown), GET /search through the index: "
+                  f"{server:.3f} s (goal < {GOAL_S:.0f} s: {verdict(server)}); the same search by scanning every step "
+                  f"(in-process): {scan:.3f} s; in-process count of the same match: {floor:.3f} s; ratio index / scan "
+                  f"{server / scan:.2f}, index / count {server / floor:.2f}")
         from ui.report import figure_data
 
         cold = timed(lambda: figure_data(cat), 1)  # what the app computes in the background once per archive state

@@ -12,6 +12,7 @@ judge results per rollout, and the text of text-only steps tokenized (or chat-re
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,11 +203,33 @@ def step_table(con: duckdb.DuckDBPyConnection, tokenizer, drops: Counter) -> dic
     return steps
 
 
+def rollout_tools(con) -> dict[str, list]:
+    """rollout_id -> the tool schemas its (first) rollout_started recorded; rollouts without them are left out
+    (archives from before the `tools` field read NULL)."""
+    column = column_or(con, "rollout_started", "tools", "NULL::VARCHAR")
+    t = arrow(con, f"SELECT rollout_id, arg_min({column}, (produced_at, event_id)) AS tools FROM rollout_started "
+                   "GROUP BY rollout_id")
+    out = {}
+    for rid, text in zip(t.column("rollout_id").to_pylist(), t.column("tools").to_pylist()):
+        if text is None:
+            continue
+        try:
+            tools = json.loads(text)
+        except ValueError:
+            tools = None
+        if not (isinstance(tools, list) and all(isinstance(x, dict) for x in tools)):
+            raise ConfigError(f"rollout {rid}: rollout_started's `tools` is not a JSON list of tool schemas")
+        if tools:
+            out[rid] = tools
+    return out
+
+
 def _render_rollouts(con, steps: dict, idx: np.ndarray, chat: ChatTokenizer) -> dict[int, np.ndarray]:
     """Step row -> ids: each text-only rollout's steps as chat messages (role, content) rendered with the model
-    directory's template and split per message (`core.chat`). Tools are not in the events: an import
-    with `--tokenizer MODEL_DIR` (which renders the row's `tools`) is exact; this is the fallback."""
+    directory's template and split per message (`core.chat`), with the tool schemas its rollout_started
+    recorded as the template's `tools` (the `<tools>` block an import with `--tokenizer` renders too)."""
     contents = _contents(con, steps, idx)
+    tools = rollout_tools(con)
     t = arrow(con, "SELECT rollout_id, step_idx, role FROM step_meta WHERE copy = 1 ORDER BY rollout_id, step_idx")
     role = t.column("role").to_pylist()
     rid = steps["rollout_id"]
@@ -225,7 +248,7 @@ def _render_rollouts(con, steps: dict, idx: np.ndarray, chat: ChatTokenizer) -> 
             continue
         messages = [{"role": role[i], "content": contents[k + n]} for n, i in enumerate(rows)]
         try:
-            spans = chat.message_spans(messages)
+            spans = chat.message_spans(messages, tools.get(r))
         except TemplateError as e:
             raise ConfigError(f"rollout {r}: {e}") from e
         out.update(zip(rows.tolist(), spans))

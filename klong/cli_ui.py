@@ -4,7 +4,7 @@
     klong report [--plan NAME] [-o report/]    # stages.png rl_curves.png training.png windows.png (ui.report)
 
 `ui` serves until Ctrl-C: the rollouts list (filter by task, group, stage, iteration, status, score; sort;
-paged), full-text search over steps, a group's rollouts side by side, one rollout as a conversation (pinned
+paged), full-text search over steps (through a word index it keeps under HOME/index/steps/), a group's rollouts side by side, one rollout as a conversation (pinned
 prefix, tool calls, carry-overs, policy versions, timing; long outputs collapsed; j/k steps, n/p rollouts), a
 dataset version's windows laid over it, a step's tokens coloured by log-prob with a window's loss mask, judge
 results as rubric trees, blacklist hits, a read-only SQL box with CSV download, and the report's plots.

@@ -114,7 +114,7 @@ def row_events(row: Row, tokenizer=None, timeout_s: float = 43200.0) -> list[Env
 
     out = [ev(RolloutStarted, RolloutStartedPayload(task_id=row.task_id, group_id=row.group_id, timeout_s=timeout_s,
                                                     scaffold="import", model=row.model,
-                                                    tokenizer=fingerprint))]
+                                                    tokenizer=fingerprint, tools=list(row.tools) or None))]
     contents = [render(m) for m in row.messages]
     if mode == "recorded":  # token-in/token-out: the harness's ids, as they are
         ids = [m.token_ids for m in row.messages]

@@ -36,7 +36,9 @@ row `id` re-imported with different content is refused, naming the file and line
 even when that import is not archived yet (`producers.import_ledger`, written before anything is sent).
 Rows of unregistered tasks are skipped (the dataset builder needs registered tasks: `klong tasks import`
 first). What an import changes or guesses in a row (a tool message linked to the one open call, recorded
-token ids not kept, tool schemas without a template) is a warning naming the file and line.
+token ids not kept) is a warning naming the file and line. A row's `tools` travel in its rollout_started
+event: a dataset build with `tokenizer=MODEL_DIR` renders them (the template's `<tools>` block) for a
+rollout imported text-only, as an import with `--tokenizer` does.
 """
 
 
@@ -46,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from core.chat import ChatTokenizer, TemplateError
+from core.chat import TemplateError
 from core.tokenize import load_tokenizer
 from core.settings import Settings
 from producers.import_events import (chat_messages, event_id, n_events, render, row_events, row_token_ids,
@@ -151,9 +153,6 @@ def validate(settings: Settings, path: str | Path, opts: ImportOptions, register
         if "train" not in registered[row.task_id].splits:
             eval_tasks.add(row.task_id)
         notes = list(row.warnings) + ([plan_warning] if plan_warning else [])
-        if row.tools and not isinstance(tokenizer, ChatTokenizer):  # the events carry no tool schemas
-            notes.append(f"its {len(row.tools)} tool definitions are rendered (the template's tools block) only by "
-                         "an import with --tokenizer MODEL_DIR; imported without them")
         report.warnings += [f"{path.name} line {line}: {w}" for w in notes]
         report.imported.append(Imported(line, row.rollout_id, row.row_hash, row.task_id, len(row.messages),
                                         row.prefix, row.score))

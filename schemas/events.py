@@ -60,6 +60,8 @@ Logprobs = Annotated[
 ]
 # Free-form JSON kept as text in Parquet (query it with DuckDB's json functions).
 Json = Annotated[Any, msgspec.Meta(extra={"arrow": "json"})]
+# A list of JSON objects (tool schemas), kept as JSON text in Parquet like Json.
+ToolSchemas = Annotated[list[dict[str, Any]], msgspec.Meta(extra={"arrow": "json"})]
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="event_type"):
@@ -119,6 +121,10 @@ class RolloutStartedPayload(msgspec.Struct, frozen=True, kw_only=True):
     # Fingerprint of the vocabulary + chat template the steps' token_ids come from (core.chat; "bytes"
     # for the byte tokenizer; "" unknown): a dataset never mixes rollouts of two fingerprints.
     tokenizer: str = ""
+    # The tool (function) schemas the agent was given, OpenAI-style (`{"type": "function", "function": {"name",
+    # "description", "parameters"}}`): a dataset build that renders text-only steps with a chat template passes
+    # them as its `tools` (the `<tools>` block). None: not recorded (archives from before this field read NULL).
+    tools: Optional[ToolSchemas] = None
 
 
 class ToolCall(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

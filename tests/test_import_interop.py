@@ -254,3 +254,73 @@ def test_a_builds_tokenizer_check_looks_only_at_the_rollouts_it_selects(settings
     build_version(settings.home, "only-a", "sft", dict(cfg, tasks=["a"]))
     with pytest.raises(ConfigError, match="rollout rb has recorded token ids and text-only steps"):
         build_version(settings.home, "all", "sft", cfg)
+
+
+@pytest.fixture
+def tiny_chat_dir(tmp_path):
+    """A tiny model directory: a byte-level tokenizer.json (256 byte tokens and the ChatML markers, no merges)
+    and the shipped tool-aware ChatML template, so the template's `<tools>` block can be read back."""
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from trainer.model_import import TEMPLATE_FILE
+
+    d = tmp_path / "tiny-chat"
+    d.mkdir()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                               merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                         "eos_token": "<|im_end|>"}))
+    shutil.copy(TEMPLATE_FILE, d / "chat_template.jinja")
+    return d
+
+
+def test_tool_definitions_imported_text_only_reach_the_template_of_a_build(settings, tmp_path, tiny_chat_dir, capsys):
+    """An ATIF file with agent.tool_definitions imported WITHOUT --tokenizer (text only): rollout_started keeps
+    the schemas, and a build with tokenizer=MODEL_DIR renders them as the template's <tools> block (was: the
+    events had no tools, the block was missing unless the import itself had --tokenizer)."""
+    from consumers.materialize import build_version
+    from trainer.data import DatasetReader
+
+    produce(settings, [task_event("fre")])
+    tools = [{"type": "function", "function": {"name": "read_file_chunk", "description": "Read lines of a file.",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"file": {"type": "string"}}}}},
+             {"type": "function", "function": {"name": "bash", "description": "Run a command.",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    doc = atif_doc(session="with-tools")
+    for step in doc["steps"]:  # no recorded ids: a text-only import, tokenized when a dataset is built
+        step.pop("metrics", None)
+    doc["agent"]["tool_definitions"] = tools
+    plain = atif_doc(session="no-tools")
+    for step in plain["steps"]:
+        step.pop("metrics", None)
+    (tmp_path / "t.json").write_text(json.dumps(doc))
+    (tmp_path / "p.json").write_text(json.dumps(plain))
+    for f in ("t.json", "p.json"):
+        assert cli(settings, "import", "trajectories", str(tmp_path / f), "--task-id", "fre") == 0
+    assert "tool definitions" not in capsys.readouterr().err  # kept: nothing to warn about
+    sink(settings)
+    cat = Catalog(settings)
+    started = {r["scaffold"] + str(i): r for i, r in enumerate(cat.sql(
+        "SELECT rollout_id, scaffold, tools FROM rollout_started_events ORDER BY tools NULLS LAST").to_dicts())}
+    kept, none = started["import0"], started["import1"]
+    assert json.loads(kept["tools"]) == tools and none["tools"] is None
+
+    out = build_version(settings.home, "tools", "sft", {"tokenizer": str(tiny_chat_dir), "max_tokens": 8192})
+    chat = ChatTokenizer(tiny_chat_dir)
+    reader = DatasetReader(settings.home, out.ref)
+    texts = {reader.rollout_id[i].as_py(): chat.decode(reader.sample(i)[0]) for i in range(len(reader))}
+    with_tools = texts[kept["rollout_id"]]
+    block = "<tools>\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools) + "\n</tools>"
+    assert block in with_tools and with_tools.index(block) < with_tools.index("<|im_end|>")  # in the system message
+    assert "<tools>" not in texts[none["rollout_id"]]
+    # exactly what apply_chat_template gives for the imported step contents and those tools
+    steps = cat.sql(f"SELECT role, content FROM steps WHERE rollout_id = '{kept['rollout_id']}' ORDER BY step_idx"
+                    ).to_dicts()
+    assert with_tools == chat.decode(chat.apply(steps, tools))

@@ -21,6 +21,7 @@ from store.archive import write_flush
 from store.catalog import Catalog
 from store.dataset_views import SAMPLES_VIEW_COLUMNS
 from store.datasets import SAMPLES, version_dir
+from tests.test_import_interop import tiny_chat_dir  # noqa: F401 (a fixture)
 from tests.test_materialize import ROLES, T0, archive, home_settings, rollout, task
 
 SAME_CTX = ["span_same_ctx", "prefix_same_ctx"]  # samples.parquet columns added by 4f2a0ef
@@ -107,3 +108,27 @@ def test_rl_iterations_reads_files_from_before_the_train_and_reload_columns(tmp_
            "reload_method": "reload"}
     assert cat.arrow(f"SELECT {ITERATION_COLUMNS} FROM rl_iterations ORDER BY iteration").to_pylist() == [it1, it2]
 
+
+
+def test_rollout_started_files_from_before_the_tools_column(tmp_path, tiny_chat_dir):
+    """rollout_started files written before the `tools` field: `tools` reads NULL in SQL, and a build with
+    tokenizer=MODEL_DIR renders their text-only rollouts without a tools block (nothing fails to bind)."""
+    from core.chat import ChatTokenizer
+    from schemas.events import event_type
+    from trainer.data import DatasetReader
+
+    s = home_settings(tmp_path / "home")
+    evs, _ = rollout("old", ROLES[:4], [3] * 4, text_only=range(4))
+    by_type: dict = {}
+    for n, ev in enumerate([task("task-a")] + evs):
+        ev = decode(encode(ev))
+        by_type.setdefault(event_type(ev), []).append((ev, "t.rollouts", 0, n))
+    tables = {t: to_table(t, items)[0] for t, items in by_type.items()}
+    tables["rollout_started"] = tables["rollout_started"].drop_columns(["tools"])  # the older format
+    write_flush(s.archive_dir, "t.rollouts", "t0", 0, 0, len(evs), tables)
+    cat = Catalog(s)
+    assert cat.arrow("SELECT rollout_id, tools FROM rollout_started_events").to_pylist() == [
+        {"rollout_id": "old", "tools": None}]
+    out = build_version(s.home, "old", "sft", {"tokenizer": str(tiny_chat_dir), "max_tokens": 4096})
+    text = ChatTokenizer(tiny_chat_dir).decode(DatasetReader(s.home, out.ref).sample(0)[0])
+    assert text.startswith("<|im_start|>system\n") and "<tools>" not in text

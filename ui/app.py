@@ -7,7 +7,8 @@
 Pages (GETs that change nothing): `/` rollouts (filter by task, group, stage, iteration, status, score;
 sort by any column; PAGE_ROWS a page), `/rollouts/<rollout_id>` one rollout as a conversation (judge
 results as rubric trees, blacklist hits, a dataset version's windows overlaid; j/k step, n/p rollout),
-`/search` full-text search over steps (all rollouts or one), `/groups/<group_id>` a group's rollouts side
+`/search` full-text search over steps (all rollouts or one; through a word index kept under
+`<home>/index/steps/`), `/groups/<group_id>` a group's rollouts side
 by side, `/tokens` one step's tokens (log-probs, a window's loss mask), `/plots` the report's figures drawn
 in the browser from `/api/plots` (PNGs at `/plots/<name>.png`), `/blacklist` every hit, `/sql` the SQL
 box (ui.sql: runs by POST only). Ids go into links URL-encoded (`rollout_url`); an id that is `.`
@@ -41,6 +42,7 @@ from store.catalog import Catalog
 from store.datasets import all_manifests
 from ui.overlay import overlay
 from ui.report import FIGURES, figure_data, render
+from store.search_index import StepIndex
 from ui import finder, sql
 from ui.guard import Forbidden, HostGuard, allowed_hosts, new_token
 from ui.query import Limits
@@ -79,11 +81,13 @@ def group_url(group_id: str) -> str:
 
 
 def create_app(settings: Settings, first_steps: int = FIRST_STEPS, host: str = "127.0.0.1",
-               limits: Limits = Limits(), memory_limit: str = MEMORY_LIMIT, tokenizer: Optional[str] = None) -> FastAPI:
+               limits: Limits = Limits(), memory_limit: str = MEMORY_LIMIT, tokenizer: Optional[str] = None,
+               search_index: bool = True) -> FastAPI:
     """The app over `settings.home`. A rollout page renders its first `first_steps` steps, its script loads the
     rest right after. `host`: the name it is served on (the Host header it accepts besides the local names);
     `limits`: what one query of the SQL box or search may take; `tokenizer`: token texts in the token view
-    when no dataset names one."""
+    when no dataset names one; `search_index`: search through the word index (store.search_index, built in the
+    background under `<home>/index/steps/`), else by scanning every step."""
     if first_steps < 1:
         raise ConfigError(f"first_steps {first_steps} must be >= 1")
     limits.check()
@@ -91,6 +95,7 @@ def create_app(settings: Settings, first_steps: int = FIRST_STEPS, host: str = "
     # SQL from web requests, has none (temp_directory ''); a query past memory_limit fails with a clear error
     catalog = Catalog(settings, config={"memory_limit": memory_limit, "temp_directory": ""})
     viewer = Viewer(catalog)
+    index = StepIndex(settings) if search_index else None
     token = new_token()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.trim_blocks = templates.env.lstrip_blocks = True  # no blank lines per step: a 700-turn page is smaller
@@ -100,11 +105,14 @@ def create_app(settings: Settings, first_steps: int = FIRST_STEPS, host: str = "
     async def lifespan(app):
         # the figures' numbers for every rollout, computed once in the background: /plots answers from the cache
         threading.Thread(target=plot_numbers, args=("",), name="klong-ui-plots", daemon=True).start()
+        if index is not None:  # and the search's word index brought up to date with the archive
+            index.update_async()
         yield
 
     app = FastAPI(title="klong ui", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(HostGuard, hosts=allowed_hosts(host))
     app.state.settings = settings
+    app.state.search_index = index
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def page(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
@@ -208,7 +216,8 @@ def create_app(settings: Settings, first_steps: int = FIRST_STEPS, host: str = "
     @app.get("/search", response_class=HTMLResponse)
     def search(request: Request, q: str = "", rollout: str = "", role: str = "", page_no: int = Query(0, alias="page")):
         t0 = time.perf_counter()
-        found = finder.search(catalog, limits, q, running=app.state.running, rollout=_opt(rollout), role=_opt(role), page=page_no)
+        found = finder.search(catalog, limits, q, running=app.state.running, rollout=_opt(rollout), role=_opt(role),
+                              page=page_no, index=index)
         return page(request, "search.html", q=q, rollout=rollout, role=role, roles=finder.ROLES,
                     query_s=time.perf_counter() - t0, **found)
 

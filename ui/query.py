@@ -64,12 +64,14 @@ class BoundedQuery:
     """One user query under `limits` (see the module docstring). `start()` returns self; `batches()` may be
     iterated once; `cancel()` and the timer stop it from any thread."""
 
-    def __init__(self, catalog: Catalog, query: str, limits: Limits, running: Optional[set] = None):
-        """`running`: a set the query is in while its thread runs (the app's view of the queries in flight)."""
+    def __init__(self, catalog: Catalog, query: str, limits: Limits, running: Optional[set] = None,
+                 params: Optional[dict] = None):
+        """`running`: a set the query is in while its thread runs (the app's view of the queries in flight);
+        `params`: values of the last statement's `$name` parameters (untrusted text goes in these, never into SQL)."""
         limits.check()
         if not query.strip():
             raise QueryError("empty query")
-        self.catalog, self.query, self.limits = catalog, query, limits
+        self.catalog, self.query, self.limits, self.params = catalog, query, limits, params
         self.columns: Optional[list[str]] = None
         self.rows = 0
         self.started_at: Optional[float] = None
@@ -178,7 +180,7 @@ class BoundedQuery:
         check_read_only(con, statements)
         for st in statements[:-1]:
             con.execute(st)
-        reader = con.sql(statements[-1].query).to_arrow_reader(BATCH_ROWS)
+        reader = con.sql(statements[-1].query, params=self.params).to_arrow_reader(BATCH_ROWS)
         self.columns = list(reader.schema.names)
         if not self._put(reader.schema):
             return
