@@ -148,8 +148,11 @@ def cmd_list(args) -> int:
 
     from klong.cli import _print_table
     from store.datasets import all_manifests
+    from store.datasets_s3 import listing
+    from store.objstore import is_s3
 
-    ms = all_manifests(_settings(args).home)
+    s = _settings(args)
+    ms = listing(s.home, s.archive) if is_s3(s.archive) else all_manifests(s.home)  # with the bucket's versions
     if args.json:
         for m in ms:
             print(json.dumps({k: m[k] for k in ("ref", "kind", "counts", "content_hash", "created_at")}))
@@ -166,7 +169,8 @@ def cmd_list(args) -> int:
 def cmd_show(args) -> int:
     from store.datasets import load_manifest
 
-    m = load_manifest(_settings(args).home, args.ref)
+    s = _settings(args)
+    m = load_manifest(s.home, args.ref, archive=s.archive)  # a version only in the archive's bucket: fetched
     if args.json:
         print(json.dumps(m, indent=2, sort_keys=True))
         return 0
@@ -190,8 +194,9 @@ def cmd_diff(args) -> int:
 
     from store import datasets as ds
 
-    home = _settings(args).home
-    a, b = ds.load_manifest(home, args.a), ds.load_manifest(home, args.b)
+    s = _settings(args)
+    home = s.home
+    a, b = ds.load_manifest(home, args.a, archive=s.archive), ds.load_manifest(home, args.b, archive=s.archive)
     print(f"{a['ref']} -> {b['ref']}")
     if a["content_hash"] == b["content_hash"]:
         print("same content hash: the datasets are identical")
@@ -231,7 +236,7 @@ def cmd_export(args) -> int:
     try:
         s = _settings(args)
         chat = args.messages or args.format == "verl"  # verl's own dataset classes read the chat columns
-        r = export_dataset(s.home, args.ref, args.format, args.output, settings=s if chat else None,
+        r = export_dataset(s.home, args.ref, args.format, args.output, settings=s if chat else None, archive=s.archive,
                            progress=lambda n: bar.update(n - bar.n))
     finally:
         bar.close()
