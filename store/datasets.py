@@ -34,6 +34,11 @@ little-endian values + lengths + null flags. A rebuild from the same events give
 
 SQL views `datasets` (one row per version) and `samples` (one row per window of every version):
 store.dataset_views.
+
+With an archive in a bucket, versions are published there too, and a version only there is fetched into
+`HOME/datasets/_cache/NAME/v<N>/` (store.datasets_s3); `versions`, `version_dir` and `all_manifests` find
+cached versions beside local ones (a local one wins), and `load_manifest`/`open_version` with `archive`
+fetch first.
 """
 
 from __future__ import annotations
