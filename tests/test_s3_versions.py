@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,8 @@ from store.datasets_s3 import key
 from tests.helpers import produce, rollout_events
 from tests.test_materialize import task
 from trainer.data import DatasetReader
-from trainer.model import write_state
+from trainer.model import read_state
+from trainer.recipe import latest_checkpoint
 
 pytestmark = pytest.mark.timeout(900)
 CFG = {"max_tokens": 1000, "overlap_turns": 1}
@@ -87,12 +89,16 @@ def test_a_version_built_on_one_machine_is_used_on_another(homes, capsys, tmp_pa
     # SQL in B sees the cached version (the lock-down's datasets directory holds the cache)
     assert Catalog(b).scalar("SELECT count(*) FROM samples WHERE dataset = 'ds'") == built["counts"]["samples"]
 
-    # `klong lineage` in B, on a fresh cache: the checkpoint -> ds@1 (fetched again) -> its events in the bucket
+    # `klong train --dataset ds@1` in B on a fresh cache (fetched again), then `klong lineage` of its
+    # checkpoint -> ds@1 -> its events, found by SQL in the bucket
     ds.discard(ds.cache_dir(b.home))
-    ckpt = b.home / "runs" / "run-1" / "checkpoints" / "step-3"
-    ckpt.mkdir(parents=True)
-    write_state(ckpt, {"run_id": "run-1", "step": 3, "policy_version": 1, "dataset": "ds@1",
-                       "dataset_hash": built["content_hash"]})
+    assert cli(b, "train", "--dataset", "ds@1", "--mode", "rl", "--config", "rl_tiny", "train.max_steps=2",
+               "train.save_every=2", "train.log_every=1") == 0
+    text = out()
+    run_dir = Path(next(line for line in text.splitlines() if line.startswith("run ") and " done: " in line)
+                   .split(" done: ")[1])
+    ckpt = latest_checkpoint(run_dir)
+    assert read_state(ckpt)["dataset_hash"] == built["content_hash"]
     assert cli(b, "lineage", str(ckpt), "--json") == 0
     trace = json.loads(out())
     assert trace["hash_ok"] and trace["flushes"] == built["input"]["flushes"]
