@@ -282,7 +282,8 @@ def register(sub, common) -> None:
     d = sub.add_parser("dataset", help="versioned datasets: build, list, show, diff, export")
     dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=IntermixedParser)
 
-    b = dsub.add_parser("build", parents=[common], help="materialize a dataset version from the archive; prints NAME@N")
+    b = dsub.add_parser("build", parents=[common], help="materialize a dataset version from the archive; prints NAME@N "
+                        "(with an s3:// archive, also published to its bucket)")
     b.add_argument("name", help="dataset name (letters, digits, . _ -)")
     b.add_argument("--kind", choices=["sft", "rl"], help="sft: loss masks; rl: Q, advantages, behaviour logprobs")
     b.add_argument("--config", help="YAML file of config keys (max_tokens, overlap_turns, reward_mode, ...), or a "
@@ -295,11 +296,12 @@ def register(sub, common) -> None:
     b.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, values parsed as YAML")
     b.set_defaults(func=cmd_build)
 
-    ls = dsub.add_parser("list", parents=[common], help="every dataset version")
+    ls = dsub.add_parser("list", parents=[common], help="every dataset version (with an s3:// archive: the bucket's too)")
     ls.add_argument("--json", action="store_true", help="one JSON object per version (ref, kind, counts, hash, created_at)")
     ls.set_defaults(func=cmd_list)
 
-    sh = dsub.add_parser("show", parents=[common], help="one version: config, counts, drops, pending, input")
+    sh = dsub.add_parser("show", parents=[common], help="one version: config, counts, drops, pending, input "
+                         "(one only in an s3:// archive's bucket is fetched)")
     sh.add_argument("ref", help="NAME@N (NAME alone: the latest)")
     sh.add_argument("--json", action="store_true", help="the whole manifest")
     sh.set_defaults(func=cmd_show)
