@@ -219,6 +219,10 @@ def _s3_builds(home: Path, args, local: dict) -> None:
         runs = {}
         for run in ("cold", "warm"):
             shutil.rmtree(home / "datasets" / "bench-s3", ignore_errors=True)
+            # the version published to the bucket (store.datasets_s3) would be found and reused: a real build
+            # each time (which includes uploading the version, as every build into a bucket does)
+            shutil.rmtree(home / "datasets" / "_cache", ignore_errors=True)
+            server.fs.delete_dir_contents(f"{url[len('s3://'):]}/_datasets", missing_dir_ok=True)
             runs[run] = r = _run(_phase_build, str(home), args.max_tokens, args.overlap, url, "bench-s3")
             assert r["manifest"]["content_hash"] == local["manifest"]["content_hash"], "the bucket's build differs"
         for run, r in runs.items():

@@ -67,6 +67,7 @@ from core.tokenize import load_tokenizer
 from schemas.errors import ConfigError
 from schemas.events import SCHEMA_VERSION
 from store import datasets as ds
+from store import datasets_s3
 from store.archive_cache import cache_dir
 from core.objstore import S3Location, is_s3
 
@@ -159,15 +160,22 @@ def build_version(home: Path | str, name: str, kind: str, config: Mapping[str, A
         raise ConfigError(f"the archive {archive} holds no rollout events: nothing to build "
                           "(produce events and run `klong sink run --until-idle` first)")
     fingerprint = load_tokenizer(cfg.tokenizer).fingerprint
-    for m in reversed(ds.all_manifests(home)):
+    remote = datasets_s3.listing(home, archive) if is_s3(archive) else ds.all_manifests(home)
+    for m in reversed(remote):
         if (m["name"] == name and m["kind"] == kind and m["config"] == cfg.to_dict() and m["tokenizer"] == fingerprint
                 and m["input"]["flushes"] == list(inputs.flushes) and not m["input"].get("ranges")):
+            if is_s3(archive):  # a version only in the bucket: fetched; one only here: uploaded (an earlier try died)
+                ds.load_manifest(home, m["ref"], archive=archive)
+                datasets_s3.push(archive, home, name, m["version"])
             return BuildOutcome(m["ref"], m, existing=True)
     out = ds.new_build_dir(home)
     try:
         manifest = materialize(inputs, kind, cfg, out, batch_tokens)
-        version = ds.publish(home, name, out, manifest)
+        taken = datasets_s3.remote_versions(archive, name) if is_s3(archive) else []
+        version = ds.publish(home, name, out, manifest, taken=taken)
     except BaseException:
         ds.discard(out)
         raise
+    if is_s3(archive):  # its files, then its manifest: published in the bucket for other machines' trainers
+        datasets_s3.push(archive, home, name, version)
     return BuildOutcome(f"{name}@{version}", manifest, existing=False)

@@ -71,6 +71,7 @@ def replay(settings: Settings, ref: str, from_kafka: bool = False, keep: bool = 
            progress: Optional[Callable[[str, int], None]] = None) -> ReplayReport:
     home = Path(settings.home)
     progress = progress or (lambda stage, n: None)
+    ds.load_manifest(home, ref, archive=settings.archive)  # a version only in the archive's bucket: fetched
     version = ds.DatasetVersion(home, ref)
     m = version.manifest
     report = ReplayReport(version.ref, "kafka" if from_kafka else "archive", m["content_hash"], None, None)

@@ -148,8 +148,11 @@ def cmd_list(args) -> int:
 
     from klong.cli import _print_table
     from store.datasets import all_manifests
+    from store.datasets_s3 import listing
+    from store.objstore import is_s3
 
-    ms = all_manifests(_settings(args).home)
+    s = _settings(args)
+    ms = listing(s.home, s.archive) if is_s3(s.archive) else all_manifests(s.home)  # with the bucket's versions
     if args.json:
         for m in ms:
             print(json.dumps({k: m[k] for k in ("ref", "kind", "counts", "content_hash", "created_at")}))
@@ -166,7 +169,8 @@ def cmd_list(args) -> int:
 def cmd_show(args) -> int:
     from store.datasets import load_manifest
 
-    m = load_manifest(_settings(args).home, args.ref)
+    s = _settings(args)
+    m = load_manifest(s.home, args.ref, archive=s.archive)  # a version only in the archive's bucket: fetched
     if args.json:
         print(json.dumps(m, indent=2, sort_keys=True))
         return 0
@@ -190,8 +194,9 @@ def cmd_diff(args) -> int:
 
     from store import datasets as ds
 
-    home = _settings(args).home
-    a, b = ds.load_manifest(home, args.a), ds.load_manifest(home, args.b)
+    s = _settings(args)
+    home = s.home
+    a, b = ds.load_manifest(home, args.a, archive=s.archive), ds.load_manifest(home, args.b, archive=s.archive)
     print(f"{a['ref']} -> {b['ref']}")
     if a["content_hash"] == b["content_hash"]:
         print("same content hash: the datasets are identical")
@@ -231,7 +236,7 @@ def cmd_export(args) -> int:
     try:
         s = _settings(args)
         chat = args.messages or args.format == "verl"  # verl's own dataset classes read the chat columns
-        r = export_dataset(s.home, args.ref, args.format, args.output, settings=s if chat else None,
+        r = export_dataset(s.home, args.ref, args.format, args.output, settings=s if chat else None, archive=s.archive,
                            progress=lambda n: bar.update(n - bar.n))
     finally:
         bar.close()
@@ -277,7 +282,8 @@ def register(sub, common) -> None:
     d = sub.add_parser("dataset", help="versioned datasets: build, list, show, diff, export")
     dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=IntermixedParser)
 
-    b = dsub.add_parser("build", parents=[common], help="materialize a dataset version from the archive; prints NAME@N")
+    b = dsub.add_parser("build", parents=[common], help="materialize a dataset version from the archive; prints NAME@N "
+                        "(with an s3:// archive, also published to its bucket)")
     b.add_argument("name", help="dataset name (letters, digits, . _ -)")
     b.add_argument("--kind", choices=["sft", "rl"], help="sft: loss masks; rl: Q, advantages, behaviour logprobs")
     b.add_argument("--config", help="YAML file of config keys (max_tokens, overlap_turns, reward_mode, ...), or a "
@@ -290,11 +296,12 @@ def register(sub, common) -> None:
     b.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, values parsed as YAML")
     b.set_defaults(func=cmd_build)
 
-    ls = dsub.add_parser("list", parents=[common], help="every dataset version")
+    ls = dsub.add_parser("list", parents=[common], help="every dataset version (with an s3:// archive: the bucket's too)")
     ls.add_argument("--json", action="store_true", help="one JSON object per version (ref, kind, counts, hash, created_at)")
     ls.set_defaults(func=cmd_list)
 
-    sh = dsub.add_parser("show", parents=[common], help="one version: config, counts, drops, pending, input")
+    sh = dsub.add_parser("show", parents=[common], help="one version: config, counts, drops, pending, input "
+                         "(one only in an s3:// archive's bucket is fetched)")
     sh.add_argument("ref", help="NAME@N (NAME alone: the latest)")
     sh.add_argument("--json", action="store_true", help="the whole manifest")
     sh.set_defaults(func=cmd_show)

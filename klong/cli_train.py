@@ -165,7 +165,8 @@ def _kept(run_dir: Path) -> str:
 def cmd_lineage(args) -> int:
     from trainer.lineage import trace
 
-    t = trace(_settings(args).home, Path(args.checkpoint))
+    s = _settings(args)
+    t = trace(s.home, Path(args.checkpoint), archive=s.archive)
     if args.json:
         print(json.dumps(t, indent=2))
         return 0

@@ -53,6 +53,7 @@ from core.objstore import S3Location, is_s3
 log = logging.getLogger("klong.archive")
 TMP = "_tmp"
 QUARANTINE = "_quarantine"  # damaged flush directories moved aside by `klong archive repair` (store.integrity)
+DATASETS = "_datasets"  # in a bucket archive: published dataset versions (store.datasets_s3), not flushes
 LOCK = ".writers.lock"
 DEAD_LETTERS = "dead_letters"
 MANIFEST = "manifest.json"

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.archive import (_NAME, LOW_CARDINALITY, MANIFEST, QUARANTINE, TMP, TABLES, FlushDir, Stray, file_entry,
+from store.archive import (_NAME, DATASETS, LOW_CARDINALITY, MANIFEST, QUARANTINE, TMP, TABLES, FlushDir, Stray, file_entry,
                            flush_name, make_manifest, parse_manifest)
 from core.objstore import S3Location
 
@@ -43,7 +43,7 @@ def _group(loc: S3Location, topic: str | None) -> tuple[dict[str, dict[str, obje
     base = loc.root + "/" + (f"{topic}/" if topic else "")
     for info in loc.list(base.rstrip("/")):
         rel = info.path[len(loc.root) + 1:].split("/")
-        if rel[0] in (TMP, QUARANTINE) or (topic and rel[0] != topic):
+        if rel[0] in (TMP, QUARANTINE, DATASETS) or (topic and rel[0] != topic):
             continue
         if len(rel) != 4:
             strays.append(Stray(PurePosixPath(info.path), "not in the archive layout (<topic>/<id>/<flush>/<file>)"))

@@ -34,6 +34,11 @@ little-endian values + lengths + null flags. A rebuild from the same events give
 
 SQL views `datasets` (one row per version) and `samples` (one row per window of every version):
 store.dataset_views.
+
+With an archive in a bucket, versions are published there too, and a version only there is fetched into
+`HOME/datasets/_cache/NAME/v<N>/` (store.datasets_s3); `versions`, `version_dir` and `all_manifests` find
+cached versions beside local ones (a local one wins), and `load_manifest`/`open_version` with `archive`
+fetch first.
 """
 
 from __future__ import annotations
@@ -105,11 +110,22 @@ def check_name(name: str) -> str:
     return name
 
 
-def versions(home: Path | str, name: str) -> list[int]:
-    d = datasets_dir(home) / name
+def cache_dir(home: Path | str) -> Path:
+    """Where versions fetched from the archive's bucket are kept (store.datasets_s3); found beside local ones."""
+    return datasets_dir(home) / "_cache"
+
+
+def _versions_in(root: Path, name: str) -> set[int]:
+    d = root / name
     if not d.is_dir():
-        return []
-    return sorted(int(m[1]) for p in d.iterdir() if (m := _VERSION_DIR.fullmatch(p.name)) and (p / MANIFEST).is_file())
+        return set()
+    return {int(m[1]) for p in d.iterdir() if (m := _VERSION_DIR.fullmatch(p.name)) and (p / MANIFEST).is_file()}
+
+
+def versions(home: Path | str, name: str, cached: bool = True) -> list[int]:
+    """NAME's versions in this home: built here, and (`cached`) fetched from the bucket into the cache."""
+    have = _versions_in(datasets_dir(home), name)
+    return sorted(have | _versions_in(cache_dir(home), name) if cached else have)
 
 
 def parse_ref(home: Path | str, ref: str) -> tuple[str, int]:
@@ -127,10 +143,25 @@ def parse_ref(home: Path | str, ref: str) -> tuple[str, int]:
 
 
 def version_dir(home: Path | str, name: str, version: int) -> Path:
-    return datasets_dir(home) / name / f"v{version}"
+    """The version's directory: built here, else its copy in the cache (a local version wins)."""
+    local = datasets_dir(home) / name / f"v{version}"
+    cached = cache_dir(home) / name / f"v{version}"
+    return cached if not (local / MANIFEST).is_file() and (cached / MANIFEST).is_file() else local
 
 
-def load_manifest(home: Path | str, ref: str) -> dict:
+def _fetched(home: Path | str, ref: str, archive) -> None:
+    """With an archive in a bucket: checks `ref` against the bucket's copy, or fetches it into the cache."""
+    from store.objstore import is_s3
+
+    if archive is not None and is_s3(archive):
+        from store.datasets_s3 import resolve
+
+        resolve(home, archive, ref)
+
+
+def load_manifest(home: Path | str, ref: str, archive=None) -> dict:
+    """The manifest of `ref`; with `archive` in a bucket, a version only there is fetched first."""
+    _fetched(home, ref, archive)
     name, ver = parse_ref(home, ref)
     path = version_dir(home, name, ver) / MANIFEST
     try:
@@ -139,16 +170,17 @@ def load_manifest(home: Path | str, ref: str) -> dict:
         raise DatasetError(f"{name}@{ver}: manifest {path} is unreadable: {e}") from e
 
 
-def all_manifests(home: Path | str) -> list[dict]:
-    root = datasets_dir(home)
+def all_manifests(home: Path | str, cached: bool = True) -> list[dict]:
+    """Every version's manifest, by name and version (`cached`: with the versions fetched into the cache)."""
+    roots = [datasets_dir(home), *([cache_dir(home)] if cached else [])]
+    names = {d.name for root in roots if root.is_dir() for d in root.iterdir() if d.is_dir() and _NAME.fullmatch(d.name)}
     out = []
-    for d in sorted(root.iterdir()) if root.is_dir() else []:
-        if d.is_dir() and _NAME.fullmatch(d.name):
-            for v in versions(home, d.name):
-                try:
-                    out.append(json.loads((version_dir(home, d.name, v) / MANIFEST).read_text()))
-                except (OSError, ValueError):
-                    continue  # an unreadable manifest shows up in `klong dataset show`, not in a listing
+    for name in sorted(names):
+        for v in versions(home, name, cached):
+            try:
+                out.append(json.loads((version_dir(home, name, v) / MANIFEST).read_text()))
+            except (OSError, ValueError):
+                continue  # an unreadable manifest shows up in `klong dataset show`, not in a listing
     return out
 
 
@@ -304,12 +336,13 @@ def new_build_dir(home: Path | str, stale_after_s: float = 86_400) -> Path:
     return d
 
 
-def publish(home: Path | str, name: str, build_dir: Path, manifest: dict) -> int:
-    """Renames a finished build directory to the next free `NAME/v<N>` (atomic); returns N."""
+def publish(home: Path | str, name: str, build_dir: Path, manifest: dict, taken: list[int] = ()) -> int:
+    """Renames a finished build directory to the next free `NAME/v<N>` (atomic); returns N. N is above every
+    version here, in the cache, and in `taken` (the bucket's versions, store.datasets_s3)."""
     parent = datasets_dir(home) / check_name(name)
     parent.mkdir(parents=True, exist_ok=True)
     while True:
-        version = (versions(home, name) or [0])[-1] + 1
+        version = max([0, *versions(home, name), *taken]) + 1
         manifest.update(name=name, version=version, ref=f"{name}@{version}")
         (build_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         for f in build_dir.iterdir():
@@ -418,9 +451,11 @@ def _f(x: Optional[float]) -> float:
     return float("nan") if x is None else float(x)
 
 
-def open_version(home: Path | str, ref: str, verify: bool = True) -> DatasetVersion:
+def open_version(home: Path | str, ref: str, verify: bool = True, archive=None) -> DatasetVersion:
     """A dataset version to iterate (yields `Sample`s). `verify` (default) recomputes the content hash from
-    the files first and refuses (DatasetError) when they do not match the manifest."""
+    the files first and refuses (DatasetError) when they do not match the manifest. With `archive` in a
+    bucket, a version only there is fetched into the cache first (store.datasets_s3)."""
+    _fetched(home, ref, archive)
     v = DatasetVersion(home, ref)
     if verify:
         v.verify()

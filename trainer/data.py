@@ -127,9 +127,10 @@ class DatasetReader:
     """A dataset version in memory as flat arrays, each sample as copy ranges + mask runs."""
 
     def __init__(self, home: Path | str, ref: str, *, verify: bool = True, vocab_size: Optional[int] = None,
-                 fold_token_ids: bool = False, need_behaviour: bool = True):
+                 fold_token_ids: bool = False, need_behaviour: bool = True, archive=None):
         self.need_behaviour = need_behaviour  # rl: a loss token without a behaviour logprob is left out
-        version = ds.open_version(home, ref, verify=verify)  # DatasetError if files != manifest hash
+        # DatasetError if files != manifest hash; `archive` in a bucket: a version only there is fetched first
+        version = ds.open_version(home, ref, verify=verify, archive=archive)
         self.ref, self.manifest, self.path = version.ref, version.manifest, version.path
         self.kind: str = self.manifest["kind"]
         self.content_hash: str = self.manifest["content_hash"]

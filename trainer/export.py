@@ -146,7 +146,7 @@ def _plan(lengths: np.ndarray, budget: int) -> list[tuple[int, int]]:
 
 
 def export_dataset(home: Path | str, ref: str, fmt: str, directory: Path | str, *, shard_tokens: int = SHARD_TOKENS,
-                   chunk_tokens: int = CHUNK_TOKENS, compression: str = "zstd", settings=None,
+                   chunk_tokens: int = CHUNK_TOKENS, compression: str = "zstd", settings=None, archive=None,
                    progress: Callable[[int], None] = lambda n: None) -> ExportReport:
     """Writes the export of dataset version `ref` into `directory` (created; must not hold files). With
     `settings` (whose archive holds the dataset's events), also the chat columns: `messages`
@@ -159,7 +159,7 @@ def export_dataset(home: Path | str, ref: str, fmt: str, directory: Path | str, 
     # Verifies the files against the manifest's content hash. need_behaviour=False: the loss mask keeps action
     # tokens without a behaviour logprob, as `klong train` does by default (old logprobs recomputed);
     # `has_logprob` says which tokens have one, for a trainer that uses the behaviour logprobs instead.
-    reader = DatasetReader(home, ref, need_behaviour=False)
+    reader = DatasetReader(home, ref, need_behaviour=False, archive=archive)  # a bucket's version: fetched
     meta = pq.read_table(reader.path / ds.SAMPLES, columns=list(META_COLUMNS))  # rows in the reader's order
     meta = meta.append_column("dataset", pa.array([reader.ref] * meta.num_rows, pa.string()))
     if fmt == "verl":

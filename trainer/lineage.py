@@ -88,13 +88,14 @@ def _watermark_predicate(watermark: dict[str, list[list[int]]]) -> str:
     return " OR ".join(terms) or "false"
 
 
-def trace(home: Path | str, checkpoint: Path | str) -> dict:
+def trace(home: Path | str, checkpoint: Path | str, archive=None) -> dict:
     """checkpoint directory -> {run_id, step, policy_version, dataset, dataset_hash, hash_ok, manifest input,
-    events_where}: `events_where` selects the dataset's exact input events in any `*_events` view."""
+    events_where}: `events_where` selects the dataset's exact input events in any `*_events` view. With
+    `archive` in a bucket, a version published only there is fetched (store.datasets_s3)."""
     state = read_state(checkpoint)
     if state is None:
         raise ConfigError(f"{checkpoint} is not a klong checkpoint (no klong_state.json)")
-    manifest = ds.load_manifest(home, state["dataset"])
+    manifest = ds.load_manifest(home, state["dataset"], archive=archive)
     return {
         "run_id": state["run_id"], "step": state["step"], "policy_version": state["policy_version"],
         "dataset": state["dataset"], "dataset_hash": state["dataset_hash"],

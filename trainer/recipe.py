@@ -53,7 +53,7 @@ def preflight(settings: Settings, cfg: RunConfig) -> dict:
     if missing:
         raise ConfigError("bad training config: " + ", ".join(f"{k} is required (--{k} or {k}: in the YAML)"
                                                               for k in missing))
-    manifest = ds.load_manifest(settings.home, cfg.dataset)
+    manifest = ds.load_manifest(settings.home, cfg.dataset, archive=settings.archive)  # fetched from a bucket
     if cfg.mode == "rl" and manifest["kind"] != "rl":
         raise ConfigError(f"mode=rl needs an rl dataset (advantages, behaviour logprobs), but dataset "
                           f"{manifest['ref']} is kind {manifest['kind']}: build one with --kind rl or use mode=sft")
@@ -129,7 +129,7 @@ class TrainRecipe:
         recompute = self.rl and cfg.loss.old_logprobs == "recompute"
         self.reader = DatasetReader(self.settings.home, cfg.dataset, verify=cfg.data.verify and self.dist.main,
                                     vocab_size=self.model_info.vocab_size, fold_token_ids=cfg.model.fold_token_ids,
-                                    need_behaviour=not recompute)
+                                    need_behaviour=not recompute, archive=self.settings.archive)
         self.ref = None
         if self.rl and (cfg.loss.beta > 0 or recompute):  # frozen: the input policy (eq. 7's pi_ref, theta_old)
             import copy
