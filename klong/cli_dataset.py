@@ -149,7 +149,7 @@ def cmd_list(args) -> int:
     from klong.cli import _print_table
     from store.datasets import all_manifests
     from store.datasets_s3 import listing
-    from store.objstore import is_s3
+    from core.objstore import is_s3
 
     s = _settings(args)
     ms = listing(s.home, s.archive) if is_s3(s.archive) else all_manifests(s.home)  # with the bucket's versions

@@ -151,7 +151,7 @@ def version_dir(home: Path | str, name: str, version: int) -> Path:
 
 def _fetched(home: Path | str, ref: str, archive) -> None:
     """With an archive in a bucket: checks `ref` against the bucket's copy, or fetches it into the cache."""
-    from store.objstore import is_s3
+    from core.objstore import is_s3
 
     if archive is not None and is_s3(archive):
         from store.datasets_s3 import resolve

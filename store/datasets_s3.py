@@ -32,7 +32,7 @@ from pathlib import Path
 
 from store import datasets as ds
 from store.archive import DATASETS as PREFIX  # under the archive's prefix; "_" keeps it apart from topics
-from store.objstore import S3Location
+from core.objstore import S3Location
 
 FILES = (ds.TOKENS, ds.SAMPLES)  # uploaded first; ds.MANIFEST last
 CHUNK = 8 << 20
