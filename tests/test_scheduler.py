@@ -98,6 +98,7 @@ def plan_dict(policy_url: str, judge_url: str) -> dict:
     }
 
 
+@pytest.mark.timeout(900)  # ~1 min quiet (the endless rollout alone runs T1); 277 s seen at load 20
 def test_two_stage_plan_carry_over_timeout_judgments_and_a_dataset_per_iteration(settings, tmp_path, capsys,
                                                                                    monkeypatch):
     register_tasks(settings, tmp_path)
