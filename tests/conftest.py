@@ -10,6 +10,20 @@ from klong.broker import BrokerProcess, ensure_topics, free_port
 from klong.settings import Settings, Topics
 
 
+# pytest-timeout counts a test's fixture setup: the first test of a session to use the real model also pays
+# for its conversion (`klong model import`, > 300 s at load 40 on 2 cores), whichever test that is
+MODEL_FIXTURES = {"smollm2_gguf", "smollm2_dir", "policy_server"}
+MODEL_SETUP_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            marker = item.get_closest_marker("timeout")
+            if marker is None or (marker.args and marker.args[0] < MODEL_SETUP_TIMEOUT_S):
+                item.add_marker(pytest.mark.timeout(MODEL_SETUP_TIMEOUT_S), append=False)
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory):
     log = tmp_path_factory.mktemp("broker") / "broker.log"
