@@ -17,8 +17,6 @@ import termios
 import threading
 from pathlib import Path
 
-import pytest
-
 from consumers.sink import Sink
 from klong.cli import main
 from store.catalog import Catalog
@@ -29,18 +27,6 @@ from tests.test_trainer_run import klong
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "sft_tiny", "data.micro_batch_tokens=1200", "train.max_steps=1", "optim.warmup_steps=0"]
-
-
-@pytest.fixture
-def python_sigint():
-    """Python's own SIGINT handler, unblocked, for a test that sends its process a real SIGINT. In the full
-    suite (not alone) both such tests below saw no KeyboardInterrupt at all (the build finished, rc 0): code
-    run in-process earlier in the session leaves SIGINT's C-level disposition changed under Python's view
-    (signal.getsignal still names default_int_handler). signal.signal() installs Python's handler again."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    yield
-    signal.signal(signal.SIGINT, previous)
 
 
 def test_train_prints_run_dir_first_and_is_in_sql_when_it_returns_while_a_sink_runs(train_home, capsys):

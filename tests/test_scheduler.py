@@ -230,7 +230,8 @@ def test_unknown_or_eval_tasks_are_refused_before_anything_runs(settings, tmp_pa
         Scheduler(settings, keyed)
 
 
-def test_ctrl_c_aborts_running_rollouts_never_starts_queued_ones_and_keeps_what_was_recorded(settings, tmp_path):
+def test_ctrl_c_aborts_running_rollouts_never_starts_queued_ones_and_keeps_what_was_recorded(settings, tmp_path,
+                                                                                              python_sigint):
     """`klong rl run --external-sink` as a real process, interrupted with SIGINT while 2 rollouts run and a
     third waits for a slot (max_concurrent_rollouts 2); the sink runs afterwards, as an external one would."""
     register_tasks(settings, tmp_path)
