@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from producers.fleet_control import ControlWriter
 from producers.rl_plan import parse_plan
 from producers.scheduler import Scheduler
 from store.catalog import Catalog
@@ -232,13 +233,24 @@ def test_partitions_moving_between_live_workers_hand_rollouts_over_without_a_sec
 
 
 @pytest.mark.timeout(900)  # the waits inside are generous (a loaded 2-core machine)
-def test_a_rollout_carried_over_on_the_fleet_resumes_under_the_next_policy_version(settings, tmp_path):
+def test_a_rollout_carried_over_on_the_fleet_resumes_under_the_next_policy_version(settings, tmp_path, monkeypatch):
     """The iteration closes while a slow rollout runs on a worker: the carry-over reaches it as a command
     (rollout_resumed at its next turn, later steps under pv+1) and it counts in the next iteration."""
     register_tasks(settings, tmp_path)
     order: list[str] = []
     quick = [{"read_paper": True}, {"tool": "bash", "args": {"cmd": "echo done > result.txt"}}]
-    slow = [{"read_paper": True}] + [{**STEP, "delay": 0.4}] * 14
+    # The slow one outlives iteration 1 on an event: its third call is answered once the carry-over command
+    # was sent to the workers (not on a guess of how long the quick ones and a late-joining worker take);
+    # 10 more turns (>= 5 s) let its worker read the command before it ends
+    sent = threading.Event()
+    slow = [{"read_paper": True}, STEP, STEP, {**STEP, "until": sent.is_set}] + [STEP] * 10
+    carry_over = ControlWriter.carry_over
+
+    def carry_over_and_tell(writer, *args, **kwargs):
+        carry_over(writer, *args, **kwargs)
+        sent.set()
+
+    monkeypatch.setattr(ControlWriter, "carry_over", carry_over_and_tell)
 
     def script(rid: str) -> list:
         if rid not in order:
