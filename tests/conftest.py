@@ -10,6 +10,20 @@ from services.broker import BrokerProcess, ensure_topics, free_port
 from core.settings import Settings, Topics
 
 
+# pytest-timeout counts a test's fixture setup: the first test of a session to use the real model also pays
+# for its conversion (`klong model import`, > 300 s at load 40 on 2 cores), whichever test that is
+MODEL_FIXTURES = {"smollm2_gguf", "smollm2_dir", "policy_server"}
+MODEL_SETUP_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            marker = item.get_closest_marker("timeout")
+            if marker is None or (marker.args and marker.args[0] < MODEL_SETUP_TIMEOUT_S):
+                item.add_marker(pytest.mark.timeout(MODEL_SETUP_TIMEOUT_S), append=False)
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory):
     log = tmp_path_factory.mktemp("broker") / "broker.log"
@@ -36,6 +50,20 @@ def make_settings(broker, tmp_path):
 @pytest.fixture
 def settings(make_settings) -> Settings:
     return make_settings()
+
+
+@pytest.fixture
+def python_sigint():
+    """SIGINT handled by Python (KeyboardInterrupt), for a test that sends a real Ctrl-C to itself or to a
+    process it starts. A test run started in the background by a non-interactive shell (`make test &`,
+    nohup, a CI step) inherits SIGINT *ignored*; Python keeps it so, and every child inherits it: the
+    signal then does nothing (runs 1 and 2 of this session: a build that finished with rc 0, a simulate that
+    ran on). Installing Python's handler makes SIGINT caught here and default in children (exec resets it)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

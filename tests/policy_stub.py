@@ -15,6 +15,8 @@ action per successful call:
                                                         pointer while there is one, then moves on
     {"error": "context_length"}                         HTTP 400 "maximum context length" (vLLM's body)
     any action may add "delay": seconds before answering
+    in-process, any action may add "until": a no-argument callable; the answer waits until it returns
+    true (an event of the test: the step then happens after that event, whatever the machine's load)
 
 After the script, `then` is answered (default: end_task). `max_context_chars` makes every request
 whose messages exceed that many characters fail with the context-length 400 (what a real server
@@ -136,6 +138,9 @@ class PolicyStub:
                     action = script[i] if i < len(script) else self.then
             if advance:
                 self.cursor[rollout_id] = i + 1
+        until, deadline = action.get("until"), time.monotonic() + 600
+        while until is not None and not until() and time.monotonic() < deadline:  # the test fails on what follows
+            time.sleep(0.05)
         time.sleep(action.get("delay", 0.0))
         if action.get("error") == "context_length":
             req.status = 400

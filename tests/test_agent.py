@@ -75,17 +75,17 @@ def test_sandbox_runs_commands_for_real_with_limits(tmp_path, monkeypatch):
     # memory limit: 800 MB in a 400 MB address space
     res = sb.run("python3 -c 'x = bytearray(800 * 2**20)'", timeout_s=20)
     assert res.exit_code != 0 and "MemoryError" in res.output
-    # CPU time: a busy loop is killed by SIGXCPU after cpu_s, long before the wall-time limit
+    # CPU time: a busy loop is killed by SIGXCPU after cpu_s of CPU, before the wall-time limit. 1 CPU-s takes
+    # ~1 s quiet but ~10 s at load 20 on 2 cores: the wall limit is 120 s, so only a missing CPU limit fires it
+    res = SubprocessSandbox(tmp_path / "sb", SandboxLimits(cpu_s=1)).run("python3 -c 'while True: pass'", timeout_s=120)
+    assert res.exit_code in (-24, -9, 128 + 24, 128 + 9) and not res.timed_out
+    # wall time: the whole process group dies, including a background child; the bound (1 s limit, ~1.2 s quiet,
+    # a loaded machine's start-up margin) is far below the 317 s the sleep would take
     t0 = time.monotonic()
-    res = SubprocessSandbox(tmp_path / "sb", SandboxLimits(cpu_s=1)).run("python3 -c 'while True: pass'", timeout_s=20)
-    assert res.exit_code in (-24, -9, 128 + 24, 128 + 9) and not res.timed_out and time.monotonic() - t0 < 10
-    # wall time: the whole process group dies, including a background child
-    t0 = time.monotonic()
-    res = sb.run("(sleep 31.7; echo late > late.txt) & sleep 31.7", timeout_s=1)
-    assert res.timed_out and res.exit_code is None and time.monotonic() - t0 < 5
-    time.sleep(0.2)
+    res = sb.run("(sleep 317.7; echo late > late.txt) & sleep 317.7", timeout_s=1)
+    assert res.timed_out and res.exit_code is None and time.monotonic() - t0 < 60
+    assert sb.run("pgrep -f 'sleep 317[.]7' || echo none", timeout_s=60).output.strip() == "none"
     assert not (tmp_path / "sb" / "submission" / "late.txt").exists()
-    assert sb.run("pgrep -f 'sleep 31[.]7' || echo none", timeout_s=5).output.strip() == "none"
     # output comes back through a pipe, not a file: the file-size limit does not cut it, and nothing is
     # spooled on the host
     flood = sb.run("seq 1 300000", timeout_s=60)
@@ -186,15 +186,16 @@ def test_full_rollout_recorded_through_broker_and_sink(task_home):
         bash("curl -sS -m 2 https://github.com/example/official-code || echo blocked"),  # blacklisted: just recorded
         {"text": "Let me think about the next step."},  # no tool call: the continue nudge
         {"tool": "python", "args": {"code": "open('result.txt', 'w').write('acc=0.9')"}},
-        # waits past the minimum time (10% of 80 s) so the last end_task is accepted; the first one comes
-        # ~1 s in on a quiet machine (8x margin) and the rollout needs ~10 s of its 80
-        {"tool": "search_file", "args": {"file": "../paper/paper.md", "query": "line 7"}, "delay": 8.5},
+        # answered once the minimum time (10% of 200 s) is past, counted from the rollout's first call, so
+        # the last end_task is accepted; the first one comes ~1 s in on a quiet machine, ~5 s at load 20
+        {"tool": "search_file", "args": {"file": "../paper/paper.md", "query": "line 7"},
+         "until": lambda: time.time() - stub.requests[0].t > 20.5},
         end(),
     ]
     cfg = AgentConfig(min_time_fraction=0.1, reminder_every_turns=3, snapshot_every_turns=5,
                       limits=SandboxLimits(max_output_bytes=2048))
     with PolicyStub(script) as stub, Outbox(s) as outbox:
-        res = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "stub-policy"), timeout_s=80,
+        res = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "stub-policy"), timeout_s=200,
                         group_id="g-1", config=cfg)
     assert res.status == "finished" and res.snapshot_ref and res.judge_request_id, res
     Sink(s).run(until_idle=True)
@@ -214,7 +215,7 @@ def test_full_rollout_recorded_through_broker_and_sink(task_home):
     assert tool_out[-1].startswith("end_task accepted")
     users = [r["content"] for r in steps if r["role"] == "user"]
     assert any(u.startswith("Please proceed to the next step") for u in users)
-    assert any(u.startswith("Info: 0:0") and "time elapsed out of 0:01:20" in u for u in users)
+    assert any(u.startswith("Info: 0:0") and "time elapsed out of 0:03:20" in u for u in users)
     assert any(r["tool_name"] == "bash" and "official-code" in r["tool_arguments"] for r in steps)
     # token ids and logprobs on every assistant step, from the vLLM-style response
     tok = cat.arrow(f"SELECT role, token_ids, logprobs FROM step_tokens WHERE rollout_id = '{res.rollout_id}'").to_pylist()
@@ -265,18 +266,18 @@ def test_timeout_truncates_and_context_errors_prune(task_home):
     cfg = AgentConfig(min_time_fraction=0.0, reminder_every_turns=0, limits=SandboxLimits(max_output_bytes=4000))
     # the prefix is ~9 kB of text; every seq output adds ~4 kB: the 3rd one overflows 18 kB
     with PolicyStub({"slow": slow, "chatty": chatty, "stuck": stuck}, max_context_chars=18_000) as stub, Outbox(s) as outbox:
-        # 6 s: the rollouts reach their sleep / slow answer in ~0.5 s on a quiet machine (10x margin)
-        r1 = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=6, group_id="g",
+        # 15 s: the rollouts reach their sleep / slow answer in ~0.5 s on a quiet machine, ~3 s at load 20
+        r1 = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=15, group_id="g",
                        rollout_id="slow", config=cfg)
         r2 = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=120, group_id="g",
                        rollout_id="chatty", config=cfg)
-        r3 = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=6, group_id="g",
+        r3 = run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"), timeout_s=15, group_id="g",
                        rollout_id="stuck", config=cfg)  # the policy itself answers too late
     # bounds far below what ignoring the timeout would take (the 60 s sleep, the 60 s policy delay), with
-    # 14 s for the kill and the snapshot (~0.5 s quiet) on a loaded 2-core machine
-    assert r1.status == "timeout" and r1.snapshot_ref and 6 <= r1.elapsed_s < 20
+    # 30 s for the kill and the snapshot (~0.5 s quiet) on a loaded 2-core machine
+    assert r1.status == "timeout" and r1.snapshot_ref and 15 <= r1.elapsed_s < 45
     assert r2.status == "finished" and r2.n_prunes >= 1, r2
-    assert r3.status == "timeout" and 6 <= r3.elapsed_s < 20 and len(stub.for_rollout("stuck")) == 4
+    assert r3.status == "timeout" and 15 <= r3.elapsed_s < 45 and len(stub.for_rollout("stuck")) == 4
     reqs = stub.for_rollout("chatty")
     failed = [i for i, r in enumerate(reqs) if r.status == 400]
     assert failed and reqs[failed[0] + 1].status == 200
@@ -351,11 +352,11 @@ def test_carry_over_taken_by_a_rollout_that_ends_inside_a_tool_call(task_home):
     cfg = AgentConfig(min_time_fraction=0.0, reminder_every_turns=0)
     with PolicyStub(script) as stub, Outbox(s) as outbox:
         t = threading.Thread(target=lambda: run_agent(outbox, s, "tiny-paper", PolicyEndpoint(stub.url, "p"),
-                                                      timeout_s=12, group_id="g", rollout_id="late", iteration=2,
+                                                      timeout_s=20, group_id="g", rollout_id="late", iteration=2,
                                                       policy_version=5, control=control, judge=False, config=cfg))
         t.start()
-        # the sleep is handed out ~0.5 s in on a quiet machine; the rollout's 12 s leave 20x for a loaded one
-        deadline = time.monotonic() + 12
+        # the sleep is handed out ~0.5 s in on a quiet machine, ~4 s at load 20; the rollout has 20 s
+        deadline = time.monotonic() + 20
         while stub.cursor.get("late", 0) < len(script) and time.monotonic() < deadline:  # the sleep was handed out
             time.sleep(0.05)
         n_calls = len(stub.for_rollout("late"))

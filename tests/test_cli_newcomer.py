@@ -53,7 +53,7 @@ def test_train_prints_run_dir_first_and_is_in_sql_when_it_returns_while_a_sink_r
         sink.join(timeout=60)
 
 
-def test_ctrl_c_in_dataset_build_is_one_line_and_publishes_nothing(train_home, capsys):
+def test_ctrl_c_in_dataset_build_is_one_line_and_publishes_nothing(train_home, capsys, python_sigint):
     s = train_home
     before = [m["ref"] for m in all_manifests(s.home)]
 
@@ -71,7 +71,7 @@ def test_ctrl_c_in_dataset_build_is_one_line_and_publishes_nothing(train_home, c
     assert not list((s.home / "datasets" / "_tmp").glob("*"))  # the half-written build was discarded
 
 
-def test_ctrl_c_anywhere_else_is_one_line(train_home, capsys, monkeypatch):
+def test_ctrl_c_anywhere_else_is_one_line(train_home, capsys, monkeypatch, python_sigint):
     from store import catalog
 
     def interrupted(self, query):

@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pytest
 
 from consumers.materialize import build_version
+from services.broker import ensure_topics
+from core.settings import Settings, Topics
 from producers.agent_tools import TOOLS
 from tests.test_import import call, cli, paperbench_row, sink, task_event
 from tests.helpers import produce
@@ -49,11 +52,17 @@ def _rows() -> list[dict]:
     return rows
 
 
-@pytest.fixture
-def verl_export(settings, smollm2_dir, tmp_path):
+@pytest.fixture(scope="module")
+def verl_export(broker, smollm2_dir, tmp_path_factory):
     """sft@1 of three imported trajectories, windows of <= 1300 tokens (the tools block alone is ~730),
     exported with --format verl. Built with prefix_loss=always (every assistant message carries loss in every window, as verl's MultiTurnSFTDataset
-    trains them)."""
+    trains them). Built once for the module (an import, a build and a CLI export: its tests only read it; the
+    RL test builds rl@1 beside it and exports that to its own directory)."""
+    tmp_path = tmp_path_factory.mktemp("verl-export")
+    settings = Settings(home=tmp_path / "home", bootstrap_servers=broker.bootstrap,
+                        topics=Topics(f"t{uuid.uuid4().hex[:10]}"), partitions=4)
+    settings.home.mkdir(parents=True)
+    ensure_topics(settings)
     produce(settings, [task_event("fre")])
     path = tmp_path / "teacher.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _rows()))

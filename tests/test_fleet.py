@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from producers.fleet_control import ControlWriter
 from rl.plan import parse_plan
 from rl.scheduler import Scheduler
 from store.catalog import Catalog
@@ -156,8 +157,15 @@ def test_rl_run_with_local_workers_is_one_command(settings, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4 started, 0 carried in, 0 carried out, ended finished 4, judged 4" in out
     logs = sorted((settings.home / "fleet").glob("worker-*.log"))
-    ran = [re.findall(r"running rollout (\S+)", log.read_text()) for log in logs]
-    assert len(logs) == 2 and sorted(sum(ran, [])) == sorted(policy.cursor)
+    texts = [log.read_text() for log in logs]
+    ran = sum((re.findall(r"running rollout (\S+)", text) for text in texts), [])
+    assert len(logs) == 2 and len(policy.cursor) == 4 and set(ran) == set(policy.cursor)
+    # each rollout finished on one worker. A worker that joins late (seconds on a loaded machine) takes
+    # partitions over: what the first one started there was fenced there and ran again on the new owner
+    done = [re.search(r"started \d+, resumed \d+, already_ended \d+, fenced (\d+), finished (\d+)", text)
+            for text in texts]
+    fenced, finished = (sum(int(m.group(k)) for m in done) for k in (1, 2))
+    assert finished == 4 and len(ran) == 4 + fenced, (ran, fenced, finished)
     assert not list(settings.outbox_dir.glob("worker-*"))  # each worker archived and removed its outbox
 
 
@@ -225,13 +233,24 @@ def test_partitions_moving_between_live_workers_hand_rollouts_over_without_a_sec
 
 
 @pytest.mark.timeout(900)  # the waits inside are generous (a loaded 2-core machine)
-def test_a_rollout_carried_over_on_the_fleet_resumes_under_the_next_policy_version(settings, tmp_path):
+def test_a_rollout_carried_over_on_the_fleet_resumes_under_the_next_policy_version(settings, tmp_path, monkeypatch):
     """The iteration closes while a slow rollout runs on a worker: the carry-over reaches it as a command
     (rollout_resumed at its next turn, later steps under pv+1) and it counts in the next iteration."""
     register_tasks(settings, tmp_path)
     order: list[str] = []
     quick = [{"read_paper": True}, {"tool": "bash", "args": {"cmd": "echo done > result.txt"}}]
-    slow = [{"read_paper": True}] + [{**STEP, "delay": 0.4}] * 14
+    # The slow one outlives iteration 1 on an event: its third call is answered once the carry-over command
+    # was sent to the workers (not on a guess of how long the quick ones and a late-joining worker take);
+    # 10 more turns (>= 5 s) let its worker read the command before it ends
+    sent = threading.Event()
+    slow = [{"read_paper": True}, STEP, STEP, {**STEP, "until": sent.is_set}] + [STEP] * 10
+    carry_over = ControlWriter.carry_over
+
+    def carry_over_and_tell(writer, *args, **kwargs):
+        carry_over(writer, *args, **kwargs)
+        sent.set()
+
+    monkeypatch.setattr(ControlWriter, "carry_over", carry_over_and_tell)
 
     def script(rid: str) -> list:
         if rid not in order:

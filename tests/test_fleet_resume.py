@@ -223,11 +223,10 @@ def test_commands_reach_a_rollout_attached_later_and_served_is_scoped_to_its_run
         other.served(2)  # another run's policy version 2: not ours
         mine.served(3)
         other.served(99)  # a marker with the same key ("*": one partition, read in order after the two above)
-        wait_for("the marker", lambda: ("run-b", 99) in reader._served and reader._served[("run-b", 99)].is_set(),
-                 timeout_s=60)
+        wait_for("the marker", lambda: ("run-b", 99) in reader._served and reader._served[("run-b", 99)].is_set())
         assert not carried._served.is_set()
         mine.served(2)
-        wait_for("served(2) of this run", carried._served.is_set, timeout_s=60)
+        wait_for("served(2) of this run", carried._served.is_set)
     finally:
         reader.stop()
         producer.close()

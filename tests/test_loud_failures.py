@@ -145,7 +145,7 @@ def _interrupt_when(proc, ready, timeout=180.0) -> None:
     os.killpg(proc.pid, signal.SIGINT)
 
 
-def test_ctrl_c_of_simulate_says_what_was_kept(settings):
+def test_ctrl_c_of_simulate_says_what_was_kept(settings, python_sigint):
     import subprocess
     import sys
 
@@ -157,7 +157,7 @@ def test_ctrl_c_of_simulate_says_what_was_kept(settings):
     assert proc.returncode == 130 and "interrupted. Kept:" in err and str(spool) in err and "Traceback" not in err
 
 
-def test_ctrl_c_of_train_says_what_was_kept_and_how_to_resume(train_home):
+def test_ctrl_c_of_train_says_what_was_kept_and_how_to_resume(train_home, python_sigint):
     import subprocess
     import sys
 

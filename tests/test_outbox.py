@@ -27,7 +27,7 @@ from schemas.events import (JudgeRequested, JudgeRequestedPayload, Step, StepPay
 REPO = Path(__file__).resolve().parents[1]
 
 
-def read_topics(settings: Settings, topics: list[str], timeout: float = 10.0) -> list[tuple[str, int, int, bytes, bytes]]:
+def read_topics(settings: Settings, topics: list[str], timeout: float = 120.0) -> list[tuple[str, int, int, bytes, bytes]]:
     """Everything in `topics` now: (topic, partition, offset, key, value), via assign + seek, no group."""
     consumer = KafkaConsumer(**settings.kafka_config(), enable_auto_commit=False, allow_auto_create_topics=False)
     try:
@@ -225,7 +225,7 @@ def test_broker_restart_loses_nothing_the_sink_has_not_archived(tmp_path):
         sink = KafkaConsumer(**settings.kafka_config(), group_id=group, enable_auto_commit=False)
         sink.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in commit.items()})
         sink.close()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120  # the outbox notices the commit on its next check
         while outbox.pending() != 40 - len(archived) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert outbox.pending() == 40 - len(archived)  # archived records left the spool, the rest stay
@@ -236,7 +236,7 @@ def test_broker_restart_loses_nothing_the_sink_has_not_archived(tmp_path):
         broker = BrokerProcess.start(port, tmp_path / "broker.log")
 
         expected = {ev.event_id for ev in first + later} - archived
-        deadline, got = time.monotonic() + 40, set()
+        deadline, got = time.monotonic() + 180, set()  # resent after the broker is back
         while not expected <= got and time.monotonic() < deadline:
             time.sleep(0.5)
             got = set(ids_in(read_topics(settings, [topic])))

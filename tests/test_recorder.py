@@ -26,7 +26,7 @@ def rollout_events(settings, rollout_id: str, topic: str | None = None) -> list:
         consumer.assign(tps)
         consumer.seek_to_beginning()
         end, out = consumer.end_offsets(tps), []
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120  # returns at the end offsets; the margin is for a loaded machine
         while any(consumer.position(tp) < end[tp] for tp in tps) and time.monotonic() < deadline:
             for msgs in consumer.poll(200).values():
                 out.extend(m for m in msgs if m.key == rollout_id.encode())

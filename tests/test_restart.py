@@ -39,8 +39,11 @@ def test_broker_restart_loses_nothing(tmp_path):
                 rec.start()
                 ids.append(rec.rollout_id)
             for i in range(150):
-                if i == 60:
-                    time.sleep(1.0)  # let the sink archive a part
+                if i == 60:  # once the sink archived a part (an event: a loaded machine may take seconds)
+                    deadline = time.monotonic() + 300
+                    while not any((settings.archive_dir / settings.topics.rollouts).rglob("manifest.json")):
+                        assert time.monotonic() < deadline, "the sink archived nothing in 300 s"
+                        time.sleep(0.05)
                     broker.stop()  # memory broker: everything not yet archived is gone
                 if i == 90:
                     broker = BrokerProcess.start(port, tmp_path / "broker.log")

@@ -68,7 +68,8 @@ def test_plan_keys_serve_train_config_and_checks_judge():
 
 
 @pytest.mark.timeout(1800)  # two trainings of the real model on a shared 2-core machine
-def test_two_iterations_train_and_reload_with_ctrl_c_and_resume(policy_server, smollm2_dir, make_settings, tmp_path):
+def test_two_iterations_train_and_reload_with_ctrl_c_and_resume(policy_server, smollm2_dir, make_settings, tmp_path,
+                                                                python_sigint):
     settings = make_settings("loop")
     import_tasks(settings, [ROOT / "tasks" / "hello-file"], "train")
     serve_home = policy_server.state_file.parent

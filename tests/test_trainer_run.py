@@ -107,6 +107,7 @@ def test_rl_continues_from_the_sft_checkpoint(train_home, capsys):
     assert state["policy_version_in"] == 1 and state["policy_version"] == 2 and state["dataset"] == "rl@1"
 
 
+@pytest.mark.timeout(900)  # a 2-process DeepSpeed launch and a second training
 def test_two_deepspeed_processes_match_one(train_home, capsys):
     """2 processes x accumulation 1 (ZeRO-2) vs 1 process x accumulation 2 (alone: stage 0, the engine's own
     clipping): the same steps, the same losses and gradient norms."""
@@ -126,6 +127,7 @@ def test_two_deepspeed_processes_match_one(train_home, capsys):
         assert two[k]["grad_norm"] == pytest.approx(one[k]["grad_norm"], rel=1e-3, abs=1e-7)
 
 
+@pytest.mark.timeout(900)  # three trainings, one a CLI start: minutes on a loaded 2-core machine
 def test_killed_run_resumes_with_the_same_order_and_weights(train_home, capsys):
     s = train_home
     args = ["--dataset", "sft@1", "--mode", "sft", "--config", "sft_tiny", *FAST, "train.epochs=3",
@@ -138,7 +140,7 @@ def test_killed_run_resumes_with_the_same_order_and_weights(train_home, capsys):
     proc = subprocess.Popen([sys.executable, "-m", "klong", *klong(s, "train", *args)], start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = None
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # returns at the checkpoint; a loaded machine imports torch for a minute
     while time.monotonic() < deadline and proc.poll() is None:
         found = list((s.home / "runs").glob("*/checkpoints/step-4/klong_state.json"))
         found = [f for f in found if f.parents[2] not in before]
