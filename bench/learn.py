@@ -15,8 +15,8 @@ clip fraction and KL; held-out solve rates before and after with 95 % Wilson int
 z-test; held-out mean scores with 95 % intervals and Welch's test; the RL step's tokens/s over the SFT
 step's (goal >= 0.6). Goal: held-out mean score +0.15 or more with p < 0.05.
 
-The defaults are the run README reports (72.6 min on a 2-core machine shared with other jobs, most of it
-training at 4-23 tokens/s under that load; on a quiet machine the RL steps run at 50-80 tokens/s). Larger
+The defaults are the run README reports (52.2 min on a 2-core machine shared with other jobs, most of it
+training at 10-36 tokens/s under that load; on a quiet machine the RL steps run at 50-80 tokens/s). Larger
 evaluations (--eval-tasks 0, --eval-rollouts 4) narrow the intervals at the cost of generation time.
 """
 
