@@ -57,8 +57,7 @@ def python_sigint():
     """SIGINT handled by Python (KeyboardInterrupt), for a test that sends a real Ctrl-C to itself or to a
     process it starts. A test run started in the background by a non-interactive shell (`make test &`,
     nohup, a CI step) inherits SIGINT *ignored*; Python keeps it so, and every child inherits it: the
-    signal then does nothing (runs 1 and 2 of this session: a build that finished with rc 0, a simulate that
-    ran on). Installing Python's handler makes SIGINT caught here and default in children (exec resets it)."""
+    signal then does nothing (a build finishes with rc 0, a simulate runs on). Installing Python's handler makes SIGINT caught here and default in children (exec resets it)."""
     import signal
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
