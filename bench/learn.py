@@ -28,16 +28,15 @@ import math
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
-from klong.demo import demo_plan, smollm2_gguf  # noqa: E402
-from core.settings import Settings  # noqa: E402
+from bench.real_home import real_model_home  # noqa: E402
+from services.broker import free_port  # noqa: E402
+from klong.demo import demo_plan  # noqa: E402
 
 FAMILY = ROOT / "tasks" / "family"
 
@@ -128,17 +127,10 @@ def main() -> int:
     from rl.scheduler import Scheduler
     from producers.tasks import import_tasks
     from store.catalog import Catalog
-    from trainer.model_import import import_model
 
-    tmp = Path(tempfile.mkdtemp(prefix="klong-bench-learn-"))
-    home = tmp / "home"
-    broker = BrokerProcess.start(free_port(), tmp / "broker.log")
-    settings = Settings(home=home, bootstrap_servers=broker.bootstrap)
-    home.mkdir(parents=True)
     t_start = time.monotonic()
-    try:
-        ensure_topics(settings)
-        model = Path(args.model) if args.model else import_model(smollm2_gguf(), "smollm2", home / "models")
+    with real_model_home("klong-bench-learn-", args.model, args.keep) as (settings, broker, model):
+        home = settings.home
         for split in ("train", "eval"):
             import_tasks(settings, sorted((FAMILY / split).iterdir()), split)
         raw = demo_plan(model, 600.0, args.max_tokens, args.max_turns)
@@ -214,15 +206,6 @@ def main() -> int:
                   f"({rl_tok:.0f} tokens in {rl_s:.1f}s), SFT {sft_tps:.1f} tokens/s ({sft_tok:.0f} in {sft_s:.1f}s): "
                   f"RL/SFT {ratio:.2f} (goal >= 0.6: {'met' if ratio >= 0.6 else 'NOT met'})")
         print(f"total {(time.monotonic() - t_start) / 60:.1f} min")
-    finally:
-        server = serve.PolicyServer.from_home(home)
-        if server is not None:
-            server.stop()
-        broker.stop()
-        if args.keep:
-            print(f"bench home kept: {home}")
-        else:  # models, checkpoints, archive: several GB a run
-            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services import serve  # noqa: E402
-from services.broker import BrokerProcess, ensure_topics, free_port  # noqa: E402
-from klong.demo import DEMO_TASKS, demo_plan, smollm2_gguf  # noqa: E402
-from core.settings import Settings  # noqa: E402
+from bench.real_home import real_model_home  # noqa: E402
+from services.broker import free_port  # noqa: E402
+from klong.demo import DEMO_TASKS, demo_plan  # noqa: E402
 
 
 def vllm_tokens_per_s(server: serve.PolicyServer, n_requests: int = 2, max_tokens: int = 64) -> float:
@@ -66,17 +64,9 @@ def main() -> int:
     from rl.scheduler import Scheduler
     from producers.tasks import import_tasks
     from store.catalog import Catalog
-    from trainer.model_import import import_model
 
-    tmp = Path(tempfile.mkdtemp(prefix="klong-bench-loop-"))
-    home = tmp / "home"
-    broker = BrokerProcess.start(free_port(), tmp / "broker.log")
-    settings = Settings(home=home, bootstrap_servers=broker.bootstrap)
-    home.mkdir(parents=True)
-    server = None
-    try:
-        ensure_topics(settings)
-        model = Path(args.model) if args.model else import_model(smollm2_gguf(), "smollm2", home / "models")
+    with real_model_home("klong-bench-loop-", args.model, args.keep) as (settings, broker, model):
+        home = settings.home
         import_tasks(settings, [ROOT / "tasks" / t for t in DEMO_TASKS], "train")
         raw = demo_plan(model, args.rollout_timeout, args.max_tokens, args.max_turns)
         raw.update(name="bench-loop", stages=[{**raw["stages"][0], "iterations": 1}])
@@ -128,15 +118,6 @@ def main() -> int:
               f"{sum(len(set(g['scores'])) > 1 for g in groups)} of {len(groups)} groups with varying rewards "
               "(non-zero advantages)")
         print(f"dataset {it.dataset} ({it.n_samples} samples), checkpoint {it.checkpoint}")
-    finally:
-        server = serve.PolicyServer.from_home(home)
-        if server is not None:
-            server.stop()
-        broker.stop()
-        if args.keep:
-            print(f"bench home kept: {home}")
-        else:  # models, checkpoints, archive: ~4 GB a run
-            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
