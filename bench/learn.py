@@ -1,23 +1,24 @@
 """Does the closed loop learn beyond its training tasks? SmolLM2 on CPU, the shipped task family, the shipped config.
 
-    .venv/bin/python bench/learn.py [--iterations 2] [--samples 5] [--rollouts 4] [--eval-rollouts 2] [--eval-tasks 10]
+    .venv/bin/python bench/learn.py [--iterations 3] [--samples 6] [--rollouts 4] [--eval-rollouts 2] [--eval-tasks 0]
 
 In a fresh data home (embedded broker, SmolLM2 imported unless --model gives a directory, the shipped family
 tasks/family registered: train split and held-out eval split), one `klong rl run` plan (rl.scheduler):
 a held-out evaluation under policy v0 (every eval task x --eval-rollouts), then --iterations iterations on
 the train split (--samples tasks x --rollouts rollouts each, round-robin over the train tasks; the demo's
-agent block; `train: {config: rl_smollm2, overrides: {loss.tis_cap: null}}`), and the final held-out
-evaluation under the policy the last iteration produced. Then, on the last iteration's dataset version and
-from the same base weights, one RL step and one SFT step of `klong train` over the same rows.
+agent block; `train: {config: rl_smollm2, overrides: {loss.tis_cap: null}}`; the dataset drops groups whose
+rollouts all scored the same, `drop_constant_groups`: their advantage is 0, so they would take training steps
+and teach nothing), and the final held-out evaluation under the policy the last iteration produced. Then, on
+the last iteration's dataset version and from the same base weights, --peer-steps RL steps and as many SFT
+steps of `klong train` over the same rows.
 
 Prints: per iteration the training reward (mean score, solved) and the training steps' ratio (mean, max),
 clip fraction and KL; held-out solve rates before and after with 95 % Wilson intervals and a two-proportion
 z-test; held-out mean scores with 95 % intervals and Welch's test; the RL step's tokens/s over the SFT
 step's (goal >= 0.6). Goal: held-out mean score +0.15 or more with p < 0.05.
 
-The defaults are the run README reports (52.2 min on a 2-core machine shared with other jobs, most of it
-training at 10-36 tokens/s under that load; on a quiet machine the RL steps run at 50-80 tokens/s). Larger
-evaluations (--eval-tasks 0, --eval-rollouts 4) narrow the intervals at the cost of generation time.
+The defaults are the run README reports (22.9 min on a quiet 2-core machine: the loop 19.7 min, the
+standalone RL/SFT steps the rest). --eval-rollouts 4 narrows the intervals at the cost of generation time.
 """
 
 from __future__ import annotations
@@ -104,21 +105,35 @@ def eval_scores(cat, plan: str, iteration: int) -> list[float]:
     return [r["s"] for r in rows]
 
 
+def eval_by_kind(cat, plan: str, iteration: int) -> dict[str, tuple[int, int, float]]:
+    """kind -> (solved, rollouts, mean score) of one evaluation; the kind is the family task id's middle."""
+    from store.catalog import sql_str
+
+    rows = cat.arrow(f"SELECT regexp_extract(task_id, '^fam-(.*)-[0-9]+-[0-9a-f]+$', 1) AS kind, "
+                     f"count(*) FILTER (WHERE final_score = 1.0) AS solved, count(*) AS n, "
+                     f"avg(coalesce(final_score, 0.0)) AS mean FROM rollouts WHERE starts_with(group_id, "
+                     f"{sql_str(f'{plan}:eval:i{iteration}:')}) AND status <> 'running' GROUP BY 1 ORDER BY 1").to_pylist()
+    return {r["kind"]: (r["solved"], r["n"], r["mean"]) for r in rows}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a SmolLM2 transformers directory (default: import the GGUF into the bench home)")
-    ap.add_argument("--iterations", type=int, default=2, help="training iterations (default 2)")
-    ap.add_argument("--samples", type=int, default=5, help="train tasks per iteration (default 5: one of each kind)")
+    ap.add_argument("--iterations", type=int, default=3, help="training iterations (default 3)")
+    ap.add_argument("--samples", type=int, default=6, help="train tasks per iteration (default 6: every kind, one twice)")
     ap.add_argument("--rollouts", type=int, default=4, help="rollouts per train task: the group size (default 4)")
     ap.add_argument("--eval-rollouts", type=int, default=2, help="rollouts per held-out task per evaluation (default 2)")
-    ap.add_argument("--eval-tasks", type=int, default=10,
-                    help="held-out tasks per evaluation, the first N in the family order (default 10; 0: all 20)")
+    ap.add_argument("--eval-tasks", type=int, default=0,
+                    help="held-out tasks per evaluation, the first N in the family order (default 0: all 20)")
     ap.add_argument("--max-turns", type=int, default=2, help="policy turns per rollout (default 2; the demo: 3)")
     ap.add_argument("--max-tokens", type=int, default=96, help="tokens per turn (default 96, as the demo)")
     ap.add_argument("--concurrency", type=int, default=8, help="rollouts at once (default 8)")
     ap.add_argument("--peer-steps", type=int, default=2, help="steps of the standalone RL and SFT runs (default 2)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra rl_smollm2 override for the loop's training (repeatable)")
+    ap.add_argument("--keep-constant-groups", action="store_true",
+                    help="train on groups whose rollouts all scored the same too (advantage 0: they cost steps, "
+                         "teach nothing); default: the dataset drops them (drop_constant_groups)")
     ap.add_argument("--keep", action="store_true", help="keep the bench home (printed)")
     args = ap.parse_args()
 
@@ -144,7 +159,8 @@ def main() -> int:
                             "samples_per_iteration": args.samples}],
                    eval={"tasks": eval_ids, "every": args.iterations, "rollouts_per_sample": args.eval_rollouts,
                          "final": True},
-                   dataset={"name": "learn-rl", "config": raw["dataset"]["config"]},
+                   dataset={"name": "learn-rl", "config": {**raw["dataset"]["config"],
+                                                           "drop_constant_groups": not args.keep_constant_groups}},
                    train={"config": "rl_smollm2", "timeout": "60m", "overrides": overrides})
         raw["serve"]["port"] = free_port()
         plan = parse_plan(raw)
@@ -184,6 +200,11 @@ def main() -> int:
                 m, _, half = mean_ci(xs)
                 print(f"held-out {name} (policy v{e.policy_version}): solved {k}/{len(xs)} = {k / max(len(xs), 1):.3f} "
                       f"[95% {lo:.3f}, {hi:.3f}]; mean score {m:.3f} +- {half:.3f}")
+            before, after = eval_by_kind(cat, "learn", first.iteration), eval_by_kind(cat, "learn", last.iteration)
+            print("held-out by kind (solved/rollouts, mean score): " + "; ".join(
+                f"{kind} {before[kind][0]}/{before[kind][1]} {before[kind][2]:.2f} -> "
+                f"{after.get(kind, (0, 0, 0.0))[0]}/{after.get(kind, (0, 0, 0.0))[1]} {after.get(kind, (0, 0, 0.0))[2]:.2f}"
+                for kind in sorted(before)))
             z, p = two_proportion(ka, len(a), kb, len(b))
             diff, pw = welch(a, b)
             print(f"solve rate change {kb / max(len(b), 1) - ka / max(len(a), 1):+.3f}: two-proportion z {z:.2f}, p {p:.4f}")
