@@ -166,6 +166,9 @@ def _windows_panels(s: dict) -> list[dict]:
             _panel("windows per rollout", "K (windows of one rollout)", "rollouts", "hist", _histogram(ks, k_edges))]
 
 
+PANELS_PER_ROW = 4  # a figure with more panels (training's metrics) wraps into rows of this many
+
+
 def _draw(fig: Figure, title: str, panels: list[dict]) -> None:
     if not panels:
         ax = fig.add_subplot(1, 1, 1)
@@ -173,8 +176,10 @@ def _draw(fig: Figure, title: str, panels: list[dict]) -> None:
         ax.set_axis_off()
         fig.suptitle(title)
         return
+    cols = min(len(panels), PANELS_PER_ROW)
+    rows = -(-len(panels) // cols)
     for k, p in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
+        ax = fig.add_subplot(rows, cols, k + 1)
         ax.set_title(p["title"])
         ax.set_xlabel(p["xlabel"])
         ax.set_ylabel(p["ylabel"])
@@ -270,8 +275,8 @@ def render(name: str, cat: Catalog, plan: Optional[str] = None) -> bytes:
     """Figure `name` as PNG bytes."""
     if name not in FIGURES:
         raise ConfigError(f"unknown figure {name!r}: choose one of {', '.join(FIGURES)}")
-    fig = Figure(figsize=(12, 3.8), layout="constrained")
     spec = panels(name, cat, plan)
+    fig = Figure(figsize=(12, 3.8 * max(1, -(-len(spec["panels"]) // PANELS_PER_ROW))), layout="constrained")
     _draw(fig, spec["title"], spec["panels"])
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
