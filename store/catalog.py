@@ -254,6 +254,28 @@ def _one_line(e: duckdb.Error) -> str:
     return text
 
 
+# a query naming one of these lists or describes views: it gets every view
+_CATALOG_WORDS = {"duckdb_views", "duckdb_columns", "duckdb_tables", "information_schema", "show", "describe",
+                  "summarize", "pragma"}
+
+
+def _derived_needed(words: set[str]) -> set[str]:
+    """The DERIVED_VIEWS a query whose words are `words` reads, with the derived views those read in turn:
+    DuckDB binds every view it creates (reading the schema of each archived file it covers), so a view
+    nobody reads costs time on every connection. An extension view's query may read any derived view, and a
+    catalog listing shows them all: every derived view then."""
+    if words & _CATALOG_WORDS or any(words & set(importlib.import_module(ext).VIEW_NAMES) for ext in VIEW_EXTENSIONS):
+        return set(DERIVED_VIEWS)
+    needed, todo = set(), [n for n in DERIVED_VIEWS if n in words]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            body = set(re.findall(r"\w+", DERIVED_VIEWS[name].lower()))
+            todo.extend(n for n in DERIVED_VIEWS if n in body and n not in needed)
+    return needed
+
+
 class Catalog:
     def __init__(self, settings: Settings, config: dict | None = None):
         """`config`: more DuckDB settings for every connection (`memory_limit`, `threads`, `temp_directory`),
@@ -295,7 +317,10 @@ class Catalog:
         words = set(re.findall(r"\w+", query.lower())) if query is not None else None
         if words is None or "conflicting_duplicates" in words:
             con.execute(f"CREATE VIEW conflicting_duplicates AS {CONFLICTS}")
+        derived = _derived_needed(words) if words is not None else set(DERIVED_VIEWS)
         for name, body in DERIVED_VIEWS.items():
+            if name not in derived:
+                continue
             try:
                 con.execute(f"CREATE VIEW {name} AS {body}")
             except duckdb.BinderException as e:
