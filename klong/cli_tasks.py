@@ -36,7 +36,7 @@ def _err(msg: str) -> None:
 def _table(rows: list[dict], names: list[str]) -> None:
     import pyarrow as pa
 
-    from klong.cli import _print_table
+    from klong.cli_output import _print_table
 
     _print_table(pa.Table.from_pylist(rows) if rows else pa.table({n: [] for n in names}), "table", None)
 
