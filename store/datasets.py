@@ -59,6 +59,7 @@ __all__ = [
     "TOKENS_SCHEMA", "DatasetError", "DatasetVersion", "Sample", "TokensWriter", "_NAME", "_VERSION_DIR", "_fetched",
     "all_manifests", "cache_dir", "canonical_json", "check_name", "combine_row_digests", "content_hash",
     "datasets_dir", "discard", "load_manifest", "new_build_dir", "open_version", "parse_ref", "publish",
-    "report_progress", "samples_digest", "stored_digests", "table_digest", "tokens_row_digests", "version_dir", "versions",
+    "report_progress", "samples_digest", "stored_digests", "table_digest", "tokens_row_digests",
+    "version_dir", "versions",
     "write_samples",
 ]
