@@ -60,6 +60,5 @@ __all__ = [
     "all_manifests", "cache_dir", "canonical_json", "check_name", "combine_row_digests", "content_hash",
     "datasets_dir", "discard", "load_manifest", "new_build_dir", "open_version", "parse_ref", "publish",
     "report_progress", "samples_digest", "stored_digests", "table_digest", "tokens_row_digests",
-    "version_dir", "versions",
-    "write_samples",
+    "version_dir", "versions", "write_samples",
 ]
