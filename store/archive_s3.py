@@ -24,8 +24,8 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.archive import (_NAME, DATASETS, LOW_CARDINALITY, MANIFEST, QUARANTINE, TMP, TABLES, FlushDir, Stray, file_entry,
-                           flush_name, make_manifest, parse_manifest)
+from store.archive_layout import (_NAME, DATASETS, LOW_CARDINALITY, MANIFEST, QUARANTINE, TMP, TABLES, FlushDir, Stray,
+                                  file_entry, flush_name, make_manifest, parse_manifest)
 from core.objstore import S3Location
 
 _manifests: dict[tuple, dict] = {}  # (path, size, mtime) -> parsed manifest
@@ -68,7 +68,7 @@ def walk_s3(loc: S3Location, topic: str | None = None, skip: Container[str] = fr
             ) -> tuple[list[FlushDir], list[Stray]]:
     """Every committed flush (one with a manifest) and every stray object, in path order; the flushes whose
     path is in `skip` are left out without reading their manifests."""
-    from store.archive import _warn
+    from store.archive_walk import _warn
 
     dirs, strays = _group(loc, topic)
     flushes = []
