@@ -18,9 +18,9 @@ from schemas.errors import KlongError
 
 ENV_HELP = "(env KLONG_HOME; default ./klong-data)"
 # Every command group lives in its own module with register(sub, common); this order is the --help order.
-EXTENSIONS = ["klong.cli_ingest", "klong.cli_dataset", "klong.cli_tasks", "klong.cli_train", "klong.cli_rl",
-              "klong.cli_rollout", "klong.cli_import", "klong.cli_serve", "klong.cli_model", "klong.cli_ui",
-              "klong.cli_archive"]
+EXTENSIONS = ["klong.cli_ingest", "klong.cli_dataset", "klong.cli_tasks", "klong.cli_judge", "klong.cli_train",
+              "klong.cli_rl", "klong.cli_rollout", "klong.cli_import", "klong.cli_serve", "klong.cli_model",
+              "klong.cli_ui", "klong.cli_archive"]
 __all__ = ["EXTENSIONS", "IntermixedParser", "StageBars", "_print_table", "_progress", "build_parser", "main"]
 
 
