@@ -68,7 +68,7 @@ def walk_s3(loc: S3Location, topic: str | None = None, skip: Container[str] = fr
             ) -> tuple[list[FlushDir], list[Stray]]:
     """Every committed flush (one with a manifest) and every stray object, in path order; the flushes whose
     path is in `skip` are left out without reading their manifests."""
-    from store.archive_walk import _warn
+    from store.archive import _warn
 
     dirs, strays = _group(loc, topic)
     flushes = []
