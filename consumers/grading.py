@@ -12,35 +12,26 @@ the criterion, its category's instructions and the answer format: a JSON object
 `{"explanation": "...", "score": 0 or 1}`. Anything else (no JSON, a score of 0.5, an empty reply) is
 an *invalid* leaf: score 0, counted, never retried and never fatal to the request.
 
-Errors, decided by type: timeouts, connection errors, 408/409/429 and 5xx are transient and retried
-with exponential backoff and jitter (honouring Retry-After) up to `max_attempts`, then
-`EndpointError`; 400/422 (e.g. a prompt over the context window) make that leaf invalid; 401/403/404
-(bad key, unknown model or URL) raise `EndpointConfigError`, which stops the worker with nothing lost.
-The API key comes from `$OPENAI_API_KEY` (or none: vLLM needs none) and is never logged.
+The endpoint client and its errors are consumers.judge_endpoint, the snapshot reader consumers.submission;
+this module re-exports their names.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import logging
-import os
-import random
 import re
-import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import openai
 
-from core.settings import Settings
-from producers.judge_requests import SKIP_DIRS
-from schemas.claimcheck import BlobStore
-from schemas.errors import TerminalError, TransientError, ValidationError
+from consumers.judge_endpoint import ChatClient, Completion, EndpointConfigError, EndpointError, GraderConfig, _describe
+from consumers.submission import Submission, SubmissionError, load_submission
 
-log = logging.getLogger("klong.judge")
+__all__ = ["CATEGORY_GUIDE", "DRAFT_INSTRUCTIONS", "EXECUTION_FILES", "ChatClient", "Completion", "EndpointConfigError",
+           "EndpointError", "GraderConfig", "LeafGrade", "Submission", "SubmissionError", "draft_rubric", "grade_leaf",
+           "json_objects", "leaf_prompt", "load_submission", "parse_verdict", "relevant_files", "system_prompt"]
 
 CATEGORY_GUIDE = {
     "Code Development": "Judge whether the submission's code correctly implements what the criterion asks. "
@@ -53,42 +44,6 @@ CATEGORY_GUIDE = {
 EXECUTION_FILES = ("reproduce.sh", "reproduce.log")
 
 
-class EndpointError(TransientError):
-    """The model endpoint kept failing (timeouts, 429, 5xx) after every retry."""
-
-
-class EndpointConfigError(TerminalError):
-    """The endpoint refuses us for a reason retrying cannot fix: bad key, unknown model, wrong URL."""
-
-
-class SubmissionError(TerminalError):
-    """A snapshot reference cannot be read."""
-
-
-@dataclass(frozen=True)
-class GraderConfig:
-    base_url: str
-    model: str
-    timeout_s: float = 300.0  # per call: a reasoning judge can take minutes on a long prompt
-    max_attempts: int = 6
-    backoff_min_s: float = 0.5
-    backoff_max_s: float = 30.0
-    max_paper_chars: int = 150_000
-    max_files_chars: int = 120_000
-    max_file_chars: int = 40_000
-    max_tokens: Optional[int] = None  # completion limit sent to the endpoint (None: the server's default)
-    temperature: Optional[float] = None
-    api_key_env: str = "OPENAI_API_KEY"
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    attempts: int
-
-
 @dataclass(frozen=True)
 class LeafGrade:
     leaf_id: str
@@ -98,153 +53,6 @@ class LeafGrade:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     endpoint_error: bool = False  # invalid because the endpoint failed, not because the answer was malformed
-
-
-@dataclass(frozen=True)
-class Submission:
-    ref: Optional[str]
-    files: dict  # path -> text (text files only, each at most max_file_bytes)
-    skipped: tuple  # paths not shown: binary or too large
-
-
-# ---- the endpoint ------------------------------------------------------------------------------------
-
-
-_TRANSIENT_STATUS = {408, 409, 429}
-
-
-class ChatClient:
-    """One OpenAI-compatible client shared by all grading threads; retries are ours, not the SDK's."""
-
-    def __init__(self, cfg: GraderConfig, sleep: Callable[[float], None] = time.sleep):
-        self.cfg, self._sleep = cfg, sleep
-        # vLLM accepts any key; the SDK insists on one. Never logged.
-        key = os.environ.get(cfg.api_key_env) or "EMPTY"
-        self._client = openai.OpenAI(base_url=cfg.base_url, api_key=key, max_retries=0, timeout=cfg.timeout_s)
-
-    def close(self) -> None:
-        self._client.close()
-
-    def complete(self, messages: list[dict]) -> Completion:
-        cfg = self.cfg
-        extra = {k: v for k, v in (("max_tokens", cfg.max_tokens), ("temperature", cfg.temperature)) if v is not None}
-        for attempt in range(1, cfg.max_attempts + 1):
-            try:
-                resp = self._client.chat.completions.create(model=cfg.model, messages=messages, **extra)
-                if not getattr(resp, "choices", None):  # e.g. a proxy's HTML page parsed as a string
-                    raise _Garbage(f"reply is not a chat completion: {str(resp)[:200]!r}")
-                usage = getattr(resp, "usage", None)
-                return Completion(resp.choices[0].message.content or "", getattr(usage, "prompt_tokens", 0) or 0,
-                                  getattr(usage, "completion_tokens", 0) or 0, attempt)
-            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                raise EndpointConfigError(f"{cfg.base_url} refused model {cfg.model!r}: {_describe(e)}") from e
-            except (openai.BadRequestError, openai.UnprocessableEntityError):
-                raise
-            except (openai.APIConnectionError, openai.APIResponseValidationError, _Garbage, ValueError) as e:
-                error, wait = e, None
-            except openai.APIStatusError as e:
-                if e.status_code < 500 and e.status_code not in _TRANSIENT_STATUS:
-                    raise
-                error, wait = e, _retry_after(e)
-            if attempt == cfg.max_attempts:
-                raise EndpointError(f"{cfg.base_url}: gave up after {attempt} attempts: {_describe(error)}") from error
-            backoff = min(cfg.backoff_max_s, cfg.backoff_min_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-            delay = min(cfg.backoff_max_s, wait) if wait is not None else backoff
-            log.debug("judge endpoint: %s; retry %d in %.2fs", _describe(error), attempt, delay)
-            self._sleep(delay)
-        raise AssertionError("unreachable")
-
-
-class _Garbage(Exception):
-    """A 200 reply that is not a chat completion."""
-
-
-def _describe(e: Exception) -> str:
-    status = getattr(e, "status_code", None)
-    text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-    return f"{type(e).__name__}" + (f" {status}" if status else "") + f": {text}"
-
-
-def _retry_after(e: Exception) -> Optional[float]:
-    headers = getattr(getattr(e, "response", None), "headers", None) or {}
-    try:
-        value = float(headers.get("retry-after", ""))
-    except ValueError:
-        return None
-    return value if value >= 0 else None
-
-
-# ---- the submission ------------------------------------------------------------------------------------
-
-
-def _resolve_path(settings: Settings, ref: str) -> Path:
-    """A snapshot path must lie under the data home (relative paths are relative to it)."""
-    home = settings.home.resolve()
-    path = Path(ref)
-    path = (path if path.is_absolute() else home / path).resolve()
-    if path != home and home not in path.parents:
-        raise SubmissionError(f"snapshot {ref!r} is outside the data home {home}")
-    if not path.exists():
-        raise SubmissionError(f"snapshot {ref!r} not found ({path})")
-    return path
-
-
-def _text(data: bytes) -> Optional[str]:
-    if b"\0" in data[:8192]:
-        return None
-    return data.decode("utf-8", errors="replace")
-
-
-def load_submission(settings: Settings, ref: Optional[str], *, max_file_bytes: int = 2 << 20,
-                    max_total_bytes: int = 64 << 20) -> Submission:
-    """The files of a snapshot: `sha256:...` (a tar or tar.gz in the BlobStore, as
-    `producers.judge_requests.store_snapshot` writes it), or a directory / tarball under the data home.
-    Read into memory, never extracted to disk; text files only."""
-    if ref is None:
-        return Submission(None, {}, ())
-    items: list[tuple[str, int, Callable[[], bytes]]] = []
-    if ref.startswith("sha256:"):
-        try:
-            data = BlobStore(settings.blob_dir).get(ref)
-        except ValidationError as e:
-            raise SubmissionError(str(e)) from e
-        items = _tar_items(data, ref)
-    else:
-        path = _resolve_path(settings, ref)
-        if path.is_dir():
-            for p in sorted(path.rglob("*")):
-                rel = p.relative_to(path)
-                if p.is_file() and not p.is_symlink() and not SKIP_DIRS.intersection(rel.parts):
-                    items.append((rel.as_posix(), p.stat().st_size, p.read_bytes))
-        else:
-            items = _tar_items(path.read_bytes(), ref)
-    files, skipped, total = {}, [], 0
-    for name, size, read in items:
-        if size > max_file_bytes or total + size > max_total_bytes:
-            skipped.append(name)
-            continue
-        text = _text(read())
-        if text is None:
-            skipped.append(name)
-            continue
-        files[name] = text
-        total += size
-    return Submission(ref, files, tuple(skipped))
-
-
-def _tar_items(data: bytes, ref: str) -> list[tuple[str, int, Callable[[], bytes]]]:
-    try:
-        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
-        members = [m for m in tar.getmembers() if m.isfile()]
-    except tarfile.TarError as e:
-        raise SubmissionError(f"snapshot {ref} is not a tar archive: {e}") from e
-    items = []
-    for m in members:
-        name = m.name.lstrip("./")
-        if SKIP_DIRS.intersection(Path(name).parts):
-            continue
-        items.append((name, m.size, lambda m=m: tar.extractfile(m).read()))
-    return items
 
 
 # ---- prompts -------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import msgspec
@@ -48,17 +48,18 @@ from kafka.structs import OffsetAndMetadata
 from consumers.grading import (ChatClient, EndpointConfigError, EndpointError, GraderConfig, LeafGrade, Submission,
                                grade_leaf, load_submission, system_prompt)
 from consumers.judge_queue import Job, Ledger, OffsetBook, Scheduler
+from consumers.judge_result import JudgeStats, build_result
+from consumers.judge_tasks import TaskCache, UnknownTask
 from core.settings import Settings
 from producers.outbox import Outbox
-from producers.tasks import ARCHIVED_TASKS_SQL, ResolvedTask, payload_from_row, read_task_events, resolve_task
-from schemas.claimcheck import MAX_EVENT_BYTES, BlobStore
-from schemas.errors import BrokerError, KlongError, TerminalError, ValidationError
-from schemas.events import (JudgeRequested, JudgeResult, JudgeResultPayload, LeafScore, TaskPayload, decode, encode,
-                            new_event)
-from schemas.rubric import aggregate, leaves
+from producers.tasks import ResolvedTask
+from schemas.errors import BrokerError, KlongError, ValidationError
+from schemas.events import JudgeRequested, decode
+from schemas.rubric import leaves
 from store.tasks import judge_group
 
 log = logging.getLogger("klong.judge")
+__all__ = ["JudgeConfig", "JudgeStats", "JudgeWorker", "TaskCache", "UnknownTask", "build_result"]
 
 
 @dataclass(frozen=True)
@@ -70,66 +71,11 @@ class JudgeConfig:
     gate: bool = True  # check Kafka for unread eval requests before starting a train request
 
 
-@dataclass
-class JudgeStats:
-    results: int = 0
-    invalid_results: int = 0
-    leaves: int = 0
-    invalid_leaves: int = 0
-    skipped: int = 0  # requests that already had a result
-    bad_messages: int = 0  # not a judge request (the sink dead-letters them)
-    recovered: int = 0  # results re-sent from the ledger's write-ahead files at start
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    waits: dict = field(default_factory=lambda: {"eval": [], "train": []})  # request produced -> started, s
-    latencies: dict = field(default_factory=lambda: {"eval": [], "train": []})  # started -> result, s
-    finished_at: float = 0.0  # epoch of the latest result
-
-
 @dataclass(frozen=True)
 class _Context:
     task: ResolvedTask
     submission: Submission
     system: str
-
-
-class UnknownTask(TerminalError):
-    """A request names a task that is not registered."""
-
-
-class TaskCache:
-    """Latest registered version of each task, from the archive and the tasks topic; refreshed on a miss."""
-
-    def __init__(self, settings: Settings, min_refresh_s: float = 1.0):
-        self.settings, self.min_refresh_s = settings, min_refresh_s
-        self._payloads: dict[str, tuple[float, TaskPayload]] = {}
-        self._resolved: dict[str, ResolvedTask] = {}
-        self._lock = threading.Lock()
-        self._refreshed = -1e9
-
-    def refresh(self) -> None:
-        from store.catalog import Catalog
-
-        found = [(r["t"], payload_from_row(r)) for r in Catalog(self.settings).arrow(ARCHIVED_TASKS_SQL).to_pylist()]
-        try:
-            found += [(ev.produced_at.timestamp(), ev.payload) for ev in read_task_events(self.settings)]
-        except BrokerError as e:
-            log.warning("judge: cannot read the tasks topic (%s); using archived tasks only", e)
-        for t, p in found:
-            if p.task_id not in self._payloads or t >= self._payloads[p.task_id][0]:
-                self._payloads[p.task_id] = (t, p)
-        self._refreshed = time.monotonic()
-
-    def get(self, task_id: str) -> ResolvedTask:
-        with self._lock:
-            if task_id not in self._payloads and time.monotonic() - self._refreshed > self.min_refresh_s:
-                self.refresh()
-            if task_id not in self._payloads:
-                raise UnknownTask(f"task {task_id!r} is not registered (run `klong tasks import`)")
-            payload = self._payloads[task_id][1]
-            if payload.content_hash not in self._resolved:
-                self._resolved[payload.content_hash] = resolve_task(payload, BlobStore(self.settings.blob_dir))
-            return self._resolved[payload.content_hash]
 
 
 class JudgeWorker:
@@ -383,40 +329,3 @@ class JudgeWorker:
             s.completion_tokens += r.completion_tokens
             s.latencies[job.priority].append(r.latency_s)
             s.finished_at = time.time()
-
-
-def build_result(job: Job, judge_model: str, max_bytes: int = MAX_EVENT_BYTES) -> JudgeResult:
-    """The judge_result of a finished job: Q over the tree, per-leaf scores, usage; explanations are
-    shortened evenly when the event would pass `max_bytes` (the real pinn tree has 1,963 leaves)."""
-    grades = [job.grades[leaf["id"]] for leaf in job.leaves]
-    failed = [g for g in grades if g.endpoint_error]
-    if job.error:
-        score, valid, error = None, False, job.error
-    else:
-        score = aggregate(job.context.task.rubric, {g.leaf_id: g.score for g in grades})
-        valid = not failed
-        error = f"{len(failed)} of {len(grades)} leaves not graded: {failed[0].explanation}"[:2000] if failed else None
-        if grades and not any(g.valid for g in grades):  # nothing was graded: no score, not a zero
-            valid, error = False, f"no leaf got a valid grade: {grades[0].explanation}"[:2000]
-        if not valid:
-            score = None
-    base = dict(request_id=job.request_id, step_idx=job.payload.step_idx, task_id=job.payload.task_id,
-                judge_model=judge_model, score=score, valid=valid, n_invalid_leaves=sum(not g.valid for g in grades),
-                error=error, prompt_tokens=sum(g.prompt_tokens for g in grades),
-                completion_tokens=sum(g.completion_tokens for g in grades),
-                latency_s=max(0.0, time.time() - (job.started_at or time.time())))
-
-    def build(cap: Optional[int]) -> JudgeResult:
-        scores = [LeafScore(id=g.leaf_id, score=g.score, valid=g.valid,
-                            explanation=g.explanation if cap is None or len(g.explanation) <= cap
-                            else g.explanation[: max(cap - 1, 0)] + "…") for g in grades]
-        return new_event(JudgeResult, rollout_id=job.rollout_id, payload=JudgeResultPayload(**base, leaf_scores=scores))
-
-    ev = build(None)
-    if len(encode(ev)) > max_bytes:
-        cap = max(0, (max_bytes - len(encode(build(0)))) // max(len(grades), 1))
-        ev = build(cap)
-        while len(encode(ev)) > max_bytes and cap > 0:  # multi-byte characters and escapes
-            cap //= 2
-            ev = build(cap)
-    return ev

@@ -108,7 +108,7 @@ def _check_archived(settings, wait_s) -> None:
 def cmd_build(args) -> int:
     from consumers.materialize import build_version
 
-    from klong.cli import _progress
+    from klong.cli_output import _progress
     from store.datasets import report_progress
 
     kind, cfg = parse_config(config_file(args.config), args.overrides, args.kind, args.stage, args.iteration)
@@ -146,7 +146,7 @@ def cmd_build(args) -> int:
 def cmd_list(args) -> int:
     import pyarrow as pa
 
-    from klong.cli import _print_table
+    from klong.cli_output import _print_table
     from store.datasets import all_manifests
     from store.datasets_s3 import listing
     from core.objstore import is_s3
@@ -229,7 +229,7 @@ def cmd_diff(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from klong.cli import _progress
+    from klong.cli_output import _progress
     from trainer.export import export_dataset
 
     bar = _progress("exporting", unit="samples", quiet=args.quiet)
@@ -253,7 +253,7 @@ def cmd_export(args) -> int:
 def cmd_replay(args) -> int:
     from consumers.replay import replay
 
-    from klong.cli import StageBars
+    from klong.cli_output import StageBars
 
     bars = StageBars({"re-archiving from Kafka": " events", "rebuilding": " rollouts"}, args.quiet)
     try:

@@ -27,7 +27,7 @@ def _settings(args):
 
 
 def cmd_trajectories(args) -> int:
-    from klong.cli import _progress
+    from klong.cli_output import _progress
     from producers.importer import ImportOptions, import_trajectories
 
     tokenizer = args.tokenizer or os.environ.get("KLONG_IMPORT_TOKENIZER") or None

@@ -127,7 +127,7 @@ def status_rows(settings, plan: str | None = None, run: str | None = None, all_r
 def cmd_status(args) -> int:
     import pyarrow as pa
 
-    from klong.cli import _print_table
+    from klong.cli_output import _print_table
 
     rows = status_rows(_settings(args), args.plan, args.run, args.all_runs)
     if args.json:

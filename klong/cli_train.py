@@ -48,7 +48,7 @@ def cmd_train(args) -> int:
     from trainer import launch
     from trainer.config import dump_yaml, load_config
     from trainer.model import read_state
-    from trainer.recipe import latest_checkpoint, preflight, run_dir_for
+    from trainer.preflight import latest_checkpoint, preflight, run_dir_for
 
     settings = _settings(args)
     if args.nproc is not None and args.nproc < 1:
@@ -153,7 +153,7 @@ def _await_archive(settings, wait_s: float | None) -> None:
 
 def _kept(run_dir: Path) -> str:
     """What an interrupted run left behind, and how to go on."""
-    from trainer.recipe import latest_checkpoint
+    from trainer.preflight import latest_checkpoint
 
     try:
         last = latest_checkpoint(run_dir)

@@ -49,7 +49,7 @@ def _port_free(port: int) -> bool:
 
 def demo_simulated(settings: Settings, rollouts: int = 32, seed: int = 0, keep_broker: bool = False, port: int | None = None) -> int:
     from consumers.sink import Sink
-    from klong.cli import _print_table, _progress
+    from klong.cli_output import _print_table, _progress
     from producers.outbox import Outbox
     from producers.simulate import simulate
     from store.catalog import Catalog
@@ -148,7 +148,7 @@ def demo(settings: Settings, keep: bool = False, port: int | None = None, timeou
     import yaml
 
     from services import serve
-    from klong.cli import _print_table
+    from klong.cli_output import _print_table
     from rl.plan import parse_plan
     from rl.scheduler import Scheduler
     from producers.tasks import import_tasks

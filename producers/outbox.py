@@ -13,7 +13,8 @@ How it works:
 - One sender thread ships spooled records in order with an idempotent KafkaProducer (acks=all, lz4)
   and notes each record's (partition, offset) and the topic's `topic_id` at that moment. On any
   failure it drops the producer, logs one line, backs off, reconnects, re-creates missing topics
-  (`services.broker.ensure_topics`) and resends what is not acked. It never drops a record.
+  (`services.broker.ensure_topics`) and resends what is not acked. It never drops a record
+  (`producers.outbox_sender`).
 - retain="archived": about once a second the sender reads the topic ids and the sink group's
   committed offsets (`settings.topics.sink_group`); a record is archived when its topic still has
   the topic_id it was acked under and the committed offset of its partition is past its offset.
@@ -38,11 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
-from kafka.errors import KafkaTimeoutError
-
-from services.broker import ensure_topics
 from core.settings import Settings
+from producers.outbox_sender import _ACKED, _INFLIGHT, _PENDING, Sender, _Rec
 from producers.spool import Spool, SpoolEntry
 from schemas.errors import BrokerError, ConfigError, TerminalError, TransientError, ValidationError
 from schemas.events import Envelope, encode, event_type, key_of
@@ -55,23 +53,10 @@ FsyncMode = Union[bool, Literal["batch"]]
 # the spool forever, so it is refused at put (large steps go through schemas.claimcheck first).
 MAX_RECORD_BYTES = 1_000_000
 BATCH_SYNC_S = 0.05
-POLL_S = 1.0
-BATCH_RECORDS, BATCH_BYTES = 2000, 8 << 20
-BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 5.0
-_PENDING, _INFLIGHT, _ACKED = 0, 1, 2  # done records are removed, not marked
 
 
 def _human(n: int) -> str:
     return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 1024:.0f} kB"
-
-
-class _Rec:
-    __slots__ = ("seq", "entry", "state", "partition", "offset", "topic_id")
-
-    def __init__(self, seq: int, entry: SpoolEntry) -> None:
-        self.seq, self.entry, self.state = seq, entry, _PENDING
-        self.partition = self.offset = -1
-        self.topic_id: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -125,13 +110,8 @@ class Outbox:
             unsent = sum(r.state == _PENDING for r in self._recs.values())
             log.info("outbox: %d records from a previous run in %s (%d to send again, %d acked: waiting for the "
                      "archive)", len(self._recs), self.directory, unsent, len(self._recs) - unsent)
-        # Sender-thread state: never touched by other threads.
-        self._producer: Optional[KafkaProducer] = None
-        self._admin: Optional[KafkaAdminClient] = None
-        self._topic_ids: dict[str, Optional[str]] = {}
-        self._failures = 0
-        self._last_warning = 0.0
-        self._sender = threading.Thread(target=self._run, name="klong-outbox-sender", daemon=True)
+        self._sender_loop = Sender(self)  # the sender thread's Kafka clients (producers.outbox_sender)
+        self._sender = threading.Thread(target=self._sender_loop.run, name="klong-outbox-sender", daemon=True)
         self._sender.start()
         self._syncer = None
         if fsync == "batch":
@@ -256,176 +236,3 @@ class Outbox:
                 dirty, self._dirty = self._dirty, False
             if dirty:
                 self._spool.sync()
-
-    # ---- sender thread -------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        backoff, next_poll = BACKOFF_MIN_S, 0.0
-        while True:
-            with self._cv:
-                if self._stop:
-                    break
-            try:
-                if self._producer is None:
-                    self._connect()
-                sent = self._send_batch()
-                if self.retain == "archived" and time.monotonic() >= next_poll:
-                    next_poll = time.monotonic() + POLL_S
-                    self._poll_archive()
-                self._drop_done_segments()
-                self._spool.flush_notes()
-                if self._failures:
-                    log.info("outbox: delivering to Kafka again after %d failed attempts", self._failures)
-                    self._failures, backoff = 0, BACKOFF_MIN_S
-                if not sent:  # idle: sleep until a put (notify) or the next archive poll
-                    idle = POLL_S if self.retain == "acked" else max(0.05, next_poll - time.monotonic())
-                    with self._cv:
-                        if not self._stop and not self._todo:
-                            self._cv.wait(idle)
-            except Exception as e:  # noqa: BLE001 - the sender must outlive any client error; it retries
-                self._on_failure(e, backoff)
-                with self._cv:
-                    self._cv.wait_for(lambda: self._stop, backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
-        self._disconnect()
-
-    def _connect(self) -> None:
-        cfg = self.settings.kafka_config()
-        fast = {"reconnect_backoff_max_ms": 1000, "bootstrap_timeout_ms": 5000, "request_timeout_ms": 10_000}
-        self._producer = KafkaProducer(
-            **cfg, **fast, enable_idempotence=True, acks="all", compression_type="lz4", linger_ms=self.linger_ms,
-            batch_size=512 << 10, max_block_ms=5000, delivery_timeout_ms=30_000,
-            # Topics come from ensure_topics with the configured partitions, never from auto-creation.
-            allow_auto_create_topics=False)
-        with self._cv:
-            spooled = {r.entry.topic for r in self._recs.values()}
-        ensure_topics(self.settings, sorted(set(self.settings.topics.all()) | spooled))
-        if self.retain == "archived":
-            self._admin = KafkaAdminClient(**cfg, **fast)
-            self._topic_ids.update(self._describe(sorted(set(self._topic_ids) | spooled)))
-
-    def _disconnect(self) -> None:
-        for client in (self._producer, self._admin):
-            if client is not None:
-                try:
-                    client.close(timeout=1) if client is self._producer else client.close()
-                except Exception as e:  # noqa: BLE001 - closing a broken client must not stop the retry loop
-                    log.debug("outbox: closing a Kafka client failed: %s", e)
-        self._producer = self._admin = None
-
-    def _on_failure(self, e: Exception, backoff: float) -> None:
-        self._disconnect()
-        with self._cv:
-            for rec in self._recs.values():
-                if rec.state == _INFLIGHT:
-                    rec.state = _PENDING
-                    heapq.heappush(self._todo, rec.seq)
-            waiting = len(self._recs)
-        self._failures += 1
-        # One warning per outage, then one every 30 s: a long outage must not flood the log.
-        if self._failures == 1 or time.monotonic() - self._last_warning > 30:
-            self._last_warning = time.monotonic()
-            where = self.settings.bootstrap_servers or f"the embedded broker of {self.settings.home}"
-            log.warning("outbox: cannot deliver to Kafka at %s (%s: %s); %d records kept in %s, retrying in %.1fs",
-                        where, type(e).__name__, e, waiting, self.directory, backoff)
-
-    def _take_batch(self) -> list[_Rec]:
-        batch, size = [], 0
-        with self._cv:
-            while self._todo and len(batch) < BATCH_RECORDS and size < BATCH_BYTES:
-                rec = self._recs.get(heapq.heappop(self._todo))
-                if rec is None or rec.state != _PENDING:
-                    continue  # done meanwhile, or queued twice
-                rec.state = _INFLIGHT
-                batch.append(rec)
-                size += rec.entry.size
-        return batch
-
-    def _send_batch(self) -> int:
-        batch = self._take_batch()
-        if not batch:
-            return 0
-        if self.retain == "archived":
-            unknown = sorted({r.entry.topic for r in batch} - {t for t, i in self._topic_ids.items() if i})
-            if unknown:
-                self._topic_ids.update(self._describe(unknown))
-        ids = dict(self._topic_ids)  # the incarnation each record is sent to; read *before* sending
-        futures = []
-        for rec in batch:
-            topic, key, value = self._spool.read(rec.entry)
-            futures.append(self._producer.send(topic, key=key, value=value))
-        self._producer.flush(timeout=15)
-        error = None
-        with self._cv:
-            for rec, fut in zip(batch, futures):
-                self._sent += 1
-                if not fut.succeeded():  # failed, or (defensively) still not done after flush
-                    error = error or fut.exception or KafkaTimeoutError("send not completed after flush")
-                    continue
-                if self.retain == "acked":
-                    self._finish(rec)
-                else:
-                    rec.state, rec.partition, rec.offset = _ACKED, fut.value.partition, fut.value.offset
-                    rec.topic_id = ids.get(rec.entry.topic)
-                    self._spool.note(rec.entry, "acked", str(rec.partition), str(rec.offset), rec.topic_id or "-")
-            self._cv.notify_all()
-        if error is not None:
-            raise error
-        return len(batch)
-
-    def _finish(self, rec: _Rec) -> None:
-        """Record done: forget it (caller holds the lock)."""
-        del self._recs[rec.seq]
-        self._spool.note(rec.entry, "done")
-        self._bytes -= rec.entry.size
-        self._seg_live[rec.entry.segment] -= 1
-        self._done += 1
-
-    def _describe(self, topics: list[str]) -> dict[str, Optional[str]]:
-        if not topics:
-            return {}
-        return {t["name"]: (t["topic_id"] if t["error_code"] == 0 else None)
-                for t in self._admin.describe_topics(topics)}
-
-    def _poll_archive(self) -> None:
-        with self._cv:
-            acked = [r for r in self._recs.values() if r.state == _ACKED]
-        if not acked:
-            return
-        topics = sorted({r.entry.topic for r in acked})
-        group = self.settings.topics.sink_group
-        before = self._describe(topics)
-        committed = self._admin.list_group_offsets(group).get(group, {})
-        after = self._describe(topics)
-        if before != after:
-            return  # an incarnation changed while we read the offsets: they may belong to either; ask again
-        self._topic_ids.update(after)
-        resend: dict[str, int] = {}
-        with self._cv:
-            for rec in acked:
-                if rec.state != _ACKED:
-                    continue
-                if after.get(rec.entry.topic) != rec.topic_id:
-                    rec.state = _PENDING  # the broker lost it before the sink archived it
-                    heapq.heappush(self._todo, rec.seq)
-                    resend[rec.entry.topic] = resend.get(rec.entry.topic, 0) + 1
-                    continue
-                off = committed.get(TopicPartition(rec.entry.topic, rec.partition))
-                if off is not None and off.offset > rec.offset:
-                    self._finish(rec)
-            self._resent += sum(resend.values())
-            self._cv.notify_all()
-        if resend:
-            log.warning("outbox: Kafka lost %d acked records the sink had not archived (topic %s has a new "
-                        "topic_id: broker restart?); sending them again", sum(resend.values()), ", ".join(resend))
-        if any(i is None for i in after.values()):
-            ensure_topics(self.settings, topics)  # a memory broker forgot them: recreate with our partitions
-
-    def _drop_done_segments(self) -> None:
-        with self._cv:
-            current = self._spool.write_segment
-            empty = [s for s, n in self._seg_live.items() if n == 0 and s != current]
-            for s in empty:
-                del self._seg_live[s]
-        for s in empty:
-            self._spool.delete_segment(s)

@@ -32,58 +32,35 @@ and `local_submission()` copy it out from the host side, through the holder's mo
 (`/proc/<holder>/root`), with no-follow opens and bounds (`producers.sandbox_copy`): no program of the
 sandbox runs for it and no archive the agent could shape is extracted. Not isolated: CPU time and
 memory share the machine (rlimits per process, no cgroup), the kernel is shared (a kernel exploit
-escapes), /usr and /etc are readable.
+escapes), /usr and /etc are readable. The bwrap command line, the seccomp pipe and the process-tree kill
+are producers.sandbox_bwrap.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
 import threading
-import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from producers.sandbox import ExecResult, SandboxLimits, prlimit_args, run_capped
+from producers.sandbox_bwrap import _TOOLS, _bwrap_base, _drop_privileges, _kill_group, _seccomp_fd
 from producers.sandbox_copy import CopyBounds, CopyReport, copy_tree_nofollow, open_nofollow
-from producers.sandbox_seccomp import seccomp_problem, seccomp_program
+from producers.sandbox_seccomp import seccomp_problem
 from schemas.errors import ConfigError, TransientError
 
 log = logging.getLogger("klong.sandbox")
 
 PAPER_DIR, SUBMISSION_DIR = "/home/paper", "/home/submission"
-SANDBOX_UID = 65534  # the host uid the sandbox's root maps to when the runner is root (nobody)
-_TOOLS = ("bwrap", "nsenter", "prlimit", "setpriv")
-_SYSTEM = [("--ro-bind", "/usr", "/usr"), ("--ro-bind", "/etc", "/etc")]
-_LINKS = [("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("usr/lib64", "/lib64")]
 READ_TEXT_CAP = 32 * 1024 * 1024  # read_file_chunk / search_file read at most this much of a file
-
-
-def _drop_privileges() -> list[str]:
-    """Run the holder as an unprivileged uid when we are root (its user namespace maps root to it)."""
-    if os.geteuid() != 0:
-        return []
-    return ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups", "--inh-caps=-all"]
-
-
-def _bwrap_base() -> list[str]:
-    cmd = ["bwrap", "--die-with-parent", "--new-session", "--unshare-all", "--uid", "0", "--gid", "0",
-           "--hostname", "sandbox"]
-    for flag, src, dest in _SYSTEM:
-        cmd += [flag, src, dest]
-    for target, link in _LINKS:
-        if os.path.exists("/" + target):
-            cmd += ["--symlink", target, link]
-    return cmd + ["--proc", "/proc", "--dev", "/dev"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -113,26 +90,6 @@ def require_isolation() -> None:
         raise ConfigError(f"the local sandbox cannot isolate tool calls on this machine: {problem}. "
                           "Fix that, use --sandbox k8s, or accept running tools unisolated as root with "
                           "--sandbox unsafe-local")
-
-
-@functools.lru_cache(maxsize=1)
-def _filter() -> bytes:
-    return seccomp_program()
-
-
-@contextlib.contextmanager
-def _seccomp_fd() -> Iterator[int]:
-    """A pipe holding the seccomp program, for `bwrap --seccomp FD` (the program is far below a pipe's
-    buffer, so the write never blocks); closed here once the child has it."""
-    r, w = os.pipe()
-    try:
-        os.write(w, _filter())
-    finally:
-        os.close(w)
-    try:
-        yield r
-    finally:
-        os.close(r)
 
 
 class NamespaceSandbox:
@@ -315,53 +272,6 @@ class NamespaceSandbox:
     def local_submission(self, scratch: Path) -> Path:
         """A copy of the submission on the host (for the snapshot), in `scratch/submission`."""
         return self._copy_out(Path(scratch) / "submission")
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-
-
-def _gone(pid: int) -> bool:
-    """Exited: no such process, or a zombie (a PID namespace's init turns zombie only after the
-    kernel has killed and reaped every other process of its namespace)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
-
-
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], _children(pid)
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += _children(p)
-    return out
-
-
-def _kill_group(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """SIGKILL the process group (nsenter, the call's bwrap, or the holder's) and every descendant, and
-    wait until they are gone: a PID namespace's init among them is gone only once the kernel has
-    killed every process left in that namespace."""
-    inits = _descendants(proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for pid in inits:
-        try:
-            os.kill(pid, signal.SIGKILL)  # it may have left the group (setsid)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-    deadline = time.monotonic() + timeout_s
-    while not all(_gone(pid) for pid in inits) and time.monotonic() < deadline:
-        time.sleep(0.005)
 
 
 def run_in_sandbox(directory: str | os.PathLike, command: str, *, timeout_s: float,

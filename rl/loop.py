@@ -133,7 +133,7 @@ class PolicyLoop:
 
     def _train(self, dataset: str, checkpoint: str, run_id: str, check: Callable[[], None]) -> Path:
         from trainer.config import CONFIG_DIR, load_config
-        from trainer.recipe import latest_checkpoint, run_dir_for
+        from trainer.preflight import latest_checkpoint, run_dir_for
 
         plan, cfg_name = self.plan, self.plan.train_config
         path = cfg_name if Path(cfg_name).exists() else str(CONFIG_DIR / (cfg_name if cfg_name.endswith(".yaml")

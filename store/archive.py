@@ -23,97 +23,29 @@ written before manifests existed are read by their `<event_type>.parquet` files.
 
 The archive can also be an S3 prefix (`KLONG_ARCHIVE_URL`, core.objstore): the same keys, and the
 manifest object, written last, is the commit point there (store.archive_s3); these functions dispatch.
+This module reads the layout (walk, list_flushes, archived_files, recover_positions); the names, FlushDir and
+the manifest format are store.archive_layout, writing is store.archive_write (write_flush, writer_lock,
+clean_tmp), and this module re-exports them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
 import os
-import re
-import shutil
-import socket
-import stat
-import time
-import uuid
-import zlib
 from collections.abc import Container
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from core.procs import fsync_path
-from schemas.arrow import SCHEMAS
 from core.objstore import S3Location, is_s3
+from store.archive_layout import (_NAME, DATASETS, DEAD_LETTER_SCHEMA, DEAD_LETTERS, LOCK, LOW_CARDINALITY, MANIFEST,
+                                  QUARANTINE, TABLES, TMP, FlushDir, Stray, file_entry, flush_name, make_manifest,
+                                  parse_manifest, read_manifest)
+from store.archive_write import clean_tmp, write_flush, writer_lock
 
 log = logging.getLogger("klong.archive")
-TMP = "_tmp"
-QUARANTINE = "_quarantine"  # damaged flush directories moved aside by `klong archive repair` (store.integrity)
-DATASETS = "_datasets"  # in a bucket archive: published dataset versions (store.datasets_s3), not flushes
-LOCK = ".writers.lock"
-DEAD_LETTERS = "dead_letters"
-MANIFEST = "manifest.json"
-TABLES = frozenset([*SCHEMAS, DEAD_LETTERS])  # the table names a flush directory can hold
-LOW_CARDINALITY = {"event_type", "producer_id", "rollout_id", "role", "kafka_topic", "task_id", "group_id", "status",
-                   "priority", "split", "judge_model", "phase", "topic", "error_kind", "scaffold", "model"}
-_NAME = re.compile(r"(?P<topic>.+)\+(?P<partition>\d+)\+(?P<start>\d+)\+(?P<end>\d+)")
-DEAD_LETTER_SCHEMA = pa.schema([
-    pa.field("topic", pa.string(), nullable=False),
-    pa.field("partition", pa.int32(), nullable=False),
-    pa.field("offset", pa.int64(), nullable=False),
-    pa.field("key", pa.binary()),
-    pa.field("raw", pa.binary()),  # the message bytes exactly as received
-    pa.field("error", pa.string(), nullable=False),
-    pa.field("error_kind", pa.string(), nullable=False),  # json | schema | payload | claim_check | empty
-    pa.field("sunk_at", pa.timestamp("us", tz="UTC"), nullable=False),
-])
-
-
-@dataclass(frozen=True)
-class FlushDir:
-    topic: str
-    topic_id: str
-    partition: int
-    start: int  # first offset held
-    end: int  # last offset held (inclusive)
-    path: Path
-    # The parsed manifest.json; None for a flush written before manifests (or one whose manifest is unreadable).
-    manifest: dict | None = field(default=None, compare=False, hash=False, repr=False)
-    # table name -> file, the files a reader reads: what the manifest lists and is there as a regular file.
-    files: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
-    manifest_error: str | None = field(default=None, compare=False, hash=False)  # why manifest.json is unusable
-    store: S3Location | None = field(default=None, compare=False, hash=False, repr=False)  # None: local disk
-
-    def read_bytes(self, file) -> bytes:
-        """One of this flush's files, whole (`path` and `files` are `bucket/key` paths on S3)."""
-        return self.store.read_bytes(str(file)) if self.store else Path(file).read_bytes()
-
-    @property
-    def after(self) -> int | None:
-        """The last offset the sink had read before this flush (None: it read the partition from its start,
-        or the flush has no manifest)."""
-        return self.manifest.get("after") if self.manifest else None
-
-    @property
-    def through(self) -> int:
-        """The last offset this flush accounts for (its last record, or a later offset a re-fetch covered)."""
-        return max(self.end, (self.manifest or {}).get("through", self.end))
-
-
-@dataclass(frozen=True)
-class Stray:
-    """Something in the archive that is not part of its layout: skipped by every reader."""
-    path: Path
-    why: str
-
-
-def flush_name(topic: str, partition: int, start: int, end: int) -> str:
-    return f"{topic}+{partition}+{start:020d}+{end:020d}"
-
+__all__ = ["DATASETS", "DEAD_LETTERS", "DEAD_LETTER_SCHEMA", "LOCK", "LOW_CARDINALITY", "MANIFEST", "QUARANTINE",
+           "TABLES", "TMP", "FlushDir", "Stray", "_NAME", "_warn", "archived_files", "clean_tmp", "file_entry",
+           "flush_name", "list_flushes", "make_manifest", "parse_manifest", "read_manifest", "recover_positions",
+           "relative", "walk", "write_flush", "writer_lock"]
 
 _warned: set[tuple[str, str]] = set()
 
@@ -143,48 +75,6 @@ def _dirs(path: Path, strays: list[Stray], allowed_files: tuple[str, ...] = ()) 
         elif not (e.name in allowed_files and e.is_file(follow_symlinks=False)):
             strays.append(Stray(Path(e.path), "a symlink (never followed)" if e.is_symlink() else "not a directory"))
     return out
-
-
-_manifests: dict[tuple, dict] = {}  # (path, inode, mtime, size) -> parsed manifest: a walk per query stays cheap
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
-
-
-def _well_formed(m) -> bool:
-    """The manifest is from disk, so untrusted: every field a reader uses has its type (else the flush is damaged)."""
-    return (isinstance(m, dict) and isinstance(m.get("files"), dict)
-            and all(_is_int(m.get(k)) for k in ("partition", "first", "last", "through", "records"))
-            and (m.get("after") is None or _is_int(m.get("after")))
-            and all(isinstance(n, str) and n.endswith(".parquet") and "/" not in n and isinstance(f, dict) and _is_int(f.get("rows")) and _is_int(f.get("bytes"))
-                    and _is_int(f.get("crc32")) for n, f in m["files"].items()))
-
-
-def read_manifest(path: Path) -> dict | None:
-    """The manifest of a flush directory: None when it has none; ValueError when it is there but unusable."""
-    f = path / MANIFEST
-    try:
-        st = os.lstat(f)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{MANIFEST} is not a regular file (a symlink is never followed)")
-    key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)  # a rewritten manifest is read again
-    if key not in _manifests:
-        _manifests[key] = parse_manifest(f.read_bytes)
-    return _manifests[key]
-
-
-def parse_manifest(read) -> dict:
-    """The manifest `read()` returns, checked; ValueError when it is unusable."""
-    try:
-        manifest = json.loads(read())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{MANIFEST} is unreadable ({type(e).__name__}: {str(e)[:200]})") from e
-    if not _well_formed(manifest):
-        raise ValueError(f"{MANIFEST} is not a flush manifest (fields missing or of the wrong type)")
-    return manifest
 
 
 def _flush_files(path: Path, manifest: dict | None, strays: list[Stray]) -> dict[str, Path]:
@@ -295,103 +185,3 @@ def recover_positions(archive: Path | S3Location, topic: str, topic_id: str) -> 
             p = int(m["partition"])
             pos[p] = max(pos.get(p, 0), int(m["end"]) + 1)
     return pos
-
-
-def file_entry(rows: int, data: bytes) -> dict:
-    """A manifest's entry for one file: what verify checks it against."""
-    return {"rows": rows, "bytes": len(data), "crc32": zlib.crc32(data)}
-
-
-def make_manifest(topic: str, topic_id: str, partition: int, start: int, end: int, tables: dict[str, pa.Table],
-                  files: dict, after: int | None, through: int | None, records: int | None) -> dict:
-    """The manifest of one flush (one format for local disk and S3; `write_flush` says what the fields mean)."""
-    return {"format": 1, "topic": topic, "topic_id": topic_id, "partition": partition, "first": start, "last": end,
-            "after": after, "through": max(end, through if through is not None else end),
-            "records": records if records is not None else sum(t.num_rows for t in tables.values()), "files": files}
-
-
-def write_flush(archive: Path, topic: str, topic_id: str, partition: int, start: int, end: int,
-                tables: dict[str, pa.Table], compression: str = "zstd", *, after: int | None = None,
-                through: int | None = None, records: int | None = None) -> Path:
-    """Atomically adds one flush directory, its manifest written last. Idempotent: an already archived
-    range is left as it is. `after`: the last offset read before `start` (None: the partition's start;
-    default start - 1); `through`: the last offset it accounts for (default `end`); `records`: the Kafka
-    records it holds (default: the tables' rows)."""
-    if is_s3(archive):
-        from store.archive_s3 import write_flush_s3
-
-        return write_flush_s3(archive, topic, topic_id, partition, start, end, tables, compression, after=after,
-                              through=through, records=records)
-    final = archive / topic / topic_id / flush_name(topic, partition, start, end)
-    if final.exists():
-        return final
-    tmp = archive / TMP / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        files = {}
-        for name, table in tables.items():
-            path = tmp / f"{name}.parquet"
-            # Dictionary-encode only low-cardinality columns: trying it on token arrays costs 2x the write.
-            pq.write_table(table, path, compression=compression,
-                           use_dictionary=[c for c in table.column_names if c in LOW_CARDINALITY])
-            with open(path, "rb+") as f:
-                # CRC-32 of the bytes just written (from the page cache): it finds damage at ~1.6 GB/s, where
-                # SHA-256 measured 3.4x slower on the writer's critical path.
-                data = f.read()
-                os.fsync(f.fileno())
-            files[path.name] = file_entry(table.num_rows, data)
-        manifest = make_manifest(topic, topic_id, partition, start, end, tables, files, after, through, records)
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_path(tmp)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, final)
-        fsync_path(final.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-@contextlib.contextmanager
-def writer_lock(archive: Path | S3Location, exclusive: bool):
-    """Writers hold it shared while they rename a flush into place; a sink takes it exclusive while it
-    reads positions, so it never misses a rename still in progress by an orphaned writer of a killed sink.
-    For a bucket the lock is a local file (the sink and its writers share a machine)."""
-    if is_s3(archive):
-        from store.archive_s3 import lock_file
-
-        lock = lock_file(archive)
-    else:
-        archive.mkdir(parents=True, exist_ok=True)
-        lock = archive / LOCK
-    with open(lock, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def clean_tmp(archive: Path, older_than_s: float = 3600) -> int:
-    """Removes temp directories of dead local writers (and any older than an hour). Returns the count."""
-    if is_s3(archive):
-        return 0  # nothing goes to a temp place on S3; the sink drops unfinished flushes (store.archive_s3)
-    tmp_root = archive / TMP
-    removed = 0
-    if not tmp_root.exists():
-        return 0
-    host = socket.gethostname()
-    for d in tmp_root.iterdir():
-        h, _, rest = d.name.rpartition("-")[0].rpartition("-")
-        stale = time.time() - d.lstat().st_mtime > older_than_s
-        dead_local = h == host and rest.isdigit() and not Path(f"/proc/{rest}").exists()
-        if stale or dead_local:
-            if d.is_symlink() or not d.is_dir():
-                d.unlink(missing_ok=True)
-            else:
-                shutil.rmtree(d, ignore_errors=True)
-            removed += 1
-    return removed

@@ -24,8 +24,8 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.archive import (_NAME, DATASETS, LOW_CARDINALITY, MANIFEST, QUARANTINE, TMP, TABLES, FlushDir, Stray, file_entry,
-                           flush_name, make_manifest, parse_manifest)
+from store.archive_layout import (_NAME, DATASETS, LOW_CARDINALITY, MANIFEST, QUARANTINE, TMP, TABLES, FlushDir, Stray,
+                                  file_entry, flush_name, make_manifest, parse_manifest)
 from core.objstore import S3Location
 
 _manifests: dict[tuple, dict] = {}  # (path, size, mtime) -> parsed manifest
