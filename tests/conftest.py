@@ -47,6 +47,10 @@ def pytest_collection_modifyitems(config, items):
         elif shares_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
     if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        # a test that declares a longer timeout than the default is a long one: started first, the run does
+        # not end with one worker still on it (the groups go out first anyway, the largest first)
+        default = float(config.getini("timeout") or 0)
+        items.sort(key=lambda item: not any(m.args and m.args[0] > default for m in item.iter_markers("timeout")))
         name_groups(items)
 
 
