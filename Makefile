@@ -34,7 +34,9 @@ demo: $(STAMP)
 	$(VENV)/bin/klong demo
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	# parallel workers: the real-model tests share one (tests/conftest.py groups them); -n 3 on 2 cores since many
+	# tests wait on brokers and child processes more than they compute
+	$(VENV)/bin/pytest -q -n 3 --dist loadgroup --durations=30
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'

@@ -14,14 +14,58 @@ from core.settings import Settings, Topics
 # for its conversion (`klong model import`, > 300 s at load 40 on 2 cores), whichever test that is
 MODEL_FIXTURES = {"smollm2_gguf", "smollm2_dir", "policy_server"}
 MODEL_SETUP_TIMEOUT_S = 900
+# Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) each worker has its own session fixtures. The
+# real-model tests share one group, hence one worker: SmolLM2 is converted once and one vLLM server runs (the
+# machine's memory holds one, ~10 GB with a SmolLM2 training beside it).
+REAL_MODEL_GROUP = "real-model"
 
 
-def pytest_collection_modifyitems(items):
+def shares_module_fixture(item) -> bool:
+    """Whether the test uses a fixture of wider than function scope that its test module defines (a module
+    home, a UI server): such a module runs on one worker, so the fixture is built once, not once per worker."""
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info else ()):
+        d = defs[-1]
+        if d.scope != "function" and d.baseid.endswith(".py"):
+            return True
+    return False
+
+
+def pytest_configure(config):
+    # registered here too, so a run without xdist installed does not warn about an unknown marker
+    config.addinivalue_line("markers", "xdist_group(name): run the tests of one group on one xdist worker")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             marker = item.get_closest_marker("timeout")
             if marker is None or (marker.args and marker.args[0] < MODEL_SETUP_TIMEOUT_S):
                 item.add_marker(pytest.mark.timeout(MODEL_SETUP_TIMEOUT_S), append=False)
+            item.add_marker(pytest.mark.xdist_group(REAL_MODEL_GROUP))
+        elif shares_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        # a test that declares a longer timeout than the default is a long one: started first, the run does
+        # not end with one worker still on it (the groups go out first anyway, the largest first)
+        default = float(config.getini("timeout") or 0)
+        items.sort(key=lambda item: not any(m.args and m.args[0] > default for m in item.iter_markers("timeout")))
+        name_groups(items)
+
+
+def name_groups(items) -> None:
+    """Append `@GROUP` to each grouped test's node id: the controller of `--dist loadgroup` sends the tests
+    with one suffix to one worker. xdist (3.8) does this itself by setting `item._nodeid`, which pytest 9.2
+    no longer reads (the id lives in `item._id`), so every group would silently be scattered over workers."""
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)
 
 
 @pytest.fixture(scope="session")
