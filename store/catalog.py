@@ -259,21 +259,28 @@ _CATALOG_WORDS = {"duckdb_views", "duckdb_columns", "duckdb_tables", "informatio
                   "summarize", "pragma"}
 
 
-def _derived_needed(words: set[str]) -> set[str]:
-    """The DERIVED_VIEWS a query whose words are `words` reads, with the derived views those read in turn:
-    DuckDB binds every view it creates (reading the schema of each archived file it covers), so a view
-    nobody reads costs time on every connection. An extension view's query may read any derived view, and a
-    catalog listing shows them all: every derived view then."""
-    if words & _CATALOG_WORDS or any(words & set(importlib.import_module(ext).VIEW_NAMES) for ext in VIEW_EXTENSIONS):
-        return set(DERIVED_VIEWS)
-    needed, todo = set(), [n for n in DERIVED_VIEWS if n in words]
+def _words(sql: str) -> set[str]:
+    return set(re.findall(r"\w+", sql.lower()))
+
+
+def _views_needed(words: set[str] | None) -> tuple[set[str], set[str]] | None:
+    """(DERIVED_VIEWS, event types) a query whose words are `words` reads, with what those views read in
+    turn; None: every view. DuckDB binds each view it creates (reading the schema of every archived file
+    it covers), so a view nobody reads costs time on every connection. A catalog listing, the conflicts
+    view and the extension views (whose queries may read anything) get every view."""
+    if (words is None or words & _CATALOG_WORDS or "conflicting_duplicates" in words
+            or any(words & set(importlib.import_module(ext).VIEW_NAMES) for ext in VIEW_EXTENSIONS)):
+        return None
+    derived, todo, seen = set(), [n for n in DERIVED_VIEWS if n in words], set(words)
     while todo:
         name = todo.pop()
-        if name not in needed:
-            needed.add(name)
-            body = set(re.findall(r"\w+", DERIVED_VIEWS[name].lower()))
-            todo.extend(n for n in DERIVED_VIEWS if n in body and n not in needed)
-    return needed
+        if name not in derived:
+            derived.add(name)
+            body = _words(DERIVED_VIEWS[name])
+            seen |= body
+            todo.extend(n for n in DERIVED_VIEWS if n in body and n not in derived)
+    events = {n for n in SCHEMAS if f"{n}_events" in seen or f"_raw_{n}" in seen}
+    return derived, events
 
 
 class Catalog:
@@ -291,9 +298,9 @@ class Catalog:
         return [*([] if is_s3(archive) else [archive]), datasets_dir(self.settings.home)]
 
     def connect(self, query: str | None = None) -> duckdb.DuckDBPyConnection:
-        """A connection with every view; with `query`, the extension views (VIEW_EXTENSIONS) it does not
-        name are left out: DuckDB binds each view when it is created, so the unused ones cost time on
-        every connection (a freshness poll reconnects ten times a second)."""
+        """A connection with every view; with `query`, only the views it reads (`_views_needed`; the
+        extension views, VIEW_EXTENSIONS, it names): DuckDB binds each view when it is created, so the
+        unused ones cost time on every connection (a freshness poll reconnects ten times a second)."""
         con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": True,
                                      "temp_directory": spill_dir(self.settings.home), **self.config})
         register_array_functions(con)
@@ -301,7 +308,11 @@ class Catalog:
         if is_s3(archive):
             archive.check()  # a missing bucket is an error, not an empty archive
         archived = archived_files(archive)
+        needed = _views_needed(_words(query) if query is not None else None)
+        derived, events = needed or (set(DERIVED_VIEWS), set(SCHEMAS))
         for name, schema in [*SCHEMAS.items(), (DEAD_LETTERS, DEAD_LETTER_SCHEMA)]:
+            if name != DEAD_LETTERS and name not in events:
+                continue
             raw = f"_raw_{name}"
             # an explicit list: renamed flush directories never go away, temp ones do
             # archive_file: the file's place in the path-ordered list, which decides the copy a view keeps
@@ -314,10 +325,8 @@ class Catalog:
             con.execute(f"CREATE VIEW {raw} AS SELECT * FROM {source}")
             if name != DEAD_LETTERS:
                 con.execute(f"CREATE VIEW {name}_events AS {first_archived(raw)}")
-        words = set(re.findall(r"\w+", query.lower())) if query is not None else None
-        if words is None or "conflicting_duplicates" in words:
+        if needed is None:
             con.execute(f"CREATE VIEW conflicting_duplicates AS {CONFLICTS}")
-        derived = _derived_needed(words) if words is not None else set(DERIVED_VIEWS)
         for name, body in DERIVED_VIEWS.items():
             if name not in derived:
                 continue
@@ -331,7 +340,7 @@ class Catalog:
                 raise
         for ext in VIEW_EXTENSIONS:  # later stages add their views: register_views(con, settings)
             module = importlib.import_module(ext)
-            if words is None or words & set(module.VIEW_NAMES):
+            if query is None or _words(query) & set(module.VIEW_NAMES):
                 module.register_views(con, self.settings)
         lock_down(con, self.readable_dirs())
         return con
