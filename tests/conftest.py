@@ -14,7 +14,7 @@ from core.settings import Settings, Topics
 # for its conversion (`klong model import`, > 300 s at load 40 on 2 cores), whichever test that is
 MODEL_FIXTURES = {"smollm2_gguf", "smollm2_dir", "policy_server"}
 MODEL_SETUP_TIMEOUT_S = 900
-# Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) each worker has its own session fixtures. The
+# Under pytest-xdist (`make test`: `-n 3 --dist loadgroup`) each worker has its own session fixtures. The
 # real-model tests share one group, hence one worker: SmolLM2 is converted once and one vLLM server runs (the
 # machine's memory holds one, ~10 GB with a SmolLM2 training beside it).
 REAL_MODEL_GROUP = "real-model"
