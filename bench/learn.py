@@ -97,23 +97,22 @@ def train_step_rate(home: Path, bootstrap: str, dataset: str, mode: str, config:
     return tokens / secs, tokens, secs
 
 
-def eval_scores(cat, plan: str, iteration: int) -> list[float]:
-    from store.catalog import sql_str
-
-    rows = cat.arrow(f"SELECT coalesce(final_score, 0.0) AS s FROM rollouts WHERE starts_with(group_id, "
-                     f"{sql_str(f'{plan}:eval:i{iteration}:')}) AND status <> 'running'").to_pylist()
-    return [r["s"] for r in rows]
-
-
-def eval_by_kind(cat, plan: str, iteration: int) -> dict[str, tuple[int, int, float]]:
-    """kind -> (solved, rollouts, mean score) of one evaluation; the kind is the family task id's middle."""
+def eval_rows(cat, plan: str, iteration: int) -> list[tuple[str, float]]:
+    """(task kind, score) of each ended rollout of one evaluation; the kind is the family task id's middle."""
     from store.catalog import sql_str
 
     rows = cat.arrow(f"SELECT regexp_extract(task_id, '^fam-(.*)-[0-9]+-[0-9a-f]+$', 1) AS kind, "
-                     f"count(*) FILTER (WHERE final_score = 1.0) AS solved, count(*) AS n, "
-                     f"avg(coalesce(final_score, 0.0)) AS mean FROM rollouts WHERE starts_with(group_id, "
-                     f"{sql_str(f'{plan}:eval:i{iteration}:')}) AND status <> 'running' GROUP BY 1 ORDER BY 1").to_pylist()
-    return {r["kind"]: (r["solved"], r["n"], r["mean"]) for r in rows}
+                     f"coalesce(final_score, 0.0) AS s FROM rollouts WHERE starts_with(group_id, "
+                     f"{sql_str(f'{plan}:eval:i{iteration}:')}) AND status <> 'running'").to_pylist()
+    return [(r["kind"], r["s"]) for r in rows]
+
+
+def by_kind(rows: list[tuple[str, float]]) -> dict[str, tuple[int, int, float]]:
+    """kind -> (solved, rollouts, mean score)."""
+    kinds: dict[str, list[float]] = {}
+    for kind, score in rows:
+        kinds.setdefault(kind, []).append(score)
+    return {k: (sum(x == 1.0 for x in xs), len(xs), sum(xs) / len(xs)) for k, xs in kinds.items()}
 
 
 def main() -> int:
@@ -193,18 +192,18 @@ def main() -> int:
                       f"clip {f(st['clip'])}, KL {f(st['kl'])}")
         if len(sched.evals) >= 2:
             first, last = sched.evals[0], sched.evals[-1]
-            a, b = eval_scores(cat, "learn", first.iteration), eval_scores(cat, "learn", last.iteration)
+            rows_a, rows_b = eval_rows(cat, "learn", first.iteration), eval_rows(cat, "learn", last.iteration)
+            a, b = [x for _, x in rows_a], [x for _, x in rows_b]
             ka, kb = sum(x == 1.0 for x in a), sum(x == 1.0 for x in b)
             for name, e, xs, k in (("before", first, a, ka), ("after", last, b, kb)):
                 lo, hi = wilson(k, len(xs))
                 m, _, half = mean_ci(xs)
                 print(f"held-out {name} (policy v{e.policy_version}): solved {k}/{len(xs)} = {k / max(len(xs), 1):.3f} "
                       f"[95% {lo:.3f}, {hi:.3f}]; mean score {m:.3f} +- {half:.3f}")
-            before, after = eval_by_kind(cat, "learn", first.iteration), eval_by_kind(cat, "learn", last.iteration)
+            before, after = by_kind(rows_a), by_kind(rows_b)
+            line = lambda k, n, m: f"{k}/{n} {m:.2f}"  # noqa: E731
             print("held-out by kind (solved/rollouts, mean score): " + "; ".join(
-                f"{kind} {before[kind][0]}/{before[kind][1]} {before[kind][2]:.2f} -> "
-                f"{after.get(kind, (0, 0, 0.0))[0]}/{after.get(kind, (0, 0, 0.0))[1]} {after.get(kind, (0, 0, 0.0))[2]:.2f}"
-                for kind in sorted(before)))
+                f"{kind} {line(*before[kind])} -> {line(*after.get(kind, (0, 0, 0.0)))}" for kind in sorted(before)))
             z, p = two_proportion(ka, len(a), kb, len(b))
             diff, pw = welch(a, b)
             print(f"solve rate change {kb / max(len(b), 1) - ka / max(len(a), 1):+.3f}: two-proportion z {z:.2f}, p {p:.4f}")

@@ -308,7 +308,8 @@ class Catalog:
         if is_s3(archive):
             archive.check()  # a missing bucket is an error, not an empty archive
         archived = archived_files(archive)
-        needed = _views_needed(_words(query) if query is not None else None)
+        words = _words(query) if query is not None else None
+        needed = _views_needed(words)
         derived, events = needed or (set(DERIVED_VIEWS), set(SCHEMAS))
         for name, schema in [*SCHEMAS.items(), (DEAD_LETTERS, DEAD_LETTER_SCHEMA)]:
             if name != DEAD_LETTERS and name not in events:
@@ -340,7 +341,7 @@ class Catalog:
                 raise
         for ext in VIEW_EXTENSIONS:  # later stages add their views: register_views(con, settings)
             module = importlib.import_module(ext)
-            if query is None or _words(query) & set(module.VIEW_NAMES):
+            if words is None or words & set(module.VIEW_NAMES):
                 module.register_views(con, self.settings)
         lock_down(con, self.readable_dirs())
         return con

@@ -169,6 +169,12 @@ def _windows_panels(s: dict) -> list[dict]:
 PANELS_PER_ROW = 4  # a figure with more panels (training's metrics) wraps into rows of this many
 
 
+def _grid(n_panels: int) -> tuple[int, int]:
+    """(rows, columns) of a figure with `n_panels` panels (at least one cell)."""
+    cols = max(1, min(n_panels, PANELS_PER_ROW))
+    return -(-max(1, n_panels) // cols), cols
+
+
 def _draw(fig: Figure, title: str, panels: list[dict]) -> None:
     if not panels:
         ax = fig.add_subplot(1, 1, 1)
@@ -176,8 +182,7 @@ def _draw(fig: Figure, title: str, panels: list[dict]) -> None:
         ax.set_axis_off()
         fig.suptitle(title)
         return
-    cols = min(len(panels), PANELS_PER_ROW)
-    rows = -(-len(panels) // cols)
+    rows, cols = _grid(len(panels))
     for k, p in enumerate(panels):
         ax = fig.add_subplot(rows, cols, k + 1)
         ax.set_title(p["title"])
@@ -276,7 +281,7 @@ def render(name: str, cat: Catalog, plan: Optional[str] = None) -> bytes:
     if name not in FIGURES:
         raise ConfigError(f"unknown figure {name!r}: choose one of {', '.join(FIGURES)}")
     spec = panels(name, cat, plan)
-    fig = Figure(figsize=(12, 3.8 * max(1, -(-len(spec["panels"]) // PANELS_PER_ROW))), layout="constrained")
+    fig = Figure(figsize=(12, 3.8 * _grid(len(spec["panels"]))[0]), layout="constrained")
     _draw(fig, spec["title"], spec["panels"])
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
