@@ -266,9 +266,9 @@ def _words(sql: str) -> set[str]:
 def _views_needed(words: set[str] | None) -> tuple[set[str], set[str]] | None:
     """(DERIVED_VIEWS, event types) a query whose words are `words` reads, with what those views read in
     turn; None: every view. DuckDB binds each view it creates (reading the schema of every archived file
-    it covers), so a view nobody reads costs time on every connection. A catalog listing, the conflicts
-    view and the extension views (whose queries may read anything) get every view."""
-    if (words is None or words & _CATALOG_WORDS or "conflicting_duplicates" in words
+    it covers), so a view nobody reads costs time on every connection. The conflicts view and the
+    extension views (whose queries may read anything) get every view."""
+    if (words is None or "conflicting_duplicates" in words
             or any(words & set(importlib.import_module(ext).VIEW_NAMES) for ext in VIEW_EXTENSIONS)):
         return None
     derived, todo, seen = set(), [n for n in DERIVED_VIEWS if n in words], set(words)
@@ -309,6 +309,8 @@ class Catalog:
             archive.check()  # a missing bucket is an error, not an empty archive
         archived = archived_files(archive)
         words = _words(query) if query is not None else None
+        if words is not None and words & _CATALOG_WORDS:
+            words = None  # a query that lists or describes views sees every view, the extensions' too
         needed = _views_needed(words)
         derived, events = needed or (set(DERIVED_VIEWS), set(SCHEMAS))
         for name, schema in [*SCHEMAS.items(), (DEAD_LETTERS, DEAD_LETTER_SCHEMA)]:
