@@ -30,6 +30,9 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync"]
 ROOT = Path(__file__).resolve().parents[1]
+# Playwright's wait for a page or an element: drawing the plots page took 20-30 s beside a busy suite on 2 cores
+# (one run missed a 30 s limit), so 5x that
+BROWSER_TIMEOUT_MS = 150_000
 FIRST_STEPS = 10  # steps rendered with a rollout page (the rest are fetched by its script): the test rollouts have more
 
 
@@ -84,7 +87,7 @@ def browser():
 def page(browser):
     context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 900})
     pg = context.new_page()
-    pg.set_default_timeout(30_000)
+    pg.set_default_timeout(BROWSER_TIMEOUT_MS)
     yield pg
     context.close()
 

@@ -252,12 +252,12 @@ def test_hostile_ids_open_in_a_browser(server):
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    from tests.test_ui import CHROMIUM_ARGS
+    from tests.test_ui import BROWSER_TIMEOUT_MS, CHROMIUM_ARGS
 
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         page = b.new_page()
-        page.set_default_timeout(30_000)
+        page.set_default_timeout(BROWSER_TIMEOUT_MS)
         for rid in HOSTILE:
             page.goto(server + "/")
             page.locator("#rollouts td.id:first-child a").filter(has_text=re.compile(f"^{re.escape(rid)}$")).click()
@@ -275,7 +275,7 @@ def test_plots_say_one_iteration_so_far_instead_of_a_dot(server):
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    from tests.test_ui import CHROMIUM_ARGS
+    from tests.test_ui import BROWSER_TIMEOUT_MS, CHROMIUM_ARGS
 
     status, body, took = request(server, path="/api/plots")
     rl = next(f for f in __import__("json").loads(body)["figures"] if f["name"] == "rl_curves")
@@ -283,6 +283,7 @@ def test_plots_say_one_iteration_so_far_instead_of_a_dot(server):
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         page = b.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(BROWSER_TIMEOUT_MS)
         page.goto(server + "/plots")
         page.wait_for_selector("#figures[data-drawn='1']", state="attached")
         charts = page.locator("#fig-rl_curves .chart")
