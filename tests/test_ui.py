@@ -30,8 +30,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync"]
 ROOT = Path(__file__).resolve().parents[1]
-# Playwright's wait for a page or an element: drawing the plots page took 20-30 s beside a busy suite on 2 cores
-# (one run missed a 30 s limit), so 5x that
+# Playwright's wait for a page or an element: beside a busy suite on 2 cores (two busy loops) the plots page
+# once took over 30 s to draw, so 5x that
 BROWSER_TIMEOUT_MS = 150_000
 FIRST_STEPS = 10  # steps rendered with a rollout page (the rest are fetched by its script): the test rollouts have more
 
