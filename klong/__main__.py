@@ -1,6 +1,4 @@
-import sys
-
-from klong.cli import main
+from klong.cli import run
 
 if __name__ == "__main__":  # guarded: the sink's worker process re-imports the main module (spawn)
-    sys.exit(main())
+    run()

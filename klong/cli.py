@@ -137,6 +137,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
 
+def run() -> None:
+    """The `klong` command: `main()`, then Python's own shutdown steps that matter (non-daemon threads and
+    thread-pool executors joined, atexit handlers run, stdout/stderr flushed), then `os._exit`. What that
+    skips is the interpreter's teardown and the C++ static destructors at exit: a native thread pool (Arrow's,
+    DuckDB's) destroyed there while a worker is still joinable aborts a process whose work is done
+    ("terminate called without an active exception", exit 134: seen once after `klong archive repair` had
+    printed its result, beside a busy test suite). An exception out of `main()` exits the usual way."""
+    import atexit
+    import threading
+
+    code = main()
+    try:
+        threading._shutdown()  # what interpreter shutdown does first (CPython's private hook; Python 3.11-3.14)
+    finally:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: the output is gone either way
+                pass
+        os._exit(code if isinstance(code, int) else 1)
+
+
+if __name__ == "__main__":
+    run()
