@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jsonschema
 import pyarrow.parquet as pq
@@ -15,6 +16,8 @@ from services.broker import free_port
 from klong.cli import main
 from schemas.events import encode
 from tests.helpers import produce, rollout_events
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def klong(settings, *args):
@@ -124,3 +127,21 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "Score by status" in out.stdout and "broker stopped" in out.stdout
     assert "0 dead letters" in out.stdout
     assert not (home / "broker.json").exists()
+
+
+def test_the_command_exits_with_mains_code_after_its_output_and_exit_handlers(settings):
+    """`klong` ends through `klong.cli.run` (os._exit after Python's shutdown steps, so no native thread pool is
+    torn down at exit): the result is printed in full, the exit code is main()'s, and atexit handlers still ran
+    (the SQL spill directory of the process is gone)."""
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    (settings.home / "archive").mkdir()  # a data home, with nothing archived yet
+    ok = subprocess.run([sys.executable, "-m", "klong", *klong(settings, "sql", "SELECT range AS n FROM range(3000)",
+                                                                 "--format", "csv")],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.split() == ["n", *map(str, range(3000))]
+    spill = settings.home / "tmp" / "sql"
+    assert spill.is_dir() and not any(spill.iterdir())  # made at connect, removed by an atexit handler
+    bad = subprocess.run([sys.executable, "-m", "klong", *klong(settings, "sql", "SELECT * FROM nope")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "nope" in bad.stderr
