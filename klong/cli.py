@@ -137,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-
 def run() -> None:
     """The `klong` command: `main()`, then Python's own shutdown steps that matter (non-daemon threads and
     thread-pool executors joined, atexit handlers run, stdout/stderr flushed), then `os._exit`. What that
