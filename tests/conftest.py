@@ -15,10 +15,8 @@ from core.settings import Settings, Topics
 MODEL_FIXTURES = {"smollm2_gguf", "smollm2_dir", "policy_server"}
 MODEL_SETUP_TIMEOUT_S = 900
 # Under pytest-xdist (`make test`: `-n 3 --dist loadgroup`) each worker has its own session fixtures. The
-# real-model tests share one group, hence one worker: one vLLM server runs (the machine's memory holds one,
-# ~10 GB with a SmolLM2 training beside it). Tests marked `model_files` only read the converted model's files
-# (tokenizer, chat template, config; at most a forward pass): they run on any worker, and every worker reads
-# the one conversion (`smollm2_dir`).
+# real-model tests share one group, hence one worker: SmolLM2 is converted once and one vLLM server runs (the
+# machine's memory holds one, ~10 GB with a SmolLM2 training beside it).
 REAL_MODEL_GROUP = "real-model"
 
 
@@ -36,8 +34,6 @@ def shares_module_fixture(item) -> bool:
 def pytest_configure(config):
     # registered here too, so a run without xdist installed does not warn about an unknown marker
     config.addinivalue_line("markers", "xdist_group(name): run the tests of one group on one xdist worker")
-    config.addinivalue_line("markers", "model_files: the test reads the real model's files only (no vLLM, no "
-                                       "training): it need not share the real-model worker")
 
 
 @pytest.hookimpl(trylast=True)
@@ -47,10 +43,8 @@ def pytest_collection_modifyitems(config, items):
             marker = item.get_closest_marker("timeout")
             if marker is None or (marker.args and marker.args[0] < MODEL_SETUP_TIMEOUT_S):
                 item.add_marker(pytest.mark.timeout(MODEL_SETUP_TIMEOUT_S), append=False)
-            if not item.get_closest_marker("model_files"):
-                item.add_marker(pytest.mark.xdist_group(REAL_MODEL_GROUP))
-                continue
-        if shares_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(REAL_MODEL_GROUP))
+        elif shares_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
     if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
         # a test that declares a longer timeout than the default is a long one: started first, the run does
@@ -130,26 +124,11 @@ def smollm2_gguf():
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf, tmp_path_factory):
     """SmolLM2-135M-Instruct as a transformers directory (float32, tool-aware chat template), converted once
-    per test run by the real command: `klong model import FILE.gguf --name smollm2`. Under xdist the workers
-    share it: the first to take the lock converts (into the run's base directory, the parent of every
-    worker's), the others wait and read it; a conversion that failed is retried by the next."""
-    import fcntl
-    import os
-    import shutil
-
+    per test session by the real command: `klong model import FILE.gguf --name smollm2`."""
     from klong.cli import main
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
-    home, done = root / "smollm2-home", root / "smollm2-home.done"
-    with open(root / "smollm2-home.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        if not done.exists():
-            shutil.rmtree(home, ignore_errors=True)
-            home.mkdir()
-            assert main(["model", "import", str(smollm2_gguf), "--name", "smollm2", "--home", str(home)]) == 0
-            done.touch()
+    home = tmp_path_factory.mktemp("models-home")
+    assert main(["model", "import", str(smollm2_gguf), "--name", "smollm2", "--home", str(home)]) == 0
     return home / "models" / "smollm2"
 
 

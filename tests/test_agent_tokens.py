@@ -86,7 +86,6 @@ def test_rollout_steps_are_the_token_prompts_vllm_was_given(make_settings, tmp_p
     assert ids.tolist() == [t for s in steps for t in s["ids"]][:len(ids)]
 
 
-@pytest.mark.model_files
 def test_prune_keeps_recorded_ids_and_moves_context_start(smollm2_dir):
     ctx = TokenContext(ChatTokenizer(smollm2_dir), TOOLS)
     ctx.observe({"role": "system", "content": "sys"}, step_idx=0, pinned=True)

@@ -19,8 +19,6 @@ from producers.importer import parse_messages, render
 from tests.test_import import call, cli, paperbench_row, produce, sink, task_event
 from trainer.data import DatasetReader
 
-pytestmark = pytest.mark.model_files  # the real model's files only: any xdist worker (tests/conftest.py)
-
 TOOLS_ROW_TOOLS = [{"type": "function", "function": {
     "name": name, "description": f"the {name} tool", "parameters": {"type": "object", "properties": props}}}
     for name, props in [("bash", {"cmd": {"type": "string"}}),

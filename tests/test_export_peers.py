@@ -26,8 +26,6 @@ from tests.test_import import call, cli, paperbench_row, sink, task_event
 from tests.helpers import produce
 from trainer.data import DatasetReader
 
-pytestmark = pytest.mark.model_files  # the real model's files only: any xdist worker (tests/conftest.py)
-
 
 def _verl():
     try:

@@ -24,8 +24,6 @@ from tests.helpers import produce
 from tests.test_import import cli, sink, task_event
 from tests.test_import_formats import HEADER, atif_doc
 
-pytestmark = pytest.mark.model_files  # the real model's files only: any xdist worker (tests/conftest.py)
-
 
 def golden(n: int) -> dict:
     """A Harbor golden-file shape: its session_id normalized, like every other golden file's."""

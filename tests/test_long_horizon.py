@@ -100,7 +100,6 @@ class CutPolicy:
         return TokenCompletion([self.token_id] * n, [-0.5] * n, "", "length", list(prompt_ids))
 
 
-@pytest.mark.model_files
 @pytest.mark.parametrize("max_tokens", [24, None])
 def test_context_limit_prunes_before_the_prompt_and_closed_turn_overflow(smollm2_dir, max_tokens):
     from core.chat import ChatTokenizer

@@ -11,8 +11,6 @@ from klong.cli import main
 from schemas.errors import ConfigError
 from trainer.model_import import CHAT_TEMPLATE, TEMPLATE_FILE, resolve_model_dir
 
-pytestmark = pytest.mark.model_files  # the real model's files only: any xdist worker (tests/conftest.py)
-
 TOOLS = [{"type": "function", "function": {"name": "bash", "description": "run a shell command",
                                            "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}},
                                                           "required": ["cmd"]}}}]

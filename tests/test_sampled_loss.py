@@ -30,8 +30,6 @@ from tests.test_import import sink, task_event
 from trainer.data import BatchPlan, DatasetReader
 from trainer.export import export_dataset
 
-pytestmark = pytest.mark.model_files  # the real model's files only: any xdist worker (tests/conftest.py)
-
 STOPPED = "Hello there."  # sampled with its end-of-turn id: <|im_end|> carries loss, the template's \n does not
 CUT = "The essay begins with a"  # cut by max_tokens: the template's <|im_end|>\n carries no loss
 
