@@ -22,6 +22,7 @@ from schemas.errors import ConfigError, ValidationError
 from schemas.events import RolloutStarted, new_event, RolloutStartedPayload
 from schemas.fleet import RolloutRequest, decode_message, encode_message
 from store.catalog import Catalog
+from tests.helpers import wait_for
 from tests.policy_stub import PolicyStub
 from tests.test_scheduler import register_tasks
 
@@ -54,15 +55,6 @@ def test_a_fenced_rollout_puts_nothing_more(settings):
             fenced.put(ev)
         outbox.flush(timeout=60, until="acked")
         assert outbox.stats().sent == 1
-
-
-def wait_for(what, cond, timeout_s=WAIT_S):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 @pytest.mark.timeout(600)
