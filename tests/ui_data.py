@@ -1,4 +1,4 @@
-"""A small but complete data home for the viewer and report tests (tests/test_ui.py, tests/test_report.py).
+"""A small but complete data home for the viewer tests (tests/test_ui.py).
 
     build_plan_home(settings, workdir)      # -> {"rollouts": [...ids in policy-call order], "long": id}
 
@@ -13,6 +13,7 @@ dropped and a long tool output is truncated), and a two-step `klong train` run o
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from consumers.sink import Sink
@@ -32,7 +33,6 @@ LONG_OUTPUT = {"tool": "bash", "args": {"cmd": "seq 1 3000"}}  # ~14 kB of outpu
 LEAK = {"tool": "bash", "args": {"cmd": f"git clone {BLACKLISTED}"}}  # a blacklist hit (the clone fails: no network)
 HUGE_ACTION = {"tool": "bash", "args": {"cmd": "echo " + "y" * 5000}}  # the action alone exceeds the window budget
 QUICK = [{"read_paper": True}, BASH, LONG_OUTPUT, BASH, BASH]
-SLOW = [{"read_paper": True}] + [{**BASH, "delay": 0.3}] * 10  # outlives the quick ones: carried over
 MARKUP = {"tool": "bash", "args": {"cmd": "echo '<b>bold</b><script>window.pwned = 1</script>'"}}  # shown as text
 RICH = [{"read_paper": True}, BASH, LONG_OUTPUT, HUGE_ACTION, MARKUP] + [BASH] * 5 + [LONG_OUTPUT, BASH]
 LEAKY = [{"read_paper": True}, LEAK, BASH]
@@ -40,16 +40,28 @@ LEAKY = [{"read_paper": True}, LEAK, BASH]
 
 class Scripts:
     """Policy script by the order rollouts first call the policy: #0 slow (carried over), #1 rich (long outputs,
-    an oversized action, HTML in an output), #2 leaky (a blacklist hit), every other one quick."""
+    an oversized action, HTML in an output), #2 leaky (a blacklist hit), every other one quick.
+
+    The slow one is carried over on an event, not on a guess of how long the others take: its fourth call
+    is answered only once the scheduler said an iteration closed (`progress`, its line "iteration N closed
+    after ..."), so iteration 1 closes with it running, and its next call resumes it under the next policy."""
 
     def __init__(self):
         self.order: list[str] = []
+        self.closed = threading.Event()
+        self.slow = ([{"read_paper": True}, BASH, BASH, {**BASH, "until": self.closed.is_set}]
+                     + [{**BASH, "delay": 0.3}] * 6)
+
+    def progress(self, line: str) -> None:
+        print(line)
+        if " closed after " in line:
+            self.closed.set()
 
     def __call__(self, rollout_id: str) -> list:
         if rollout_id not in self.order:
             self.order.append(rollout_id)
         n = self.order.index(rollout_id)
-        return SLOW if n == 0 else RICH if n == 1 else LEAKY if n == 2 else QUICK
+        return self.slow if n == 0 else RICH if n == 1 else LEAKY if n == 2 else QUICK
 
 
 def plan_dict(policy_url: str, judge_url: str) -> dict:
@@ -83,7 +95,7 @@ def build_plan_home(settings, workdir: Path) -> dict:
     register_tasks(settings, workdir)
     scripts = Scripts()
     with PolicyStub(scripts) as policy, StubModel() as judge:
-        Scheduler(settings, parse_plan(plan_dict(policy.url, judge.url))).run()
+        Scheduler(settings, parse_plan(plan_dict(policy.url, judge.url)), progress=scripts.progress).run()
     rc = main(klong(settings, "train", "--dataset", "ui-rl@3", "--config", "rl_tiny", "train.max_steps=2"))
     assert rc == 0, "klong train failed"
     Sink(settings).run(until_idle=True)  # the training run's metrics events
