@@ -73,12 +73,13 @@ def kill_sinks_repeatedly(start, n_flushes, rng, *, kills: int, random_s: tuple[
     return done, after_progress
 
 
-def wait_for(what: str, cond, timeout_s: float = 180.0, poll_s: float = 0.1) -> None:
-    """Returns as soon as `cond()` is true; an AssertionError naming `what` after `timeout_s` (a margin for a loaded
-    machine: the wait ends on the event, not on the clock)."""
+def wait_for(what: str, cond, timeout_s: float = 180.0, poll_s: float = 0.1):
+    """Returns `cond()`'s value as soon as it is true; an AssertionError naming `what` after `timeout_s` (a margin
+    for a loaded machine: the wait ends on the event, not on the clock)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if cond():
-            return
+        got = cond()
+        if got:
+            return got
         time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

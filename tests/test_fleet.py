@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from producers.fleet_control import ControlWriter
 from rl.plan import parse_plan
 from rl.scheduler import Scheduler
 from store.catalog import Catalog
+from tests import helpers
 from tests.openai_stub import StubModel
 from tests.policy_stub import PolicyStub
 from tests.test_scheduler import register_tasks
@@ -40,14 +41,7 @@ def start_worker(settings, log: Path, max_rollouts: int = 4) -> subprocess.Popen
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
 
-def wait_for(what: str, cond, timeout_s: float = WAIT_S, poll_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+wait_for = partial(helpers.wait_for, timeout_s=WAIT_S, poll_s=0.2)
 
 
 def plan(policy_url: str, judge_url: str) -> dict:

@@ -32,7 +32,7 @@ from schemas.events import (JudgeRequested, JudgeRequestedPayload, JudgeResult, 
                             encode, new_event)
 from schemas.rubric import aggregate
 from store.catalog import Catalog
-from tests.helpers import produce
+from tests.helpers import produce, wait_for
 from tests.openai_stub import StubModel
 from tests.test_rubric import leaf, parent
 from tests.test_tasks import klong, make_task
@@ -60,14 +60,6 @@ def request(rollout_id, task_id, priority="train", step=3, ref=None, request_id=
 
 def read_results(settings) -> list[JudgeResult]:
     return [ev for ev in read_topic(settings, settings.topics.judge_results) if isinstance(ev, JudgeResult)]
-
-
-def wait_for(cond, timeout=180.0, every=0.05):  # returns on the condition; the margin is for load
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(every)
 
 
 def snapshot(settings, tmp_path, files: dict) -> str:
@@ -209,7 +201,7 @@ def test_eval_requests_jump_a_train_backlog(settings, tmp_path):
         th = threading.Thread(target=worker.run, kwargs={"should_stop": stop.is_set})
         th.start()
         try:
-            wait_for(lambda: worker.stats.results >= 3)  # busy grading train requests
+            wait_for("3 results", lambda: worker.stats.results >= 3, poll_s=0.05)  # busy grading train requests
             acked = {}
             rng = np.random.default_rng(0)
             for i in range(15):
@@ -217,7 +209,7 @@ def test_eval_requests_jump_a_train_backlog(settings, tmp_path):
                 ev = request(f"e{i}", "eval-task", "eval", ref=ref)
                 produce(settings, [ev])
                 acked[ev.payload.request_id] = (ev.produced_at.timestamp(), time.time())
-            wait_for(lambda: len(worker.stats.latencies["eval"]) == 15)
+            wait_for("15 eval results", lambda: len(worker.stats.latencies["eval"]) == 15, poll_s=0.05)
         finally:
             stop.set()
             th.join(timeout=60)
@@ -260,8 +252,8 @@ def test_kill_minus_nine_mid_flight_then_restart_gives_one_result_per_request(se
             proc = subprocess.Popen(judge_cmd(settings, stub, "--concurrency", "4"), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE)
             try:
-                wait_for(lambda: len({r.payload.request_id for r in read_results(settings)}) >= kill_after
-                         or proc.poll() is not None, timeout=300, every=0.02)  # a CLI start under load
+                wait_for(f"{kill_after} results", lambda: len({r.payload.request_id for r in read_results(settings)})
+                         >= kill_after or proc.poll() is not None, timeout_s=300, poll_s=0.02)  # a CLI start under load
             finally:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
