@@ -189,6 +189,28 @@ def test_a_query_stops_when_its_client_leaves(server, app):
         assert not inner.state.running and query.stopped == "cancelled"
 
 
+def test_a_stop_that_falls_between_two_duckdb_calls_still_stops_the_query(home, monkeypatch):
+    """DuckDB forgets an interrupt that comes while its connection runs nothing (the next call runs
+    uninterrupted): a client that leaves just before the query proper starts must still stop it. The real
+    read-only check runs, then the client leaves, at exactly that moment, on every machine."""
+    import ui.query as uq
+    from store.catalog import Catalog
+
+    check = uq.check_read_only
+    box = {}
+
+    def check_then_leave(con, statements):
+        check(con, statements)
+        box["query"].cancel()
+
+    monkeypatch.setattr(uq, "check_read_only", check_then_leave)
+    box["query"] = q = uq.BoundedQuery(Catalog(home), HEAVY, Limits(timeout_s=600))  # alone: runs for hours
+    q.start().join(120)  # a margin for a loaded machine; stopped, it ends within milliseconds
+    assert q.ended_at is not None and q.stopped == "cancelled"
+    with pytest.raises(uq.QueryStopped, match="cancelled: its client left"):
+        list(q.batches())
+
+
 def test_rows_are_capped_and_streamed(server):
     token = token_of(server)
     status, html, _ = request(server, "POST", "/sql", {"q": "SELECT range AS n FROM range(40000000)", "token": token})

@@ -10,7 +10,8 @@ cap, streams its rows, and stops when its client leaves.
 How: the query runs in its own thread on its own DuckDB connection (Catalog.connect: the read-only views and
 lock-down, DuckDB's `memory_limit` and no `temp_directory`: nothing spills, so nothing spilled is readable). A timer calls
 the connection's `interrupt()` at the time limit, wherever the query is (planning, a blocking aggregate,
-streaming). Rows come through DuckDB's Arrow stream (`to_arrow_reader`), a few batches ahead of the
+streaming), and again every 20 ms until the query's thread ends (DuckDB forgets an interrupt that falls
+between two of its calls); `cancel()` does the same. Rows come through DuckDB's Arrow stream (`to_arrow_reader`), a few batches ahead of the
 consumer (a bounded queue: a slow client slows the query instead of filling memory), so a 40 M-row result
 never sits in memory whole. At a cap the query is stopped and the caller told (never a silently short
 result).
@@ -81,6 +82,7 @@ class BoundedQuery:
         self._con: Optional[duckdb.DuckDBPyConnection] = None
         self._lock = threading.Lock()  # guards _con and _stop between the query thread and cancel()
         self._stop: Optional[QueryStopped] = None
+        self._halting = False
         self._timer: Optional[threading.Timer] = None
         self._thread = threading.Thread(target=self._run, name="klong-ui-query", daemon=True)
 
@@ -110,8 +112,20 @@ class BoundedQuery:
         with self._lock:
             if self._stop is None:
                 self._stop = stop
-            if self._con is not None:
-                self._con.interrupt()  # DuckDB stops at its next check, within milliseconds
+            first, self._halting = not self._halting, True
+        if first:
+            threading.Thread(target=self._interrupt_until_done, name="klong-ui-interrupt", daemon=True).start()
+
+    def _interrupt_until_done(self) -> None:
+        """Interrupts the query's connection every 20 ms until its thread ends. One interrupt is not enough:
+        DuckDB forgets an interrupt that comes between two of its calls (the next call then runs uninterrupted,
+        for hours), and the thread makes several (statements, the read-only check, the query). A stop that
+        comes before the connection exists is seen by the thread itself (`_stream`)."""
+        while self._thread.is_alive():
+            with self._lock:
+                if self._con is not None:
+                    self._con.interrupt()  # DuckDB stops at its next check, within milliseconds
+            self._thread.join(0.02)
 
     def _expire(self) -> None:
         self._halt(QueryStopped("timeout", f"stopped at the query time limit of {self.limits.timeout_s:g} s "
