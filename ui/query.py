@@ -8,13 +8,13 @@ cap, streams its rows, and stops when its client leaves.
     q.cancel()                           # from any thread: the client left
 
 How: the query runs in its own thread on its own DuckDB connection (Catalog.connect: the read-only views and
-lock-down, DuckDB's `memory_limit` and no `temp_directory`: nothing spills, so nothing spilled is readable). A timer calls
-the connection's `interrupt()` at the time limit, wherever the query is (planning, a blocking aggregate,
-streaming), and again every 20 ms until the query's thread ends (DuckDB forgets an interrupt that falls
-between two of its calls); `cancel()` does the same. Rows come through DuckDB's Arrow stream (`to_arrow_reader`), a few batches ahead of the
-consumer (a bounded queue: a slow client slows the query instead of filling memory), so a 40 M-row result
-never sits in memory whole. At a cap the query is stopped and the caller told (never a silently short
-result).
+lock-down, DuckDB's `memory_limit` and no `temp_directory`: nothing spills, so nothing spilled is readable). A
+timer calls the connection's `interrupt()` at the time limit, wherever the query is (planning, a blocking
+aggregate, streaming), and again every 20 ms until the query's thread ends (DuckDB forgets an interrupt that
+falls between two of its calls); `cancel()` does the same. Rows come through DuckDB's Arrow stream
+(`to_arrow_reader`), a few batches ahead of the consumer (a bounded queue: a slow client slows the query
+instead of filling memory), so a 40 M-row result never sits in memory whole. At a cap the query is stopped and
+the caller told (never a silently short result).
 """
 
 from __future__ import annotations
