@@ -82,7 +82,6 @@ class BoundedQuery:
         self._con: Optional[duckdb.DuckDBPyConnection] = None
         self._lock = threading.Lock()  # guards _con and _stop between the query thread and cancel()
         self._stop: Optional[QueryStopped] = None
-        self._halting = False
         self._timer: Optional[threading.Timer] = None
         self._thread = threading.Thread(target=self._run, name="klong-ui-query", daemon=True)
 
@@ -110,9 +109,9 @@ class BoundedQuery:
 
     def _halt(self, stop: QueryStopped) -> None:
         with self._lock:
-            if self._stop is None:
+            first = self._stop is None  # a query stopped before is ending already, or has its interrupter
+            if first:
                 self._stop = stop
-            first, self._halting = not self._halting, True
         if first:
             threading.Thread(target=self._interrupt_until_done, name="klong-ui-interrupt", daemon=True).start()
 
