@@ -16,7 +16,7 @@ import pytest
 from core.chat import ChatTokenizer, TemplateError
 from consumers.materialize import build_version
 from producers.importer import parse_messages, render
-from tests.test_import import call, cli, paperbench_row, produce, sink, task_event
+from tests.test_import import cli, paperbench_row, produce, sink, task_event
 from trainer.data import DatasetReader
 
 TOOLS_ROW_TOOLS = [{"type": "function", "function": {

@@ -74,8 +74,8 @@ def test_everything_put_arrives_exactly_as_put(settings):
         assert outbox.pending() == 0
         # Done segments are deleted by the sender thread after their last record is acked (its next pass,
         # later than flush's return under load): at most the one being written is left.
-        segments = lambda: list(outbox.directory.glob("seg-*.log"))  # noqa: E731
-        wait_for("the acked segments deleted", lambda: len(segments()) <= 1, timeout_s=120)
+        wait_for("the acked segments deleted", lambda: len(list(outbox.directory.glob("seg-*.log"))) <= 1,
+                 timeout_s=120)
     got = read_topics(settings, settings.topics.all())
     assert sorted(ids_in(got)) == sorted(ev.event_id for ev in events)
     by_id = {ev.event_id: ev for ev in events}
