@@ -261,8 +261,10 @@ def test_a_rollout_carried_over_on_the_fleet_resumes_under_the_next_policy_versi
     resumes = cat.arrow(f"SELECT iteration, policy_version, next_step_idx FROM rollout_resumes "
                         f"WHERE rollout_id = '{slow_id}' ORDER BY next_step_idx").to_pylist()
     # One resume is the carry-over (iteration 1, pv 0 -> iteration 2, pv 1). A loaded machine may also move
-    # the rollout's partition to the other worker (a late join, a missed heartbeat): that worker resumes it
-    # from the log under the iteration and policy version it already had, never a new one
+    # the rollout's partition to the other worker (a late join, a missed heartbeat): that worker says so in its
+    # log and resumes it from the log under the iteration and policy version it already had, never a new one
+    logs = "".join(f.read_text() for f in sorted((settings.home / "fleet").glob("worker-*.log")))
+    assert len(resumes) - 1 == logs.count(f"resuming rollout {slow_id}"), (resumes, logs[-5000:])
     moved = [(r["iteration"], r["policy_version"]) for r in resumes]
     carried = moved.index((2, 1))
     assert set(moved[:carried]) <= {(1, 0)} and set(moved[carried:]) == {(2, 1)}
