@@ -191,8 +191,10 @@ def long_plan(model_dir: Path, serve_home: Path) -> dict:
         "agent": {"min_time_fraction": 1.0, "reminder_every_turns": 0, "max_tokens": 64, "max_turns": 6,
                   "temperature": 0.7, "tool_call_grammar": True, "prompt": "inline", "context_limit": LIMIT},
         "judge_timeout": "180s",
+        # one window per step (micro batch = the context limit): the run's windows are checked, not its gradients
         "train": {"config": "rl_smollm2", "timeout": "15m",
-                  "overrides": {"train.max_steps": 1, "loss.tis_cap": None, "engine.cpu_threads": 2}},
+                  "overrides": {"train.max_steps": 1, "loss.tis_cap": None, "engine.cpu_threads": 2,
+                                "data.micro_batch_tokens": LIMIT}},
     }
 
 
