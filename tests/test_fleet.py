@@ -94,11 +94,13 @@ def test_three_workers_one_killed_mid_rollout_every_rollout_ends_once_with_all_i
         for r in rows:
             idx = [s["step_idx"] for s in steps if s["rollout_id"] == r["rollout_id"]]
             assert idx == list(range(r["n_steps"])), (r, idx)
-        # the victim's rollout resumed on a survivor, after the steps the log held, and finished there
-        resumes = cat.arrow(f"SELECT next_step_idx FROM rollout_resumes WHERE rollout_id = '{rid}'").to_pylist()
-        assert len(resumes) == 1 and resumes[0]["next_step_idx"] >= 4, resumes
+        # the victim's rollout resumed on a survivor, after the steps the log held, and finished there. Each
+        # resume is one a survivor logged (a loaded machine may also move a partition between the survivors)
+        resumes = cat.arrow(f"SELECT next_step_idx FROM rollout_resumes WHERE rollout_id = '{rid}' "
+                            "ORDER BY next_step_idx").to_pylist()
+        assert resumes and resumes[0]["next_step_idx"] >= 4, resumes
         survivors = [log.read_text() for w, log in zip(workers, logs) if w is not victim]
-        assert sum(f"resuming rollout {rid}" in text for text in survivors) == 1
+        assert sum(text.count(f"resuming rollout {rid}") for text in survivors) == len(resumes), resumes
         assert len(policy.for_rollout(rid)) > calls_before
         # every rollout was judged (its judge request came from the worker that ended it)
         assert cat.scalar("SELECT count(DISTINCT rollout_id) FROM judge_results WHERE valid") == 6
