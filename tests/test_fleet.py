@@ -266,7 +266,8 @@ def test_a_rollout_carried_over_on_the_fleet_resumes_under_the_next_policy_versi
     # the rollout's partition to the other worker (a late join, a missed heartbeat): that worker says so in its
     # log and resumes it from the log under the iteration and policy version it already had, never a new one
     logs = "".join(f.read_text() for f in sorted((settings.home / "fleet").glob("worker-*.log")))
-    said = [ln for ln in logs.splitlines() if "klong.fleet" in ln or re.search(r"kafka\.coordinator.* (INFO|WARNING)", ln)]
+    said = [ln for ln in logs.splitlines()
+            if "klong.fleet" in ln or re.search(r"kafka\.coordinator.* (INFO|WARNING)", ln)]
     assert len(resumes) - 1 == logs.count(f"resuming rollout {slow_id}"), (resumes, said[-40:])
     moved = [(r["iteration"], r["policy_version"]) for r in resumes]
     carried = moved.index((2, 1))
