@@ -56,6 +56,17 @@ def plan(policy_url: str, judge_url: str) -> dict:
     }
 
 
+def local_worker_logs(settings) -> list[str]:
+    """The logs of the workers `Fleet` started itself (HOME/fleet/worker-<i>.log), in worker order."""
+    return [f.read_text() for f in sorted((settings.home / "fleet").glob("worker-*.log"))]
+
+
+def fleet_lines(text: str) -> list[str]:
+    """What a worker log says about rollouts and group membership (the rest is kafka's debug output)."""
+    return [ln for ln in text.splitlines()
+            if "klong.fleet" in ln or re.search(r"kafka\.coordinator.* (INFO|WARNING)", ln)]
+
+
 @pytest.mark.timeout(900)  # the waits inside are generous (a loaded 2-core machine)
 def test_three_workers_one_killed_mid_rollout_every_rollout_ends_once_with_all_its_steps(settings, tmp_path):
     register_tasks(settings, tmp_path)
@@ -152,10 +163,9 @@ def test_rl_run_with_local_workers_is_one_command(settings, tmp_path, capsys):
         assert main(klong(settings, "rl", "run", str(tmp_path / "plan.yaml"), "--workers", "2")) == 0
     out = capsys.readouterr().out
     assert "4 started, 0 carried in, 0 carried out, ended finished 4, judged 4" in out
-    logs = sorted((settings.home / "fleet").glob("worker-*.log"))
-    texts = [log.read_text() for log in logs]
+    texts = local_worker_logs(settings)
     ran = sum((re.findall(r"running rollout (\S+)", text) for text in texts), [])
-    assert len(logs) == 2 and len(policy.cursor) == 4 and set(ran) == set(policy.cursor)
+    assert len(texts) == 2 and len(policy.cursor) == 4 and set(ran) == set(policy.cursor)
     # each rollout finished on one worker. A worker that joins late (seconds on a loaded machine) takes
     # partitions over: what the first one started there was fenced there and ran again on the new owner
     done = [re.search(r"started \d+, resumed \d+, already_ended \d+, fenced (\d+), finished (\d+)", text)
@@ -265,10 +275,8 @@ def test_a_rollout_carried_over_on_the_fleet_resumes_under_the_next_policy_versi
     # One resume is the carry-over (iteration 1, pv 0 -> iteration 2, pv 1). A loaded machine may also move
     # the rollout's partition to the other worker (a late join, a missed heartbeat): that worker says so in its
     # log and resumes it from the log under the iteration and policy version it already had, never a new one
-    logs = "".join(f.read_text() for f in sorted((settings.home / "fleet").glob("worker-*.log")))
-    said = [ln for ln in logs.splitlines()
-            if "klong.fleet" in ln or re.search(r"kafka\.coordinator.* (INFO|WARNING)", ln)]
-    assert len(resumes) - 1 == logs.count(f"resuming rollout {slow_id}"), (resumes, said[-40:])
+    logs = "".join(local_worker_logs(settings))
+    assert len(resumes) - 1 == logs.count(f"resuming rollout {slow_id}"), (resumes, fleet_lines(logs)[-40:])
     moved = [(r["iteration"], r["policy_version"]) for r in resumes]
     carried = moved.index((2, 1))
     assert set(moved[:carried]) <= {(1, 0)} and set(moved[carried:]) == {(2, 1)}
